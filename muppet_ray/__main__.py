@@ -1,0 +1,3 @@
+from muppet_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""One typed config for a run, read from YAML with `--set section.key=value` overrides.
+
+Every value is checked here, before Ray starts; a bad one raises ConfigError naming the field and
+what is allowed. The README's config reference mirrors this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from muppet_ray.errors import ConfigError
+
+TaskTypeName = Literal["classification", "regression", "multiple_choice", "span", "generation"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    pretrained: str | None = None
+    """Hub id or local directory of a pretrained backbone; None builds a small one from `arch`."""
+    arch: Literal["bart", "roberta", "bert"] = "bart"
+    """Backbone family built from scratch when `pretrained` is None (bart = encoder-decoder)."""
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    ffn_size: int = Field(256, ge=8)
+    vocab_size: int = Field(2000, ge=64)
+    """Upper bound for the tokenizer trained on the built-in suite (ignored with `pretrained`)."""
+    max_length: int = Field(128, ge=16)
+    """Input tokens per sequence (longer inputs are truncated)."""
+    max_target_length: int = Field(32, ge=2)
+    """Target tokens for generation tasks."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if self.pretrained is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be a multiple of "
+                f"model.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class TaskSpec(Section):
+    """A task read from the user's own files (JSON Lines, local or s3:// / gs://)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    type: TaskTypeName
+    train: str
+    """Path or URI of the training file (JSON Lines)."""
+    validation: str | None = None
+    """Validation file; without one, a seeded `validation_fraction` of `train` is held out."""
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    fields: dict[str, str] = {}
+    """Canonical field -> column in the file, e.g. {text: sentence, label: gold}."""
+    labels: list[str] | None = None
+    """Label space of a classification task, in head-output order (required for classification)."""
+
+    @model_validator(mode="after")
+    def _labels_match_type(self) -> TaskSpec:
+        if self.type == "classification":
+            if not self.labels or len(self.labels) < 2:
+                raise ValueError(f"task {self.name!r}: classification needs `labels` (2 or more)")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"task {self.name!r}: `labels` has duplicates")
+        elif self.labels is not None:
+            raise ValueError(f"task {self.name!r}: `labels` is only for classification tasks")
+        return self
+
+
+class TasksConfig(Section):
+    include: list[str] = []
+    """Tasks to pre-finetune on (built-in suite and custom names). Empty: the built-in suite's
+    default mixture plus every custom task."""
+    custom: list[TaskSpec] = []
+    suite_scale: float = Field(1.0, gt=0)
+    """Multiplies the number of examples of every built-in task."""
+
+
+class MixtureConfig(Section):
+    rule: Literal["proportional", "temperature", "uniform", "explicit"] = "proportional"
+    temperature: float = Field(2.0, gt=0)
+    """For rule=temperature: weight ∝ size^(1/temperature) (T5)."""
+    cap: int | None = Field(None, ge=1)
+    """Examples counted per task at most, for proportional and temperature (T5's K)."""
+    weights: dict[str, float] = {}
+    """For rule=explicit: task -> weight (normalised; every included task needs one)."""
+
+
+class BatchingConfig(Section):
+    strategy: Literal["heterogeneous", "homogeneous", "sequential", "mixed"] = "heterogeneous"
+    micro_batch_size: int = Field(16, ge=1)
+    """Examples per micro-batch on one worker."""
+    grad_accum_steps: int = Field(2, ge=1)
+    """Micro-batches per worker per optimizer step."""
+    tasks_per_micro_batch: int = Field(4, ge=1)
+    """For strategy=mixed: the micro-batch is made of this many single-task chunks."""
+    eval_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _mixed_chunks_divide(self) -> BatchingConfig:
+        if self.strategy == "mixed" and self.micro_batch_size % self.tasks_per_micro_batch:
+            raise ValueError(
+                f"batching.tasks_per_micro_batch ({self.tasks_per_micro_batch}) must divide "
+                f"batching.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class TrainingConfig(Section):
+    max_steps: int = Field(300, ge=1)
+    """Optimizer steps; the mixture schedule holds exactly steps x workers x accumulation
+    micro-batches."""
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    """Max gradient norm; 0 turns clipping off."""
+    loss_scaling: bool = True
+    """Divide each example's loss by log(n), n = size of its output space (Muppet §3.2)."""
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)
+    """Validate every N steps (0: only before and after training)."""
+    max_eval_examples: int | None = Field(None, ge=1)
+    """Validation examples per task at most (None: all)."""
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    config: dict[str, Any] = {}
+    """Extra keys merged into the generated DeepSpeed config (advanced)."""
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = None
+    """None: use GPUs when the cluster has them."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Run directory name under storage_path (default: <job>-<timestamp>)."""
+    storage_path: str = "runs"
+    """Local path (made absolute) or s3:// / gs:// URI shared by all nodes."""
+    ray_address: str | None = None
+    """Ray cluster to join; None uses RAY_ADDRESS or starts a local cluster."""
+    max_failures: int = Field(3, ge=0)
+    """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    keep_checkpoints: int = Field(2, ge=1)
+    fail_at_step: int | None = Field(None, ge=1)
+    """Fault injection for tests: worker 1 (or 0 alone) dies once when it reaches this step."""
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    tasks: TasksConfig = TasksConfig()
+    mixture: MixtureConfig = MixtureConfig()
+    batching: BatchingConfig = BatchingConfig()
+    training: TrainingConfig = TrainingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        names = [t.name for t in self.tasks.custom]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tasks.custom: task names must be unique, repeated: {dupes}")
+        if self.mixture.rule == "explicit" and not self.mixture.weights:
+            raise ValueError("mixture.weights: rule=explicit needs a weight per task")
+        if any(w < 0 for w in self.mixture.weights.values()):
+            raise ValueError("mixture.weights: weights must be >= 0")
+        return self
+
+
+def _format(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown setting"
+    if first["type"] == "value_error" or not where:
+        return message
+    return f"{where}: {message} (got {first.get('input')!r})"
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r}: cannot read ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r}: not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
