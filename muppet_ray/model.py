@@ -1,0 +1,233 @@
+"""The backbone and the heads of pre-finetuning, and how one micro-batch becomes one loss.
+
+Heads (paper §3.1): one classification head per classification task, one multiple-choice head
+shared by all multiple-choice tasks, one span head shared by all reading-comprehension tasks, and
+the encoder-decoder's own LM head for generation.
+
+Every head runs on every micro-batch, in a fixed order, and each example's loss is read from its
+own task type's head; the rest get weight zero. This is what makes heterogeneous batches safe
+under DeepSpeed: gradient buckets (ZeRO-1/2) and parameter gathers (ZeRO-3) are collectives, so
+every worker must use the same parameters in the same order at every micro-step, whatever task
+it holds. The heads are small next to the backbone, so running them all costs little.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    RobertaConfig,
+    RobertaModel,
+)
+
+from muppet_ray.config import ModelConfig
+from muppet_ray.errors import ConfigError
+from muppet_ray.task_types import HEADS, IGNORE, TASK_TYPES
+from muppet_ray.task_types.classification import ClassificationHeads
+from muppet_ray.task_types.multiple_choice import MultipleChoiceHead
+from muppet_ray.task_types.span import SpanHead
+
+
+def is_encoder_decoder(config: ModelConfig) -> bool:
+    if config.pretrained is None:
+        return config.arch == "bart"
+    try:
+        return bool(AutoConfig.from_pretrained(config.pretrained).is_encoder_decoder)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise ConfigError(f"model.pretrained: cannot load {config.pretrained!r} ({first})"
+                          ) from None
+
+
+def build_backbone(config: ModelConfig, tokenizer) -> nn.Module:
+    """A pretrained backbone (hub id or directory), or a small one built from `config`."""
+    if config.pretrained is not None:
+        if is_encoder_decoder(config):
+            return AutoModelForSeq2SeqLM.from_pretrained(config.pretrained)
+        try:  # the pooler is unused (heads pool the first token): leave it out
+            return AutoModel.from_pretrained(config.pretrained, add_pooling_layer=False)
+        except TypeError:
+            return AutoModel.from_pretrained(config.pretrained)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    size = dict(vocab_size=len(tokenizer), max_position_embeddings=config.max_length + 2)
+    if config.arch == "bart":
+        return BartForConditionalGeneration(BartConfig(
+            **size, **ids, d_model=config.hidden_size, encoder_layers=config.num_layers,
+            decoder_layers=config.num_layers, encoder_attention_heads=config.num_heads,
+            decoder_attention_heads=config.num_heads, encoder_ffn_dim=config.ffn_size,
+            decoder_ffn_dim=config.ffn_size, dropout=config.dropout,
+            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None,
+        ))
+    encoder_config = dict(
+        **size, **ids, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, intermediate_size=config.ffn_size,
+        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout,
+    )
+    if config.arch == "roberta":
+        return RobertaModel(RobertaConfig(**encoder_config, type_vocab_size=1),
+                            add_pooling_layer=False)
+    return BertModel(BertConfig(**encoder_config), add_pooling_layer=False)
+
+
+def hidden_size(backbone: nn.Module) -> int:
+    config = backbone.config
+    return getattr(config, "d_model", None) or config.hidden_size
+
+
+class MuppetModel(nn.Module):
+    """Backbone + heads for a fixed list of tasks (`task_specs`: name, type, num_outputs)."""
+
+    def __init__(self, backbone: nn.Module, task_specs: list[dict], dropout: float,
+                 loss_scaling: bool = True, max_target_length: int = 32):
+        super().__init__()
+        self.backbone = backbone
+        self.task_specs = task_specs
+        self.loss_scaling = loss_scaling
+        self.max_target_length = max_target_length
+        self.encoder_decoder = bool(backbone.config.is_encoder_decoder)
+        self.uses_token_types = getattr(backbone.config, "type_vocab_size", 0) > 1
+        width = hidden_size(backbone)
+        types = {spec["type"] for spec in task_specs}
+        heads = {TASK_TYPES[t].head for t in types}
+        if "generation" in heads and not self.encoder_decoder:
+            raise ConfigError("generation tasks need an encoder-decoder backbone (e.g. BART); "
+                              f"{type(backbone).__name__} is encoder-only")
+        class_tasks = [s for s in task_specs if TASK_TYPES[s["type"]].head == "classification"]
+        modules = {}
+        if class_tasks:
+            modules["classification"] = ClassificationHeads(
+                width, [s["num_outputs"] for s in class_tasks], dropout)
+        if "multiple_choice" in heads:
+            modules["multiple_choice"] = MultipleChoiceHead(width, dropout)
+        if "span" in heads:
+            modules["span"] = SpanHead(width)
+        self.heads = nn.ModuleDict(modules)
+        # The heads that run on every micro-batch, in order (the decoder runs whenever there is
+        # one, so that its parameters are used identically on every worker).
+        self.active_heads = [h for h in HEADS if h in modules or
+                             (h == "generation" and self.encoder_decoder)]
+        self.active_types = [name for name, t in TASK_TYPES.items() if t.head in self.active_heads]
+        head_index = {s["name"]: i for i, s in enumerate(class_tasks)}
+        self.register_buffer("task_type", torch.tensor(
+            [self.active_types.index(s["type"]) for s in task_specs]), persistent=False)
+        self.register_buffer("task_head_index", torch.tensor(
+            [head_index.get(s["name"], 0) for s in task_specs]), persistent=False)
+        self.register_buffer("task_num_outputs", torch.tensor(
+            [max(1, s["num_outputs"]) for s in task_specs]), persistent=False)
+        special = [backbone.config.pad_token_id, backbone.config.bos_token_id,
+                   backbone.config.eos_token_id,
+                   getattr(backbone.config, "decoder_start_token_id", None)]
+        self.special_token_ids = {t for t in special if t is not None}
+
+    # ------------------------------------------------------------------ forward
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.uses_token_types and "token_type_ids" in batch:
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        encoder = self.backbone.get_encoder() if self.encoder_decoder else self.backbone
+        return encoder(**inputs).last_hidden_state
+
+    def head_outputs(self, batch, hidden) -> dict[str, torch.Tensor]:
+        first = batch["first_row"]
+        out = {}
+        if "classification" in self.heads:
+            out["class_logits"] = self.heads["classification"](
+                hidden[first, 0], batch["head_index"])
+        if "multiple_choice" in self.heads:
+            out["choice_scores"] = self.heads["multiple_choice"](hidden[:, 0])
+        if "span" in self.heads:
+            out["span_logits"] = self.heads["span"](hidden[first])
+        if self.encoder_decoder:
+            labels = batch["decoder_labels"]
+            decoder_input = self._shift_right(labels)
+            out["lm_logits"] = self.backbone(
+                encoder_outputs=(hidden[first],), attention_mask=batch["attention_mask"][first],
+                decoder_input_ids=decoder_input, use_cache=False,
+            ).logits
+        return out
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        config = self.backbone.config
+        shifted = labels.new_full(labels.shape, config.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, config.pad_token_id)
+        shifted[:, 0] = config.decoder_start_token_id
+        return shifted
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add what the heads and losses need, looked up from each example's task."""
+        task = batch["example_task"]
+        rows = torch.arange(len(batch["row_example"]), device=task.device)
+        first_row = torch.full_like(task, len(rows)).scatter_reduce(
+            0, batch["row_example"], rows, "amin")
+        return {
+            **batch,
+            "first_row": first_row,
+            "first_row_mask": batch["attention_mask"][first_row].bool(),
+            "head_index": self.task_head_index[task],
+            "num_outputs": self.task_num_outputs[task],
+            "type": self.task_type[task],
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor], evaluate: bool = False):
+        batch = self.prepare(batch)
+        out = self.head_outputs(batch, self.encode(batch))
+        if evaluate:
+            return self._evaluate(batch, out)
+        loss = torch.zeros_like(batch["target"])
+        log_n = torch.ones_like(loss)
+        for type_id, name in enumerate(self.active_types):
+            mine = batch["type"] == type_id
+            type_loss, type_log_n = TASK_TYPES[name].loss(out, batch, mine)
+            loss = torch.where(mine, type_loss, loss)
+            log_n = torch.where(mine, type_log_n, log_n)
+        # Muppet §3.2: divide by log(n) so tasks with large output spaces don't dominate.
+        objective = (loss / log_n if self.loss_scaling else loss).mean()
+        num_tasks = len(self.task_specs)
+        task = batch["example_task"]
+        return {
+            "loss": objective,
+            "task_loss_sum": torch.zeros(num_tasks, device=loss.device).index_add(
+                0, task, loss.detach()),
+            "task_examples": torch.bincount(task, minlength=num_tasks).float(),
+        }
+
+    # --------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def _evaluate(self, batch, out) -> torch.Tensor:
+        """Per-task metric statistics [num_tasks, max_stats], to be summed over workers."""
+        if self.encoder_decoder:
+            generation = self.active_types.index("generation")
+            if bool((batch["type"] == generation).any()):
+                out["generated"] = self.generate(batch)
+            else:
+                out["generated"] = torch.zeros_like(batch["decoder_labels"])
+            out["special_token_ids"] = self.special_token_ids
+        width = max(TASK_TYPES[t].num_stats for t in self.active_types)
+        stats = torch.zeros(len(self.task_specs), width, device=batch["target"].device)
+        for type_id, name in enumerate(self.active_types):
+            mine = batch["type"] == type_id
+            if not bool(mine.any()):
+                continue
+            values = TASK_TYPES[name].stats(out, batch, mine)[mine]
+            stats[:, : values.shape[1]].index_add_(0, batch["example_task"][mine], values)
+        return stats
+
+    def generate(self, batch) -> torch.Tensor:
+        first = batch["first_row"]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.backbone.generate(
+            input_ids=batch["input_ids"][first], attention_mask=batch["attention_mask"][first],
+            max_new_tokens=self.max_target_length, num_beams=1, do_sample=False,
+            # Under ZeRO-3 every worker must keep running forward passes until all are done.
+            synced_gpus=distributed and torch.distributed.get_world_size() > 1,
+        )
