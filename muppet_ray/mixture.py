@@ -1,0 +1,120 @@
+"""Mixture weights and the schedule: which chunks of which tasks form each micro-batch, in order.
+
+The schedule is a pure function of the task sizes, the mixture, the batching strategy and the
+seed, so every worker computes the same one, and a restarted worker knows exactly where to
+continue. Micro-batch p of the run goes to worker p % W, so optimizer step s consumes positions
+[s*W*A, (s+1)*W*A) (W workers, A accumulation steps).
+
+Tasks are interleaved by stride scheduling: unit i of task t sits at (i + phase_t) / count_t on a
+common clock. Over any window every task then holds its target share to within about one unit,
+far tighter than random sampling; the random phases keep tasks from moving in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from muppet_ray.config import BatchingConfig, MixtureConfig
+
+
+def mixture_weights(sizes: dict[str, int], config: MixtureConfig) -> dict[str, float]:
+    """Normalised sampling weight per task (examples-proportional by default, as in Muppet)."""
+    capped = {t: float(min(n, config.cap) if config.cap else n) for t, n in sizes.items()}
+    if config.rule == "proportional":
+        raw = capped
+    elif config.rule == "temperature":
+        raw = {t: n ** (1.0 / config.temperature) for t, n in capped.items()}
+    elif config.rule == "uniform":
+        raw = {t: 1.0 for t in sizes}
+    else:
+        raw = {t: float(config.weights[t]) for t in sizes}
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError("mixture weights sum to zero")
+    return {t: w / total for t, w in raw.items()}
+
+
+def allocate(weights: dict[str, float], total: int) -> dict[str, int]:
+    """Integer counts summing to `total`, proportional to weights (largest remainder)."""
+    exact = {t: w * total for t, w in weights.items()}
+    counts = {t: int(np.floor(x)) for t, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda t: (-(exact[t] - counts[t]), t))
+    for t in by_remainder[: total - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's micro-batches in order: micro-batch p holds chunks (task[p, j], chunk[p, j])."""
+
+    task: np.ndarray  # [M, k] task index
+    chunk: np.ndarray  # [M, k] chunk index within the task's cache
+    epoch: np.ndarray  # [M, k] pass over the task's data that the chunk belongs to
+    world_size: int
+    grad_accum: int
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def step_positions(self, step: int) -> range:
+        span = self.world_size * self.grad_accum
+        return range(step * span, (step + 1) * span)
+
+    def worker_positions(self, rank: int, start_step: int = 0) -> range:
+        """The positions worker `rank` trains on, from `start_step` to the end, in order."""
+        return range(start_step * self.grad_accum * self.world_size + rank, len(self),
+                     self.world_size)
+
+
+def _task_chunks(num_chunks: int, count: int, rng: np.random.Generator):
+    """`count` chunk indices of one task: whole passes over its chunks, each freshly permuted."""
+    passes = -(-count // num_chunks)
+    order = np.concatenate([rng.permutation(num_chunks) for _ in range(passes)])[:count]
+    epoch = np.repeat(np.arange(passes), num_chunks)[:count]
+    return order, epoch
+
+
+def build_schedule(
+    chunks_per_task: list[int],
+    examples_per_task: list[int],
+    mixture: MixtureConfig,
+    batching: BatchingConfig,
+    world_size: int,
+    max_steps: int,
+    seed: int,
+    names: list[str] | None = None,
+) -> Schedule:
+    names = names or [str(i) for i in range(len(chunks_per_task))]
+    strategy, accum = batching.strategy, batching.grad_accum_steps
+    micro_batches = max_steps * world_size * accum
+    # The unit the mixture interleaves: a chunk, or for homogeneous updates a whole step's worth
+    # of one task; `mixed` micro-batches are made of several consecutive chunks.
+    per_unit = world_size * accum if strategy == "homogeneous" else 1
+    per_micro_batch = batching.tasks_per_micro_batch if strategy == "mixed" else 1
+    units = micro_batches * per_micro_batch // per_unit
+    weights = mixture_weights(dict(zip(names, examples_per_task)), mixture)
+    counts = np.array([allocate(weights, units)[n] for n in names])
+
+    rng = np.random.default_rng([seed, 0x5EED])
+    if strategy == "sequential":
+        unit_task = np.repeat(np.arange(len(names)), counts)
+    else:
+        phase = rng.random(len(names))
+        unit_task = np.concatenate([np.full(c, t) for t, c in enumerate(counts)]).astype(int)
+        clock = np.concatenate([(np.arange(c) + phase[t]) / c for t, c in enumerate(counts)])
+        unit_task = unit_task[np.lexsort((unit_task, clock))]
+    slot_task = np.repeat(unit_task, per_unit)
+
+    slot_chunk = np.empty_like(slot_task)
+    slot_epoch = np.empty_like(slot_task)
+    for t, num_chunks in enumerate(chunks_per_task):
+        where = np.flatnonzero(slot_task == t)
+        if len(where):
+            task_rng = np.random.default_rng([seed, t])
+            slot_chunk[where], slot_epoch[where] = _task_chunks(num_chunks, len(where), task_rng)
+    shape = (micro_batches, per_micro_batch)
+    return Schedule(slot_task.reshape(shape), slot_chunk.reshape(shape),
+                    slot_epoch.reshape(shape), world_size, accum)

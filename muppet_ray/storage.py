@@ -1,0 +1,87 @@
+"""The run directory: a local path or an s3:// / gs:// URI, reached through pyarrow's filesystems.
+
+Layout of `<storage_path>/<run name>/`:
+    config.yaml          the resolved config
+    tokenizer/           the tokenizer the run trained with
+    data/part=<task>.<split>/  the tokenized chunk cache (data.py)
+    metrics.jsonl        one JSON record per logged step and per evaluation
+    tensorboard/         TensorBoard event files
+    checkpoint_*/        Ray Train checkpoints (DeepSpeed's sharded files)
+    export/              the final model (export.py)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def normalize(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+class RunDir:
+    def __init__(self, uri: str):
+        self.root = normalize(uri).rstrip("/")
+        self.fs, self.path = pafs.FileSystem.from_uri(self.root)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def uri(self, relative: str = "") -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def _p(self, relative: str) -> str:
+        return f"{self.path}/{relative}" if relative else self.path
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.get_file_info(self._p(relative)).type != pafs.FileType.NotFound
+
+    def list(self, relative: str) -> list[str]:
+        selector = pafs.FileSelector(self._p(relative), allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector)]
+
+    def read_text(self, relative: str) -> str:
+        with self.fs.open_input_stream(self._p(relative)) as f:
+            return f.read().decode()
+
+    def write_text(self, relative: str, text: str) -> None:
+        parent = os.path.dirname(self._p(relative))
+        self.fs.create_dir(parent, recursive=True)
+        # Write then rename, so a reader never sees half a file (object stores are atomic).
+        temporary = self._p(relative) + ".tmp" if self.is_local else self._p(relative)
+        with self.fs.open_output_stream(temporary) as f:
+            f.write(text.encode())
+        if temporary != self._p(relative):
+            self.fs.move(temporary, self._p(relative))
+
+    def open_input(self, relative: str):
+        return self.fs.open_input_file(self._p(relative))
+
+    @staticmethod
+    def open_uri(uri: str):
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs.open_input_file(path)
+
+    def remove(self, relative: str) -> None:
+        info = self.fs.get_file_info(self._p(relative))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self._p(relative))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self._p(relative))
+
+    def upload(self, local_dir: str, relative: str) -> None:
+        """Copy a local directory into the run directory (replacing what was there)."""
+        if self.is_local and os.path.abspath(local_dir) == self._p(relative):
+            return
+        self.remove(relative)
+        self.fs.create_dir(self._p(relative), recursive=True)
+        pafs.copy_files(local_dir, self._p(relative), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def download(self, relative: str, local_dir: str) -> None:
+        pafs.copy_files(self._p(relative), local_dir, source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
