@@ -1,0 +1,182 @@
+"""The pre-finetuning job, as the CLI and `jobs/prefinetune.py` run it.
+
+Order matters for bad input: everything that can be checked without Ray (config, tasks, model
+type, files) is checked first; the run directory is created only then, and removed again if the
+data turns out to be bad, so a failed start leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from muppet_ray import data, suite
+from muppet_ray.config import Config, to_yaml
+from muppet_ray.errors import ConfigError, MuppetError
+from muppet_ray.metrics import read_log
+from muppet_ray.model import is_encoder_decoder
+from muppet_ray.storage import RunDir, normalize
+from muppet_ray.task_types import TASK_TYPES, Limits
+from muppet_ray.tasks import BuiltinSource, JsonLinesSource, Task, resolve_tasks
+from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
+from muppet_ray.train import train_loop_per_worker
+
+TOKENIZER_SAMPLE = 500  # examples per task that the run-time tokenizer is trained on
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    export_dir: str
+    before: dict[str, dict[str, float]]
+    after: dict[str, dict[str, float]]
+    tasks: list[Task]
+
+    def table(self) -> str:
+        lines = [f"{'task':<14} {'type':<16} {'metric':<9} {'chance':>7} {'before':>7} "
+                 f"{'after':>7}"]
+        for task in self.tasks:
+            metric = task.task_type.metric
+            before = self.before.get(task.name, {})
+            after = self.after.get(task.name, {})
+            chance = after.get("chance", 0.0)
+            lines.append(f"{task.name:<14} {task.type:<16} {metric:<9} {chance:>7.3f} "
+                         f"{before.get(metric, float('nan')):>7.3f} "
+                         f"{after.get(metric, float('nan')):>7.3f}")
+        return "\n".join(lines)
+
+
+def check(config: Config) -> list[Task]:
+    """Everything about the run that can be checked before Ray starts."""
+    tasks = resolve_tasks(config)
+    if not is_encoder_decoder(config.model):
+        generation = [t.name for t in tasks if t.type == "generation"]
+        if generation:
+            backbone = config.model.pretrained or config.model.arch
+            raise ConfigError(f"tasks {generation} are generation tasks, which need an "
+                              f"encoder-decoder backbone; model {backbone!r} is encoder-only")
+    for task in tasks:
+        if isinstance(task.source, JsonLinesSource):
+            task.source.check_exists(task.name)
+    return tasks
+
+
+def start_ray(config: Config) -> None:
+    if ray.is_initialized():
+        return
+    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
+    # cores, so declare enough logical CPUs for both (the OS shares the real ones).
+    needed = config.scaling.num_workers * config.scaling.cpus_per_worker + 2
+    ray.init(num_cpus=int(max(os.cpu_count() or 1, needed)), logging_level=logging.WARNING,
+             include_dashboard=False)
+
+
+def build_tokenizer(config: Config, tasks: list[Task]):
+    if config.model.pretrained is not None:
+        return load_tokenizer(config.model.pretrained)
+    # Built-in backbones get a tokenizer trained on the whole built-in suite's text (plus a
+    # sample of any custom task), so later fine-tuning on held-out suite tasks needs no new one.
+    sources = [BuiltinSource(name, config.training.seed, config.tasks.suite_scale)
+               for name in suite.SUITE]
+    sources += [t.source for t in tasks if not isinstance(t.source, BuiltinSource)]
+    samples = (example for source in sources for example in source.sample(
+        "train", TOKENIZER_SAMPLE))
+    return train_tokenizer(texts_of(samples), config.model.vocab_size, config.model.max_length)
+
+
+def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
+    tasks = check(config)
+    start_ray(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = normalize(config.run.storage_path)
+    run_dir = RunDir(f"{storage}/{name}")
+    resuming = run_dir.exists("config.yaml")
+    config_yaml = to_yaml(config.model_copy(update={"run": config.run.model_copy(
+        update={"name": name})}))
+    if not resuming:
+        run_dir.write_text("config.yaml", config_yaml)
+    try:
+        tokenizer = build_tokenizer(config, tasks)
+        _save_tokenizer(tokenizer, run_dir)
+        print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
+        print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
+        limits = Limits(config.model.max_length, config.model.max_target_length)
+        caches = data.prepare(tasks, run_dir, tokenizer, limits,
+                              _chunk_size(config), config.batching.eval_batch_size,
+                              config.training.seed, config.training.max_eval_examples)
+    except MuppetError:
+        if not resuming:
+            run_dir.remove()
+        raise
+    _describe(config, tasks, caches)
+
+    use_gpu = config.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    setup = {
+        "config": config.model_dump(mode="json"),
+        "config_yaml": config_yaml,
+        "run_dir": run_dir.root,
+        "tokenizer": tokenizer,
+        "task_specs": [t.spec() for t in tasks],
+        "train_caches": [caches[t.name]["train"] for t in tasks],
+        "eval_caches": [caches[t.name]["validation"] for t in tasks],
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=setup,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.run.keep_checkpoints)),
+    )
+    trainer.fit()
+    evaluations = [r for r in read_log(run_dir) if r["kind"] == "eval"]
+    before = next((r["metrics"] for r in evaluations if r["step"] == 0), {})
+    after = evaluations[-1]["metrics"] if evaluations else {}
+    result = RunResult(run_dir.root, run_dir.uri("export"), before, after, tasks)
+    print("\n" + result.table(), flush=True)
+    print(f"\n[muppet-ray] export: {result.export_dir}", flush=True)
+    return result
+
+
+def _chunk_size(config: Config) -> int:
+    batching = config.batching
+    if batching.strategy == "mixed":
+        return batching.micro_batch_size // batching.tasks_per_micro_batch
+    return batching.micro_batch_size
+
+
+def _save_tokenizer(tokenizer, run_dir: RunDir) -> None:
+    with tempfile.TemporaryDirectory(prefix="muppet-tokenizer-") as local:
+        tokenizer.save_pretrained(local)
+        run_dir.upload(local, "tokenizer")
+
+
+def _describe(config: Config, tasks: list[Task], caches) -> None:
+    examples = {t.name: caches[t.name]["train"].examples for t in tasks}
+    per_step = (config.scaling.num_workers * config.batching.grad_accum_steps
+                * config.batching.micro_batch_size)
+    epochs = config.training.max_steps * per_step / max(1, sum(examples.values()))
+    print(f"[muppet-ray] {len(tasks)} tasks, {sum(examples.values()):,} training examples; "
+          f"{config.training.max_steps} steps x {per_step} examples = {epochs:.2f} epochs of "
+          f"the mixture ({config.mixture.rule}, {config.batching.strategy} batches)", flush=True)
+    for task in tasks:
+        print(f"[muppet-ray]   {task.name:<14} {task.type:<16} {examples[task.name]:>7,} "
+              f"examples  metric {TASK_TYPES[task.type].metric}", flush=True)

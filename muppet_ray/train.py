@@ -1,0 +1,310 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+One optimizer step = `grad_accum_steps` micro-batches on each of the W workers; DeepSpeed
+averages their gradients, so with heterogeneous batching every update mixes W x A single-task
+micro-batches. Steps, evaluations, checkpoints and reports happen at the same points on every
+worker (Ray Train and DeepSpeed both need that).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+
+from muppet_ray import batch as mb
+from muppet_ray import data
+from muppet_ray.config import Config
+from muppet_ray.export import write_export
+from muppet_ray.metrics import MetricsLogger
+from muppet_ray.mixture import build_schedule
+from muppet_ray.model import MuppetModel, build_backbone
+from muppet_ray.storage import RunDir
+from muppet_ray.task_types import TASK_TYPES
+
+# Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
+# `print` would show every line twice).
+log = logging.getLogger("muppet_ray")
+FAULT_MARKER = ".fault_injected"
+CHECKPOINT_TAG = "deepspeed"
+
+
+def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, Any]:
+    ds = {
+        "train_micro_batch_size_per_gpu": config.batching.micro_batch_size,
+        "gradient_accumulation_steps": config.batching.grad_accum_steps,
+        "train_batch_size": config.batching.micro_batch_size
+        * config.batching.grad_accum_steps * world_size,
+        "gradient_clipping": config.training.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, so the same code runs on CPU
+        "steps_per_print": 2**62,
+    }
+    return _merge(ds, config.deepspeed.config)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def _optimizer(model: torch.nn.Module, config: Config):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.training.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=config.training.learning_rate)
+    warmup, total = config.training.warmup_steps, config.training.max_steps
+
+    def warmup_then_linear_decay(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay)
+
+
+class Worker:
+    """State of one training worker; `run` is the whole training."""
+
+    def __init__(self, setup: dict[str, Any]):
+        self.config = Config.model_validate(setup["config"])
+        self.config_yaml = setup["config_yaml"]
+        self.run_dir = RunDir(setup["run_dir"])
+        self.tokenizer = setup["tokenizer"]
+        self.specs = setup["task_specs"]
+        self.train_caches = setup["train_caches"]
+        self.eval_caches = setup["eval_caches"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.accum = self.config.batching.grad_accum_steps
+        self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
+        self._eval_batches: list | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def build(self) -> None:
+        on_gpu = self.device.type == "cuda"
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+        import deepspeed  # after DS_ACCELERATOR: it picks its accelerator at import
+
+        self.deepspeed = deepspeed
+        precision = self.config.deepspeed.precision
+        bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+        torch.manual_seed(self.config.training.seed)  # identical initial weights everywhere
+        model = MuppetModel(
+            build_backbone(self.config.model, self.tokenizer), self.specs,
+            self.config.model.dropout, self.config.training.loss_scaling,
+            self.config.model.max_target_length,
+        )
+        optimizer, scheduler = _optimizer(model, self.config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, self.world, bf16),
+        )
+        self.schedule = build_schedule(
+            [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
+            self.config.mixture, self.config.batching, self.world,
+            self.config.training.max_steps, self.config.training.seed,
+            [s["name"] for s in self.specs],
+        )
+
+    def restore(self) -> int:
+        """Load the latest checkpoint, if any; returns the number of steps already done."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as directory:
+            _, client_state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        return int(client_state["step"])
+
+    # --------------------------------------------------------------- training
+
+    def run(self) -> None:
+        self.build()
+        start = self.restore()
+        steps = self.config.training.max_steps
+        stream = data.stream(self.schedule, self.rank, start, self.train_caches,
+                             self.tokenizer.pad_token_id)
+        if start == 0:
+            self.log_eval(0, self.evaluate())
+        train = self.config.training
+        window = self._new_window()
+        for step in range(start, steps):
+            self.maybe_fail(step)
+            self.train_step(step, stream, window)
+            done = step + 1
+            if done % train.log_every == 0 or done == steps:
+                self.log_train(done, window)
+                window = self._new_window()
+            if train.eval_every and done % train.eval_every == 0 and done != steps:
+                self.log_eval(done, self.evaluate())
+            if done % train.checkpoint_every == 0 and done != steps:
+                self.checkpoint(done, {"step": done})
+        final = self.evaluate()
+        self.log_eval(steps, final)
+        self.checkpoint(steps, {"step": steps, **_flatten(final)})
+        export = self.export(steps)
+        ray.train.report({"step": steps, "export": export or "", **_flatten(final)})
+        if self.logger:
+            self.logger.close()
+
+    def train_step(self, step: int, stream, window: dict) -> None:
+        num_tasks = len(self.specs)
+        totals = torch.zeros(3 + 2 * num_tasks + self.world * self.accum, dtype=torch.float64)
+        expected = self.schedule.step_positions(step)
+        for micro in range(self.accum):
+            row = next(stream)
+            position = int(row["position"])
+            if position != expected[micro * self.world + self.rank]:
+                raise RuntimeError(f"worker {self.rank} got micro-batch {position} at step {step}")
+            batch = mb.to_torch(mb.from_bytes(row["payload"]), self.device)
+            out = self.engine(batch)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            totals[0] += out["loss"].item()
+            totals[1] += int(row["num_tokens"])
+            totals[2] += int(row["padded_tokens"])
+            totals[3:3 + num_tasks] += out["task_loss_sum"].double().cpu()
+            totals[3 + num_tasks:3 + 2 * num_tasks] += out["task_examples"].double().cpu()
+            totals[3 + 2 * num_tasks + micro * self.world + self.rank] = position
+        totals = self._all_reduce(totals)
+        window["loss"] += totals[0].item() / (self.world * self.accum)
+        window["tokens"] += totals[1].item()
+        window["padded"] += totals[2].item()
+        window["task_loss"] += totals[3:3 + num_tasks].numpy()
+        window["task_examples"] += totals[3 + num_tasks:3 + 2 * num_tasks].numpy()
+        window["positions"].extend(int(p) for p in totals[3 + 2 * num_tasks:])
+        window["steps"] += 1
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            moved = values.to(self.device)
+            dist.all_reduce(moved)
+            values = moved.cpu()
+        return values
+
+    @staticmethod
+    def _new_window() -> dict:
+        return {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "task_loss": 0.0,
+                "task_examples": 0.0, "positions": [], "steps": 0, "start": time.perf_counter()}
+
+    def maybe_fail(self, step: int) -> None:
+        """Fault injection (`run.fail_at_step`): one worker dies hard, once per run."""
+        if step != self.config.run.fail_at_step or self.rank != min(1, self.world - 1):
+            return
+        if self.run_dir.exists(FAULT_MARKER):
+            return
+        self.run_dir.write_text(FAULT_MARKER, f"worker {self.rank} killed at step {step}\n")
+        log.warning(f"[muppet-ray] fault injection: worker {self.rank} exits at step {step}")
+        os._exit(1)
+
+    # ------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Validation metrics of every task, computed across all workers."""
+        if self._eval_batches is None:
+            plan = data.eval_chunks(self.eval_caches, self.rank, self.world)
+            self._eval_batches = [
+                (data.ChunkReader.read(self.eval_caches[task], chunk), counted)
+                for task, chunk, counted in plan
+            ]
+        self.engine.eval()
+        stats = None
+        for batch, counted in self._eval_batches:
+            values = self.engine(mb.to_torch(batch, self.device), evaluate=True).double().cpu()
+            stats = (stats if stats is not None else torch.zeros_like(values)) + values * counted
+        self.engine.train()
+        stats = self._all_reduce(stats).numpy()
+        return {
+            spec["name"]: TASK_TYPES[spec["type"]].finalize(stats[i])
+            for i, spec in enumerate(self.specs)
+        }
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, step: int, metrics: dict) -> None:
+        """DeepSpeed's sharded checkpoint, each worker's shards merged by Ray Train."""
+        if self.logger:
+            self.logger.flush()
+        with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
+            self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
+                                        client_state={"step": step})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+    def export(self, step: int) -> str | None:
+        module = self.engine.module
+        # ZeRO-3 holds a shard of each parameter per worker: gather them (a no-op otherwise).
+        with self.deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                return write_export(module, self.tokenizer, self.run_dir, step, self.config_yaml)
+        return None
+
+    # ---------------------------------------------------------------- logging
+
+    def log_train(self, step: int, window: dict) -> None:
+        if not self.logger or not window["steps"]:
+            return
+        seconds = time.perf_counter() - window["start"]
+        examples = window["task_examples"]
+        lr = self.engine.get_lr()[0]
+        positions = sorted(window["positions"])
+        record = {
+            "kind": "train", "step": step, "loss": window["loss"] / window["steps"], "lr": lr,
+            "examples_per_s": float(examples.sum() / seconds),
+            "tokens_per_s": window["tokens"] / seconds,
+            "real_token_ratio": window["tokens"] / max(window["padded"], 1),
+            "task_loss": {s["name"]: float(window["task_loss"][i] / examples[i])
+                          for i, s in enumerate(self.specs) if examples[i]},
+            "positions": _ranges(positions),
+        }
+        self.logger.log(record)
+        log.info(f"[muppet-ray] step {step}/{self.config.training.max_steps}  "
+                 f"loss {record['loss']:.4f}  lr {lr:.2e}  {record['examples_per_s']:,.0f} ex/s  "
+                 f"{record['tokens_per_s']:,.0f} tok/s")
+
+    def log_eval(self, step: int, metrics: dict[str, dict[str, float]]) -> None:
+        if not self.logger:
+            return
+        self.logger.log({"kind": "eval", "step": step, "metrics": metrics})
+        self.logger.flush()
+        summary = "  ".join(
+            f"{task} {next(iter(values.values())):.3f}" for task, values in metrics.items())
+        log.info(f"[muppet-ray] eval @ step {step}: {summary}")
+
+
+def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"eval/{task}/{name}": value for task, values in metrics.items()
+            for name, value in values.items() if math.isfinite(value)}
+
+
+def _ranges(positions: list[int]) -> list[list[int]]:
+    """Sorted positions as half-open [first, end) runs."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return runs
+
+
+def train_loop_per_worker(setup: dict[str, Any]) -> None:
+    log.setLevel(logging.INFO)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    Worker(setup).run()
