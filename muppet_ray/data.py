@@ -38,6 +38,7 @@ from muppet_ray.task_types import Limits
 from muppet_ray.tasks import Task
 
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
+CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,14 @@ def _write_chunks(pending, run_dir: RunDir, tokenizer, limits: Limits, seed: int
             ds = ds.limit(limit)
         if split == "train" and not task.source.shuffled:
             ds = ds.random_shuffle(seed=seed * 1009 + index)
+        # Chunk boundaries at exact multiples of the chunk size in a fixed row order, so the
+        # same inputs always give the same chunks (map_batches alone cuts short batches
+        # wherever Ray happens to bundle blocks).
+        ds = ds.repartition(target_num_rows_per_block=size * CHUNKS_PER_BLOCK, strict=True)
         streams.append(ds.map_batches(_chunker(task, index, split, tokenizer, limits),
                                       batch_size=size, batch_format="pyarrow"))
     ds = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
+    ds.context.execution_options.preserve_order = True
     try:
         ds.write_parquet(run_dir.uri("data"), partition_cols=["part"],
                          row_group_size=1)

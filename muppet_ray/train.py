@@ -204,14 +204,28 @@ class Worker:
                 "task_examples": 0.0, "positions": [], "steps": 0, "start": time.perf_counter()}
 
     def maybe_fail(self, step: int) -> None:
-        """Fault injection (`run.fail_at_step`): one worker dies hard, once per run."""
+        """Fault injection (`run.fail_at_step`): one worker dies hard, once per run.
+
+        It first waits (up to a minute) until Ray Train has registered the latest checkpoint,
+        which it does on its next poll of the workers, so that the restart resumes from it.
+        """
         if step != self.config.run.fail_at_step or self.rank != min(1, self.world - 1):
             return
         if self.run_dir.exists(FAULT_MARKER):
             return
+        every = self.config.training.checkpoint_every
+        latest = step // every * every
+        deadline = time.monotonic() + 60
+        while latest and time.monotonic() < deadline and not self._registered(latest):
+            time.sleep(0.5)
         self.run_dir.write_text(FAULT_MARKER, f"worker {self.rank} killed at step {step}\n")
         log.warning(f"[muppet-ray] fault injection: worker {self.rank} exits at step {step}")
         os._exit(1)
+
+    def _registered(self, step: int) -> bool:
+        snapshot = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
+        return (self.run_dir.exists(snapshot)
+                and f"checkpoint_{step:06d}" in self.run_dir.read_text(snapshot))
 
     # ------------------------------------------------------------- evaluation
 

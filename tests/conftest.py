@@ -1,0 +1,36 @@
+"""Shared fixtures. Integration tests use one real local Ray cluster for the whole session."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from muppet_ray.config import Config, apply_override, validate
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # More logical CPUs than cores: 2 training workers plus the Ray Data tasks feeding them.
+    ray.init(num_cpus=6, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def make_config(storage, *overrides: str) -> Config:
+    """A small, fast run of the default job, stored under `storage`."""
+    raw: dict = {}
+    for assignment in (
+        f"run.storage_path={storage}", "run.name=run", "tasks.suite_scale=0.25",
+        "training.max_steps=24", "training.warmup_steps=4", "training.log_every=2",
+        "training.checkpoint_every=8", "training.max_eval_examples=64",
+        "model.hidden_size=64", "model.ffn_size=128", *overrides,
+    ):
+        apply_override(raw, assignment)
+    return validate(raw)

@@ -1,0 +1,74 @@
+import pytest
+
+from muppet_ray.config import Config, load_config
+from muppet_ray.errors import ConfigError
+
+
+def test_defaults_are_the_main_job():
+    config = Config()
+    assert config.model.arch == "bart"  # encoder-decoder, so all four task types train
+    assert config.scaling.num_workers == 2
+    assert config.deepspeed.zero_stage == 2
+    assert config.batching.strategy == "heterogeneous"
+    assert config.mixture.rule == "proportional"
+    assert config.training.loss_scaling is True
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  max_steps: 7\nmixture:\n  rule: temperature\n")
+    config = load_config(path, ["training.max_steps=9", "tasks.include=[topic, needs]",
+                                "deepspeed.config={zero_optimization: {overlap_comm: false}}"])
+    assert config.training.max_steps == 9
+    assert config.mixture.rule == "temperature"
+    assert config.tasks.include == ["topic", "needs"]
+    assert config.deepspeed.config == {"zero_optimization": {"overlap_comm": False}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be less than or equal "
+                                   "to 3 (got 4)"),
+        ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal "
+                                  "to 1 (got 0)"),
+        ("training.max_steps=ten", "training.max_steps: Input should be a valid integer"),
+        ("training.nonsense=1", "training.nonsense: unknown setting"),
+        ("mixture.rule=random", "mixture.rule: Input should be 'proportional', 'temperature', "
+                                "'uniform' or 'explicit'"),
+        ("batching.strategy=mixed", "batching.tasks_per_micro_batch (3) must divide "
+                                    "batching.micro_batch_size (16)"),
+        ("model.num_heads=3", "model.hidden_size (128) must be a multiple of model.num_heads"),
+        ("training", "--set 'training': expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, expected):
+    overrides = [override] + (["batching.micro_batch_size=16", "batching.tasks_per_micro_batch=3"]
+                              if "mixed" in override else [])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_custom_task_checks():
+    with pytest.raises(ConfigError, match=r"tasks.custom.0.type: Input should be"):
+        load_config(None, ["tasks.custom=[{name: x, type: ranking, train: a.jsonl}]"])
+    with pytest.raises(ConfigError, match="classification needs `labels`"):
+        load_config(None, ["tasks.custom=[{name: x, type: classification, train: a.jsonl}]"])
+    with pytest.raises(ConfigError, match="tasks.custom.0.train: Field required"):
+        load_config(None, ["tasks.custom=[{name: x, type: span}]"])
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(scalar)

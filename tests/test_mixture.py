@@ -1,0 +1,108 @@
+"""Mixture weights for each rule, and the composition each batching strategy promises."""
+
+import numpy as np
+import pytest
+
+from muppet_ray.config import BatchingConfig, MixtureConfig
+from muppet_ray.mixture import allocate, build_schedule, mixture_weights
+
+SIZES = {"a": 8000, "b": 2000, "c": 500, "d": 100}
+
+
+def test_weight_rules():
+    proportional = mixture_weights(SIZES, MixtureConfig())
+    assert proportional == pytest.approx({t: n / 10600 for t, n in SIZES.items()})
+    capped = mixture_weights(SIZES, MixtureConfig(cap=1000))
+    assert capped == pytest.approx({"a": 1000 / 2600, "b": 1000 / 2600, "c": 500 / 2600,
+                                    "d": 100 / 2600})
+    temperature = mixture_weights(SIZES, MixtureConfig(rule="temperature", temperature=2.0))
+    roots = {t: n ** 0.5 for t, n in SIZES.items()}
+    assert temperature == pytest.approx({t: r / sum(roots.values()) for t, r in roots.items()})
+    assert mixture_weights(SIZES, MixtureConfig(rule="uniform")) == pytest.approx(
+        dict.fromkeys(SIZES, 0.25))
+    explicit = MixtureConfig(rule="explicit", weights={"a": 1, "b": 1, "c": 2, "d": 0})
+    assert mixture_weights(SIZES, explicit) == pytest.approx({"a": .25, "b": .25, "c": .5,
+                                                              "d": 0})
+
+
+def test_allocate_sums_exactly():
+    counts = allocate({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 100)
+    assert sum(counts.values()) == 100 and sorted(counts.values()) == [33, 33, 34]
+
+
+def schedule(strategy="heterogeneous", workers=2, accum=4, steps=200, seed=0, **mixture):
+    chunks = [n // 16 for n in SIZES.values()]
+    batching = BatchingConfig(strategy=strategy, grad_accum_steps=accum, micro_batch_size=16)
+    return build_schedule(chunks, list(SIZES.values()), MixtureConfig(**mixture), batching,
+                          workers, steps, seed)
+
+
+def test_schedule_length_and_worker_positions():
+    s = schedule(workers=3, accum=2, steps=50)
+    assert len(s) == 50 * 3 * 2
+    owned = sorted(p for r in range(3) for p in s.worker_positions(r))
+    assert owned == list(range(len(s)))
+    assert list(s.worker_positions(1, start_step=10))[:3] == [61, 64, 67]
+    assert list(s.step_positions(10)) == list(range(60, 66))
+
+
+def test_heterogeneous_micro_batches_are_single_task_and_steps_mix_tasks():
+    s = schedule(accum=4, rule="uniform")
+    assert s.task.shape[1] == 1
+    tasks_per_step = [len(set(s.task[s.step_positions(i), 0])) for i in range(200)]
+    assert min(tasks_per_step) == 4  # 8 micro-batches per update: all four tasks in each
+
+
+def test_mixture_fidelity_over_windows():
+    """Each task's share over any window of a few hundred micro-batches matches its target."""
+    sizes = {f"t{i}": 300 * (1 + i % 7) for i in range(30)}
+    chunks = [n // 16 for n in sizes.values()]
+    s = build_schedule(chunks, list(sizes.values()), MixtureConfig(), BatchingConfig(), 2, 2000,
+                       seed=3)
+    target = np.array(list(sizes.values())) / sum(sizes.values())
+    tasks = s.task[:, 0]
+    for window in (200, 500):
+        worst = max(
+            np.abs(np.bincount(tasks[i:i + window], minlength=30) - window * target).max()
+            for i in range(0, len(tasks) - window, 37)
+        )
+        assert worst <= 2.0, (window, worst)  # within two micro-batches of the target count
+
+
+def test_homogeneous_updates_hold_one_task():
+    s = schedule(strategy="homogeneous", accum=4)
+    for step in range(200):
+        assert len(set(s.task[s.step_positions(step), 0])) == 1
+    assert len(set(s.task[:, 0])) == 4
+
+
+def test_sequential_runs_tasks_one_after_another():
+    s = schedule(strategy="sequential")
+    order = [t for i, t in enumerate(s.task[:, 0]) if i == 0 or t != s.task[i - 1, 0]]
+    assert order == [0, 1, 2, 3]
+
+
+def test_mixed_micro_batches_hold_several_tasks():
+    chunks = [n // 4 for n in SIZES.values()]
+    batching = BatchingConfig(strategy="mixed", micro_batch_size=16, tasks_per_micro_batch=4)
+    s = build_schedule(chunks, list(SIZES.values()), MixtureConfig(rule="uniform"), batching,
+                       2, 100, 0)
+    assert s.task.shape == (100 * 2 * 2, 4)
+    assert np.mean([len(set(row)) for row in s.task]) > 2.5
+
+
+def test_deterministic_for_a_seed():
+    a, b, c = schedule(seed=1), schedule(seed=1), schedule(seed=2)
+    assert np.array_equal(a.task, b.task) and np.array_equal(a.chunk, b.chunk)
+    assert not np.array_equal(a.chunk, c.chunk)
+
+
+def test_each_pass_visits_every_chunk_once():
+    s = schedule(steps=400)  # several passes over the small tasks
+    for task, num_chunks in enumerate(n // 16 for n in SIZES.values()):
+        mine = s.task[:, 0] == task
+        for epoch in np.unique(s.epoch[mine]):
+            visited = s.chunk[mine & (s.epoch[:, 0] == epoch), 0]
+            assert len(set(visited)) == len(visited)  # no chunk twice within a pass
+            if epoch < s.epoch[mine].max():
+                assert sorted(visited) == list(range(num_chunks))  # complete passes
