@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,11 +132,16 @@ def _write_chunks(pending, run_dir: RunDir, tokenizer, limits: Limits, seed: int
                                       batch_size=size, batch_format="pyarrow"))
     ds = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
     ds.context.execution_options.preserve_order = True
+    # Ray Data logs a failing task's traceback itself; bad data should read as one line, and
+    # any other error is re-raised below with its traceback intact.
+    ray_data_log = logging.getLogger("ray.data")
+    level, ray_data_log.level = ray_data_log.level, logging.CRITICAL
     try:
-        ds.write_parquet(run_dir.uri("data"), partition_cols=["part"],
-                         row_group_size=1)
+        ds.write_parquet(run_dir.uri("data"), partition_cols=["part"], row_group_size=1)
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
         raise _unwrap_data_error(e) from None
+    finally:
+        ray_data_log.setLevel(level)
 
 
 def _cache_dir(task: str, split: str) -> str:

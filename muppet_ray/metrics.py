@@ -36,6 +36,7 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a worker failure must not lose what was already logged
         step = record["step"]
         if record["kind"] == "train":
             for key in ("loss", "lr", "examples_per_s", "tokens_per_s", "real_token_ratio"):

@@ -46,8 +46,9 @@ class RunResult:
             metric = task.task_type.metric
             before = self.before.get(task.name, {})
             after = self.after.get(task.name, {})
-            chance = after.get("chance", 0.0)
-            lines.append(f"{task.name:<14} {task.type:<16} {metric:<9} {chance:>7.3f} "
+            chance = f"{after['chance']:.3f}" if "chance" in after else (
+                "0.000" if task.type == "regression" else "-")
+            lines.append(f"{task.name:<14} {task.type:<16} {metric:<9} {chance:>7} "
                          f"{before.get(metric, float('nan')):>7.3f} "
                          f"{after.get(metric, float('nan')):>7.3f}")
         return "\n".join(lines)

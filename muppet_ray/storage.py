@@ -66,7 +66,7 @@ class RunDir:
         fs, path = pafs.FileSystem.from_uri(uri)
         return fs.open_input_file(path)
 
-    def remove(self, relative: str) -> None:
+    def remove(self, relative: str = "") -> None:
         info = self.fs.get_file_info(self._p(relative))
         if info.type == pafs.FileType.Directory:
             self.fs.delete_dir(self._p(relative))

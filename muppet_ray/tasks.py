@@ -68,11 +68,7 @@ class JsonLinesSource:
         return self.validation if split == "validation" and self.validation else self.train
 
     def read(self, split: str) -> ray.data.Dataset:
-        path = self._path(split)
-        try:
-            ds = ray.data.read_binary_files(path, include_paths=True)
-        except Exception as e:  # missing file, unreadable bucket, ...
-            raise DataError(f"{path!r}: cannot read ({_first_line(e)})") from None
+        ds = ray.data.read_binary_files(self._path(split), include_paths=True)
         held_out = None if self.validation else (split == "validation")
         fraction, seed = self.validation_fraction, self.seed
 
@@ -179,6 +175,3 @@ def resolve_tasks(config: Config) -> list[Task]:
                               f"{missing}, not in the run {extra}")
     return tasks
 
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

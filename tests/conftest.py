@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from muppet_ray.config import Config, apply_override, validate
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT, timeout=600):
+    """Run `python *args` in a fresh process (its own Ray cluster, if it starts one)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,61 @@
+"""Bad input: one line naming the problem, exit status 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+
+def assert_rejected(done, expected, storage):
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("muppet-ray: error: ")
+    assert expected in lines[-1]
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "scaling.num_workers=0"], "scaling.num_workers: Input should be greater"),
+        (["--set", "deepspeed.zero_stage=4"], "deepspeed.zero_stage: Input should be less"),
+        (["--set", "tasks.custom=[{name: x, type: ranking, train: x.jsonl}]"],
+         "tasks.custom.0.type: Input should be 'classification'"),
+        (["--set", "tasks.custom=[{name: x, type: span}]"], "tasks.custom.0.train: Field required"),
+        (["--config", "/nonexistent/config.yaml"], "config file '/nonexistent/config.yaml': "
+                                                   "cannot read"),
+        (["--set", "model.arch=roberta"], "tasks ['summarize'] are generation tasks, which need "
+                                          "an encoder-decoder backbone; model 'roberta' is "
+                                          "encoder-only"),
+        (["--set", "tasks.include=[sentiment, poetry]"], "tasks.include: unknown task 'poetry'"),
+    ],
+)
+def test_bad_config(tmp_path, args, expected):
+    storage = tmp_path / "runs"
+    done = run_cli("-m", "muppet_ray", "prefinetune", *args,
+                   "--set", f"run.storage_path={storage}", timeout=120)
+    assert_rejected(done, expected, storage)
+
+
+@pytest.mark.integration
+def test_label_outside_the_label_space(tmp_path):
+    rows = [{"text": f"row {i}", "label": "yes" if i % 3 else "no"} for i in range(30)]
+    rows[7]["label"] = "maybe"
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    storage = tmp_path / "runs"
+    task = {"name": "mine", "type": "classification", "train": str(path),
+            "labels": ["no", "yes"]}
+    done = run_cli("-m", "muppet_ray", "prefinetune", "--set", f"tasks.custom=[{json.dumps(task)}]",
+                   "--set", "tasks.include=[mine]", "--set", f"run.storage_path={storage}")
+    assert_rejected(done, f"task 'mine', {path}, row 8: label 'maybe' is not in the label space",
+                    storage)
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "muppet_ray", "--help"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "prefinetune" in done.stdout
