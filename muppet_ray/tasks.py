@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
-import ray
 
 from muppet_ray import suite
 from muppet_ray.config import Config, TaskSpec
@@ -36,7 +35,9 @@ class BuiltinSource:
     def num_examples(self, split: str) -> int:
         return suite.size(self.task, split, self.scale)
 
-    def read(self, split: str) -> ray.data.Dataset:
+    def read(self, split: str):
+        import ray.data  # tasks and features work without Ray; only reading needs it
+
         return ray.data.range(self.num_examples(split)).rename_columns({"id": "_id"})
 
     def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
@@ -67,7 +68,9 @@ class JsonLinesSource:
     def _path(self, split: str) -> str:
         return self.validation if split == "validation" and self.validation else self.train
 
-    def read(self, split: str) -> ray.data.Dataset:
+    def read(self, split: str):
+        import ray.data
+
         ds = ray.data.read_binary_files(self._path(split), include_paths=True)
         held_out = None if self.validation else (split == "validation")
         fraction, seed = self.validation_fraction, self.seed
@@ -144,6 +147,12 @@ def builtin_task(name: str, config: Config) -> Task:
 
 
 def custom_task(spec: TaskSpec, config: Config) -> Task:
+    task_type = TASK_TYPES[spec.type]
+    known = task_type.required_fields + task_type.optional_fields
+    unknown = sorted(set(spec.fields) - set(known))
+    if unknown:
+        raise ConfigError(f"tasks.custom ({spec.name}).fields: {unknown} are not fields of "
+                          f"{spec.type} tasks; they have {list(known)}")
     source = JsonLinesSource(spec.train, spec.validation, spec.validation_fraction,
                              dict(spec.fields), config.training.seed)
     return Task(spec.name, spec.type, source, tuple(spec.labels or ()))

@@ -27,6 +27,7 @@ from muppet_ray.export import write_export
 from muppet_ray.metrics import MetricsLogger
 from muppet_ray.mixture import build_schedule
 from muppet_ray.model import MuppetModel, build_backbone
+from muppet_ray.optim import build_optimizer, deepspeed_config
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
 
@@ -35,46 +36,6 @@ from muppet_ray.task_types import TASK_TYPES
 log = logging.getLogger("muppet_ray")
 FAULT_MARKER = ".fault_injected"
 CHECKPOINT_TAG = "deepspeed"
-
-
-def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, Any]:
-    ds = {
-        "train_micro_batch_size_per_gpu": config.batching.micro_batch_size,
-        "gradient_accumulation_steps": config.batching.grad_accum_steps,
-        "train_batch_size": config.batching.micro_batch_size
-        * config.batching.grad_accum_steps * world_size,
-        "gradient_clipping": config.training.grad_clip,
-        "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch's AdamW, so the same code runs on CPU
-        "steps_per_print": 2**62,
-    }
-    return _merge(ds, config.deepspeed.config)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
-
-
-def _optimizer(model: torch.nn.Module, config: Config):
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.training.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=config.training.learning_rate)
-    warmup, total = config.training.warmup_steps, config.training.max_steps
-
-    def warmup_then_linear_decay(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay)
 
 
 class Worker:
@@ -111,7 +72,7 @@ class Worker:
             self.config.model.dropout, self.config.training.loss_scaling,
             self.config.model.max_target_length,
         )
-        optimizer, scheduler = _optimizer(model, self.config)
+        optimizer, scheduler = build_optimizer(model, self.config)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.config, self.world, bf16),
@@ -157,7 +118,8 @@ class Worker:
                 self.checkpoint(done, {"step": done})
         final = self.evaluate()
         self.log_eval(steps, final)
-        self.checkpoint(steps, {"step": steps, **_flatten(final)})
+        if start < steps:  # (a restart after the final checkpoint only re-exports)
+            self.checkpoint(steps, {"step": steps, **_flatten(final)})
         export = self.export(steps)
         ray.train.report({"step": steps, "export": export or "", **_flatten(final)})
         if self.logger:
@@ -165,7 +127,10 @@ class Worker:
 
     def train_step(self, step: int, stream, window: dict) -> None:
         num_tasks = len(self.specs)
-        totals = torch.zeros(3 + 2 * num_tasks + self.world * self.accum, dtype=torch.float64)
+        # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
+        # accelerator's queue full.
+        losses = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(2 + self.world * self.accum, dtype=torch.float64)
         expected = self.schedule.step_positions(step)
         for micro in range(self.accum):
             row = next(stream)
@@ -176,27 +141,26 @@ class Worker:
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             self.engine.step()
-            totals[0] += out["loss"].item()
-            totals[1] += int(row["num_tokens"])
-            totals[2] += int(row["padded_tokens"])
-            totals[3:3 + num_tasks] += out["task_loss_sum"].double().cpu()
-            totals[3 + num_tasks:3 + 2 * num_tasks] += out["task_examples"].double().cpu()
-            totals[3 + 2 * num_tasks + micro * self.world + self.rank] = position
-        totals = self._all_reduce(totals)
+            losses += torch.cat([out["loss"].detach()[None], out["task_loss_sum"],
+                                 out["task_examples"]]).double()
+            counts[0] += int(row["num_tokens"])
+            counts[1] += int(row["padded_tokens"])
+            counts[2 + micro * self.world + self.rank] = position  # every slot filled once
+        totals = self._all_reduce(torch.cat([losses, counts.to(self.device)]))
         window["loss"] += totals[0].item() / (self.world * self.accum)
-        window["tokens"] += totals[1].item()
-        window["padded"] += totals[2].item()
-        window["task_loss"] += totals[3:3 + num_tasks].numpy()
-        window["task_examples"] += totals[3 + num_tasks:3 + 2 * num_tasks].numpy()
+        window["task_loss"] += totals[1:1 + num_tasks].numpy()
+        window["task_examples"] += totals[1 + num_tasks:1 + 2 * num_tasks].numpy()
+        window["tokens"] += totals[1 + 2 * num_tasks].item()
+        window["padded"] += totals[2 + 2 * num_tasks].item()
         window["positions"].extend(int(p) for p in totals[3 + 2 * num_tasks:])
         window["steps"] += 1
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over workers; returns the result on the CPU."""
+        values = values.to(self.device)
         if self.world > 1:
-            moved = values.to(self.device)
-            dist.all_reduce(moved)
-            values = moved.cpu()
-        return values
+            dist.all_reduce(values)
+        return values.cpu()
 
     @staticmethod
     def _new_window() -> dict:
