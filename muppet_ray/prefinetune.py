@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import ray
 import ray.train
+import yaml
 from ray.train.torch import TorchTrainer
 
 from muppet_ray import data, suite
@@ -98,14 +99,19 @@ def build_tokenizer(config: Config, tasks: list[Task]):
 
 def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
     tasks = check(config)
-    start_ray(config)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
     run_dir = RunDir(f"{storage}/{name}")
     resuming = run_dir.exists("config.yaml")
     config_yaml = to_yaml(config.model_copy(update={"run": config.run.model_copy(
         update={"name": name})}))
+    if resuming and _training_settings(run_dir.read_text("config.yaml")) != _training_settings(
+            config_yaml):
+        # Another config would mean another schedule: resuming could repeat or skip data.
+        raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config; "
+                          "choose a new run.name (or repeat the original settings to resume)")
+    start_ray(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if not resuming:
         run_dir.write_text("config.yaml", config_yaml)
     try:
@@ -155,6 +161,13 @@ def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
     print("\n" + result.table(), flush=True)
     print(f"\n[muppet-ray] export: {result.export_dir}", flush=True)
     return result
+
+
+def _training_settings(config_yaml: str) -> dict:
+    """Everything but the `run` section (where the run lives and how it is supervised)."""
+    settings = yaml.safe_load(config_yaml) or {}
+    settings.pop("run", None)
+    return settings
 
 
 def _chunk_size(config: Config) -> int:

@@ -62,3 +62,14 @@ def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "muppet_ray", "--help"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0 and "prefinetune" in done.stdout
+
+
+def test_resuming_a_run_with_another_config_is_refused(tmp_path):
+    storage = tmp_path / "runs"
+    (storage / "old").mkdir(parents=True)
+    (storage / "old" / "config.yaml").write_text("training: {max_steps: 5}\nrun: {name: old}\n")
+    done = run_cli("-m", "muppet_ray", "prefinetune", "--set", f"run.storage_path={storage}",
+                   "--set", "run.name=old", timeout=120)
+    assert done.returncode == 2
+    assert "exists with a different config" in done.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in (storage / "old").iterdir()) == ["config.yaml"]
