@@ -86,13 +86,13 @@ def entailment(rng):
     return {"text": _say(facts), "text_pair": f"{name} has a {color} {thing} .", "label": kind}
 
 
-def similarity(rng):
-    pool = COLORS + THINGS
-    first = rng.sample(pool, 4)
-    shared = rng.randint(0, 4)
-    second = first[:shared] + rng.sample([w for w in pool if w not in first], 4 - shared)
-    rng.shuffle(second)
-    return {"text": " ".join(first), "text_pair": " ".join(second), "label": shared / 4}
+def rating(rng):
+    count = rng.randint(1, 4)
+    positive = rng.randint(0, count)
+    words = rng.sample(POSITIVE, positive) + rng.sample(NEGATIVE, count - positive)
+    rng.shuffle(words)
+    text = f"{rng.choice(NAMES)} rated the {rng.choice(THINGS)} : {' and '.join(words)}"
+    return {"text": text, "label": positive / count}
 
 
 def needs(rng):
@@ -149,7 +149,7 @@ SUITE: dict[str, SuiteTask] = {t.name: t for t in [
     SuiteTask("topic", "classification", 2000, topic, tuple(sorted(TOPICS))),
     SuiteTask("entailment", "classification", 3000, entailment,
               ("entailment", "neutral", "contradiction")),
-    SuiteTask("similarity", "regression", 1500, similarity),
+    SuiteTask("rating", "regression", 1500, rating),
     SuiteTask("needs", "multiple_choice", 2000, needs),
     SuiteTask("next_number", "multiple_choice", 1500, next_number),
     SuiteTask("what_has", "span", 2500, what_has),

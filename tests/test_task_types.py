@@ -148,7 +148,7 @@ def test_loss_scaling_divides_by_log_n(model, tokenizer):
     _, log_n = TASK_TYPES["span"].loss(out, b, torch.ones(6, dtype=torch.bool))
     assert torch.allclose(log_n, b["attention_mask"].sum(-1).float().log())
     # regression is unscaled
-    b = model.prepare(to_torch(batch_of("similarity", tokenizer), "cpu"))
+    b = model.prepare(to_torch(batch_of("rating", tokenizer), "cpu"))
     out = model.head_outputs(b, model.encode(b))
     _, log_n = TASK_TYPES["regression"].loss(out, b, torch.ones(6, dtype=torch.bool))
     assert torch.equal(log_n, torch.ones_like(log_n))
