@@ -40,6 +40,8 @@ from muppet_ray.tasks import Task
 
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
+CACHE_FORMAT = 1  # bump when the chunk rows change: older caches are then rebuilt
+CHUNK_COLUMNS = ["num_examples", "num_tokens", "padded_tokens", "payload"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def _chunker(task: Task, task_index: int, split: str, tokenizer, limits: Limits)
             "part": [f"{task.name}.{split}"],
             "num_examples": [len(features)],
             "num_tokens": [int(chunk["attention_mask"].sum())],
+            "padded_tokens": [int(chunk["attention_mask"].size)],
             "payload": [mb.to_bytes(chunk)],
         }
 
@@ -83,7 +86,8 @@ def _chunker(task: Task, task_index: int, split: str, tokenizer, limits: Limits)
 def _fingerprint(task: Task, split: str, tokenizer, limits: Limits, chunk_size: int, seed: int,
                  max_examples: int | None) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
-    key = repr((task, task.source, split, vocab, limits, chunk_size, seed, max_examples))
+    key = repr((CACHE_FORMAT, task, task.source, split, vocab, limits, chunk_size, seed,
+                max_examples))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -197,6 +201,11 @@ class ChunkReader:
 
     @classmethod
     def read(cls, cache: CacheIndex, chunk: int) -> mb.Batch:
+        return mb.from_bytes(cls.read_row(cache, chunk)["payload"])
+
+    @classmethod
+    def read_row(cls, cache: CacheIndex, chunk: int) -> dict[str, Any]:
+        """The stored row of a chunk: its counts and its encoded payload."""
         path, row_group = cache.locate(chunk)
         parquet = cls._open.get(path)
         if parquet is None:
@@ -205,20 +214,24 @@ class ChunkReader:
             if len(cls._open) > cls.MAX_OPEN:
                 cls._open.popitem(last=False)
         cls._open.move_to_end(path)
-        payload = parquet.read_row_group(row_group, columns=["payload"])["payload"][0]
-        return mb.from_bytes(payload.as_py())
+        return parquet.read_row_group(row_group, columns=CHUNK_COLUMNS).to_pylist()[0]
 
 
 def _fetcher(caches: list[CacheIndex], pad_id: int):
     def fetch(items: dict[str, np.ndarray]) -> dict[str, Any]:
         payloads, examples, tokens, padded = [], [], [], []
         for tasks, chunks in zip(items["task"], items["chunk"]):
-            parts = [ChunkReader.read(caches[t], c) for t, c in zip(tasks, chunks)]
-            batch = mb.merge(parts, pad_id)
-            payloads.append(mb.to_bytes(batch))
-            examples.append(mb.num_examples(batch))
-            tokens.append(int(batch["attention_mask"].sum()))
-            padded.append(batch["attention_mask"].size)
+            rows = [ChunkReader.read_row(caches[t], c) for t, c in zip(tasks, chunks)]
+            if len(rows) == 1:  # the usual case: the stored micro-batch goes out as it is
+                row = rows[0]
+                payload, tokens_padded = row["payload"], row["padded_tokens"]
+            else:  # `mixed`: one micro-batch from several chunks, re-padded
+                merged = mb.merge([mb.from_bytes(r["payload"]) for r in rows], pad_id)
+                payload, tokens_padded = mb.to_bytes(merged), merged["attention_mask"].size
+            payloads.append(payload)
+            examples.append(sum(r["num_examples"] for r in rows))
+            tokens.append(sum(r["num_tokens"] for r in rows))
+            padded.append(tokens_padded)
         return {"position": items["position"], "task": items["task"], "chunk": items["chunk"],
                 "epoch": items["epoch"], "num_examples": np.array(examples),
                 "num_tokens": np.array(tokens), "padded_tokens": np.array(padded),

@@ -124,3 +124,27 @@ def test_missing_file_and_empty_task(ray_cluster, tmp_path):
     empty = custom(tmp_path, ["", "  "])
     with pytest.raises(DataError, match="task 'mine': the train split has no examples"):
         prepare(empty, RunDir(str(tmp_path / "run")))
+
+
+def test_mixed_micro_batches_merge_chunks_of_several_tasks(ray_cluster, tmp_path):
+    config = make_config(tmp_path, "tasks.include=[sentiment, needs, what_has]")
+    tasks = resolve_tasks(config)
+    tokenizer = build_tokenizer(config, tasks)
+    caches = data.prepare(tasks, RunDir(str(tmp_path / "run")), tokenizer, LIMITS, 4, 32, 0,
+                          None)
+    train = [caches[t.name]["train"] for t in tasks]
+    batching = BatchingConfig(strategy="mixed", micro_batch_size=8, tasks_per_micro_batch=2,
+                              grad_accum_steps=1)
+    schedule = build_schedule([c.chunks for c in train], [c.examples for c in train],
+                              MixtureConfig(rule="uniform"), batching, 1, 30, 0)
+    mixed = 0
+    for row in data.stream(schedule, 0, 0, train, tokenizer.pad_token_id):
+        batch = mb.from_bytes(row["payload"])
+        p = row["position"]
+        parts = [data.ChunkReader.read(train[t], c)
+                 for t, c in zip(schedule.task[p], schedule.chunk[p])]
+        assert row["num_examples"] == mb.num_examples(batch) == sum(map(mb.num_examples, parts))
+        assert list(batch["example_task"]) == [t for part in parts for t in part["example_task"]]
+        assert row["num_tokens"] == batch["attention_mask"].sum()
+        mixed += len(set(batch["example_task"])) > 1
+    assert mixed > 15  # most of the 30 micro-batches hold two tasks
