@@ -17,6 +17,7 @@ from typing import Any
 
 import ray.data
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
