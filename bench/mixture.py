@@ -24,9 +24,10 @@ import ray
 from muppet_ray import data, suite
 from muppet_ray.config import BatchingConfig, MixtureConfig
 from muppet_ray.mixture import build_schedule
+from muppet_ray.sources import BuiltinSource
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
-from muppet_ray.tasks import BuiltinSource, Task
+from muppet_ray.tasks import Task
 from muppet_ray.tokenizer import texts_of, train_tokenizer
 
 MICRO_BATCH = 16

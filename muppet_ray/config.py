@@ -49,22 +49,33 @@ class ModelConfig(Section):
 
 
 class TaskSpec(Section):
-    """A task read from the user's own files (JSON Lines, local or s3:// / gs://)."""
+    """A task read from the user's own files (local, or s3:// / gs://)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    type: TaskTypeName
+    type: TaskTypeName | None = None
+    """Required, except for format=bigbench, where the file tells."""
+    format: Literal["jsonl", "json", "csv", "parquet", "squad", "bigbench"] = "jsonl"
     train: str
-    """Path or URI of the training file (JSON Lines)."""
+    """Path or URI of the training file (or a directory of files)."""
     validation: str | None = None
     """Validation file; without one, a seeded `validation_fraction` of `train` is held out."""
     validation_fraction: float = Field(0.1, gt=0, lt=1)
-    fields: dict[str, str] = {}
-    """Canonical field -> column in the file, e.g. {text: sentence, label: gold}."""
+    fields: dict[str, str | list[str]] = {}
+    """Canonical field -> column in the file: a name, a dotted path into nested records
+    (`answers.text.0`), or a list of columns (`choices: [sol1, sol2]`)."""
     labels: list[str] | None = None
-    """Label space of a classification task, in head-output order (required for classification)."""
+    """Label space of a classification task, in head-output order (required for classification;
+    read from the file for format=bigbench)."""
 
     @model_validator(mode="after")
     def _labels_match_type(self) -> TaskSpec:
+        if self.type is None:
+            if self.format != "bigbench":
+                raise ValueError(f"task {self.name!r}: `type` is required for format "
+                                 f"{self.format}")
+            return self
+        if self.type == "classification" and self.format == "bigbench" and not self.labels:
+            return self
         if self.type == "classification":
             if not self.labels or len(self.labels) < 2:
                 raise ValueError(f"task {self.name!r}: classification needs `labels` (2 or more)")

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import ray
 
 from muppet_ray import batch as mb
-from muppet_ray.errors import DataError
+from muppet_ray.errors import DataError, unwrap_data_error
 from muppet_ray.mixture import Schedule
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
@@ -143,27 +143,13 @@ def _write_chunks(pending, run_dir: RunDir, tokenizer, limits: Limits, seed: int
     try:
         ds.write_parquet(run_dir.uri("data"), partition_cols=["part"], row_group_size=1)
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
-        raise _unwrap_data_error(e) from None
+        raise unwrap_data_error(e) from None
     finally:
         ray_data_log.setLevel(level)
 
 
 def _cache_dir(task: str, split: str) -> str:
     return f"data/part={task}.{split}"
-
-
-def _unwrap_data_error(error: BaseException) -> BaseException:
-    seen = error
-    while seen is not None:
-        if isinstance(seen, DataError):
-            message = str(seen).strip().splitlines()
-            return DataError(next((m for m in reversed(message) if "task " in m), message[-1]))
-        seen = seen.__cause__ or seen.__context__
-    text = str(error)
-    marker = "muppet_ray.errors.DataError: "
-    if marker in text:
-        return DataError(text.split(marker, 1)[1].strip().splitlines()[0])
-    return error
 
 
 def _write_index(run_dir: RunDir, task: str, split: str, fingerprint: str) -> None:

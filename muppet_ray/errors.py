@@ -14,3 +14,17 @@ class ConfigError(MuppetError):
 
 class DataError(MuppetError):
     """Task data that cannot be turned into features: names task, file and row."""
+
+
+def unwrap_data_error(error: BaseException) -> BaseException:
+    """The DataError inside an exception from a Ray task (which arrives wrapped), else `error`."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, DataError):
+            lines = str(seen).strip().splitlines()
+            return DataError(next((m for m in reversed(lines) if "task " in m), lines[-1]))
+        seen = seen.__cause__ or seen.__context__
+    marker = "muppet_ray.errors.DataError: "
+    if marker in str(error):
+        return DataError(str(error).split(marker, 1)[1].strip().splitlines()[0])
+    return error

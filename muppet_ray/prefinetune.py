@@ -23,9 +23,10 @@ from muppet_ray.config import Config, to_yaml
 from muppet_ray.errors import ConfigError, MuppetError
 from muppet_ray.metrics import read_log
 from muppet_ray.model import is_encoder_decoder
+from muppet_ray.sources import BuiltinSource, FileSource
 from muppet_ray.storage import RunDir, normalize
 from muppet_ray.task_types import TASK_TYPES, Limits
-from muppet_ray.tasks import BuiltinSource, JsonLinesSource, Task, resolve_tasks
+from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
 from muppet_ray.train import train_loop_per_worker
 
@@ -65,7 +66,7 @@ def check(config: Config) -> list[Task]:
             raise ConfigError(f"tasks {generation} are generation tasks, which need an "
                               f"encoder-decoder backbone; model {backbone!r} is encoder-only")
     for task in tasks:
-        if isinstance(task.source, JsonLinesSource):
+        if isinstance(task.source, FileSource):
             task.source.check_exists(task.name)
     return tasks
 

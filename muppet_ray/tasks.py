@@ -1,120 +1,19 @@
-"""A task = name, task type, label space, data source; and the run's task list from the config.
+"""A task = name, task type, label space, data source (sources.py); and the run's task list.
 
-Sources hand Ray Data a dataset of row references (`read`) and turn each into a canonical example
-(`decode`) inside the Ray Data tasks that tokenize, so raw data never passes through the driver.
 Canonical fields per task type are listed in each task type's `required_fields`.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
-
-import pyarrow.fs as pafs
 
 from muppet_ray import suite
 from muppet_ray.config import Config, TaskSpec
 from muppet_ray.errors import ConfigError, DataError
+from muppet_ray.sources import BuiltinSource, FileSource, bigbench_kind, read_small_file
 from muppet_ray.task_types import TASK_TYPES, TaskType
-
-SPLITS = ("train", "validation")
-
-
-@dataclass(frozen=True)
-class BuiltinSource:
-    """A task of the generated built-in suite; `read` yields indices, `decode` generates."""
-
-    task: str
-    seed: int
-    scale: float
-    origin: str = "built-in suite"
-    shuffled: bool = True  # examples are i.i.d. draws already
-
-    def num_examples(self, split: str) -> int:
-        return suite.size(self.task, split, self.scale)
-
-    def read(self, split: str):
-        import ray.data  # tasks and features work without Ray; only reading needs it
-
-        return ray.data.range(self.num_examples(split)).rename_columns({"id": "_id"})
-
-    def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
-        index = int(row["_id"])
-        example = suite.example(self.task, split, index, self.seed)
-        return {**example, "_id": index, "_origin": self.origin, "_row": index}
-
-    def sample(self, split: str, n: int) -> list[dict[str, Any]]:
-        count = min(n, self.num_examples(split))
-        return [self.decode({"_id": i}, split) for i in range(count)]
-
-
-@dataclass(frozen=True)
-class JsonLinesSource:
-    """A JSON Lines file (or a directory of them), local or in object storage.
-
-    Rows keep their raw line until `decode`, so files with loosely typed values don't trip
-    Arrow's schema inference, and every error can name the file and line.
-    """
-
-    train: str
-    validation: str | None
-    validation_fraction: float
-    fields: dict[str, str]
-    seed: int
-    shuffled: bool = False
-
-    def _path(self, split: str) -> str:
-        return self.validation if split == "validation" and self.validation else self.train
-
-    def read(self, split: str):
-        import ray.data
-
-        ds = ray.data.read_binary_files(self._path(split), include_paths=True)
-        held_out = None if self.validation else (split == "validation")
-        fraction, seed = self.validation_fraction, self.seed
-
-        def lines(file: dict[str, Any]) -> list[dict[str, Any]]:
-            text = file["bytes"].decode("utf-8", errors="replace")
-            file_key = zlib.crc32(file["path"].encode()) & 0xFFFF
-            rows = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                if held_out is not None:
-                    draw = zlib.crc32(f"{seed}/{file['path']}/{number}".encode()) / 2**32
-                    if (draw < fraction) != held_out:
-                        continue
-                rows.append({"_id": (file_key << 32) | number, "_origin": file["path"],
-                             "_row": number, "_json": line})
-            return rows
-
-        return ds.flat_map(lines)
-
-    def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
-        where = {"_id": int(row["_id"]), "_origin": row["_origin"], "_row": int(row["_row"])}
-        try:
-            raw = json.loads(row["_json"])
-        except json.JSONDecodeError as e:
-            raise DataError(f"{row['_origin']}, row {row['_row']}: not valid JSON ({e.msg})"
-                            ) from None
-        if not isinstance(raw, dict):
-            raise DataError(f"{row['_origin']}, row {row['_row']}: expected a JSON object")
-        canonical = {name: raw.get(column) for name, column in self.fields.items()}
-        return {**raw, **canonical, **where}
-
-    def sample(self, split: str, n: int) -> list[dict[str, Any]]:
-        return [self.decode(r, split) for r in self.read(split).take(n)]
-
-    def check_exists(self, task: str) -> None:
-        for path in filter(None, (self.train, self.validation)):
-            try:
-                fs, local = pafs.FileSystem.from_uri(path)
-            except Exception:
-                fs, local = pafs.LocalFileSystem(), path
-            if fs.get_file_info(local).type == pafs.FileType.NotFound:
-                raise DataError(f"task {task!r}: file {path!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -147,15 +46,35 @@ def builtin_task(name: str, config: Config) -> Task:
 
 
 def custom_task(spec: TaskSpec, config: Config) -> Task:
-    task_type = TASK_TYPES[spec.type]
+    kind, labels = spec.type, tuple(spec.labels or ())
+    if spec.format == "bigbench":
+        found, found_labels = _inspect_bigbench(spec)
+        if kind not in (None, found):
+            raise ConfigError(f"tasks.custom ({spec.name}).type: {kind!r}, but {spec.train!r} "
+                              f"is a {found} task")
+        kind, labels = found, labels or found_labels
+    task_type = TASK_TYPES[kind]
     known = task_type.required_fields + task_type.optional_fields
     unknown = sorted(set(spec.fields) - set(known))
     if unknown:
         raise ConfigError(f"tasks.custom ({spec.name}).fields: {unknown} are not fields of "
-                          f"{spec.type} tasks; they have {list(known)}")
-    source = JsonLinesSource(spec.train, spec.validation, spec.validation_fraction,
-                             dict(spec.fields), config.training.seed)
-    return Task(spec.name, spec.type, source, tuple(spec.labels or ()))
+                          f"{kind} tasks; they have {list(known)}")
+    source = FileSource(spec.name, spec.train, spec.validation, spec.validation_fraction,
+                        spec.format, dict(spec.fields), config.training.seed)
+    return Task(spec.name, kind, source, labels)
+
+
+def _inspect_bigbench(spec: TaskSpec) -> tuple[str, tuple[str, ...]]:
+    try:
+        document = json.loads(read_small_file(spec.train))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"task {spec.name!r}: cannot read BIG-bench task {spec.train!r} "
+                        f"({e})") from None
+    kind, labels = bigbench_kind(document)
+    if kind == "unknown":
+        raise DataError(f"task {spec.name!r}: {spec.train!r} has neither `target_scores` nor "
+                        f"`target` in every example")
+    return kind, labels
 
 
 def resolve_tasks(config: Config) -> list[Task]:

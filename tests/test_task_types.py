@@ -11,9 +11,10 @@ from muppet_ray.batch import collate, from_bytes, merge, to_bytes, to_torch
 from muppet_ray.config import ModelConfig
 from muppet_ray.errors import DataError
 from muppet_ray.model import MuppetModel, build_backbone
+from muppet_ray.sources import BuiltinSource
 from muppet_ray.task_types import TASK_TYPES, Limits
 from muppet_ray.task_types.generation import rouge_l
-from muppet_ray.tasks import BuiltinSource, Task
+from muppet_ray.tasks import Task
 from muppet_ray.tokenizer import texts_of, train_tokenizer
 
 LIMITS = Limits(max_length=64, max_target_length=16)

@@ -84,11 +84,15 @@ class Classification(TaskType):
             if value is None:
                 raise data_error(task, row, "missing field 'label'")
             key = value if isinstance(value, str) else str(value)
-            if key not in index:
+            if key in index:
+                features.label = index[key]
+            elif (isinstance(value, int) and not isinstance(value, bool)
+                  and 0 <= value < len(task.labels)):
+                features.label = value  # a class index, as Hugging Face datasets store labels
+            else:
                 raise data_error(
                     task, row, f"label {value!r} is not in the label space {list(task.labels)}"
                 )
-            features.label = index[key]
             return features
 
         return _featurize(task, rows, tokenizer, limits, to_label)
@@ -118,9 +122,12 @@ class Regression(TaskType):
     def featurize(self, task, rows, tokenizer, limits):
         def to_target(features: Features, row) -> Features:
             value = row.get("label")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise data_error(task, row, f"label should be a number, got {value!r}")
-            features.target = float(value)
+            try:
+                if isinstance(value, bool):
+                    raise ValueError
+                features.target = float(value)  # numbers, or numeric text (CSV)
+            except (TypeError, ValueError):
+                raise data_error(task, row, f"label should be a number, got {value!r}") from None
             return features
 
         return _featurize(task, rows, tokenizer, limits, to_target)

@@ -44,6 +44,8 @@ class MultipleChoice(TaskType):
             if len(options) < 2 or not all(isinstance(c, str) for c in options):
                 raise data_error(task, row, "choices should be a list of 2 or more texts")
             label = row.get("label")
+            if isinstance(label, str) and label.strip().isdigit():
+                label = row["label"] = int(label)  # CSV and some datasets store it as text
             if isinstance(label, bool) or not isinstance(label, int):
                 raise data_error(task, row, f"label should be a choice index, got {label!r}")
             if not 0 <= label < len(options):

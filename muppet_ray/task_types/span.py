@@ -28,7 +28,8 @@ class SpanHead(nn.Module):
 class Span(TaskType):
     name = "span"
     head = "span"
-    required_fields = ("question", "context", "answer", "answer_start")
+    required_fields = ("question", "context")
+    optional_fields = ("answer", "answer_start")  # empty answer: unanswerable
     metric = "f1"
     num_stats = 3
 
@@ -39,17 +40,18 @@ class Span(TaskType):
                      return_offsets_mapping=True)
         features = []
         for i, row in enumerate(rows):
-            answer = self.field(task, row, "answer")
-            start_char = self.field(task, row, "answer_start", int)
-            if contexts[i][start_char:start_char + len(answer)] != answer:
-                raise data_error(task, row, "answer_start does not point at the answer text "
-                                            "in the context")
-            end_char = start_char + len(answer)
+            answer = row.get("answer") or ""
+            start_char = row.get("answer_start")
+            if answer:  # (no answer text: an unanswerable question, as in SQuAD v2)
+                start_char = self.field(task, row, "answer_start", int)
+                if contexts[i][start_char:start_char + len(answer)] != answer:
+                    raise data_error(task, row, "answer_start does not point at the answer "
+                                                "text in the context")
             in_context = [j for j, s in enumerate(enc.sequence_ids(i)) if s == 1]
             offsets = enc["offset_mapping"][i]
-            start = end = 0  # answer truncated away: point at the first token (no answer)
-            covering = [j for j in in_context
-                        if offsets[j][0] < end_char and offsets[j][1] > start_char]
+            start = end = 0  # no answer, or truncated away: point at the first token
+            covering = [j for j in in_context if answer and offsets[j][0] < start_char + len(
+                answer) and offsets[j][1] > start_char]
             if covering:
                 start, end = covering[0], covering[-1]
             features.append(Features(

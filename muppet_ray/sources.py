@@ -1,0 +1,260 @@
+"""Where a task's examples come from.
+
+A source hands Ray Data a dataset of row references (`read`) and turns each into a canonical
+example (`decode`) inside the Ray Data tasks that tokenize, so raw data never passes through the
+driver. Every canonical example carries `_id` (stable within its split), `_origin` (file) and
+`_row` (row in that file), so errors can name file and row.
+
+File formats (local paths or s3:// / gs:// URIs; a file or a directory of files):
+    jsonl     one JSON object per line
+    json      a JSON array of objects (or {"data": [...]})
+    csv       a header row, then one row per example (undecodable bytes are replaced)
+    parquet   one row per example
+    squad     the SQuAD v1.1/v2 JSON format: one example per question
+    bigbench  the BIG-bench JSON task format: classification when every example has the same
+              choices, multiple choice when they differ, generation with `target`
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from muppet_ray import suite
+from muppet_ray.errors import DataError, unwrap_data_error
+
+FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench")
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A task of the generated built-in suite; `read` yields indices, `decode` generates."""
+
+    task: str
+    seed: int
+    scale: float
+    origin: str = "built-in suite"
+    shuffled: bool = True  # examples are i.i.d. draws already
+
+    def num_examples(self, split: str) -> int:
+        return suite.size(self.task, split, self.scale)
+
+    def read(self, split: str):
+        import ray.data  # tasks and features work without Ray; only reading needs it
+
+        return ray.data.range(self.num_examples(split)).rename_columns({"id": "_id"})
+
+    def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
+        index = int(row["_id"])
+        example = suite.example(self.task, split, index, self.seed)
+        return {**example, "_id": index, "_origin": self.origin, "_row": index}
+
+    def sample(self, split: str, n: int) -> list[dict[str, Any]]:
+        count = min(n, self.num_examples(split))
+        return [self.decode({"_id": i}, split) for i in range(count)]
+
+
+# ------------------------------------------------------------------------ parsers
+
+
+def _jsonl(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            yield number, _loads(line, path, number)
+
+
+def _json(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+    records = _loads(data.decode("utf-8", errors="replace"), path, None)
+    if isinstance(records, dict) and isinstance(records.get("data"), list):
+        records = records["data"]
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of examples (or {{'data': [...]}})")
+    yield from enumerate(records, 1)
+
+
+def _csv(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+    text = data.decode("utf-8", errors="replace")
+    yield from enumerate(csv.DictReader(io.StringIO(text)), 2)  # line 1 is the header
+
+
+def _parquet(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    yield from enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1)
+
+
+def _squad(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+    document = _loads(data.decode("utf-8"), path, None)
+    number = 0
+    for article in document.get("data", []):
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                number += 1
+                answers = qa.get("answers") or []
+                first = answers[0] if answers else {"text": "", "answer_start": -1}
+                yield number, {
+                    "id": qa.get("id"), "title": article.get("title"),
+                    "question": qa.get("question"), "context": paragraph.get("context"),
+                    "answer": first.get("text"), "answer_start": first.get("answer_start"),
+                    "answers": [a.get("text") for a in answers],
+                    "answer_starts": [a.get("answer_start") for a in answers],
+                }
+
+
+def bigbench_kind(document: dict) -> tuple[str, tuple[str, ...]]:
+    """(task type, label space) of a BIG-bench task (see the module docstring)."""
+    examples = document.get("examples") or []
+    if examples and all("target_scores" in e for e in examples):
+        choice_sets = {tuple(e["target_scores"]) for e in examples}
+        if len(choice_sets) == 1:
+            return "classification", next(iter(choice_sets))
+        return "multiple_choice", ()
+    if examples and all("target" in e for e in examples):
+        return "generation", ()
+    return "unknown", ()
+
+
+def _bigbench(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+    document = _loads(data.decode("utf-8"), path, None)
+    kind, _ = bigbench_kind(document)
+    for number, example in enumerate(document.get("examples", []), 1):
+        text = str(example.get("input", "")).strip()
+        if kind == "generation":
+            target = example.get("target")
+            yield number, {"source": text, "target": target[0] if isinstance(target, list)
+                           else target}
+            continue
+        scores = example.get("target_scores", {})
+        best = max(scores, key=scores.get) if scores else None
+        if kind == "classification":
+            yield number, {"text": text, "label": best}
+        else:
+            choices = list(scores)
+            yield number, {"context": text, "choices": choices,
+                           "label": choices.index(best) if best is not None else None}
+
+
+PARSERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet, "squad": _squad,
+           "bigbench": _bigbench}
+
+
+def _loads(text: str, path: str, number: int | None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f", row {number}" if number is not None else f", line {e.lineno}"
+        raise DataError(f"{path}{where}: not valid JSON ({e.msg})") from None
+
+
+# ------------------------------------------------------------------------- files
+
+
+def resolve_field(record: dict[str, Any], path: str | list[str]) -> Any:
+    """A field by dotted path (`answers.text.0`), or a list of fields (`[sol1, sol2]`)."""
+    if isinstance(path, list):
+        return [resolve_field(record, p) for p in path]
+    value: Any = record
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(
+                part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A task read from files. Rows keep their raw record (as JSON text) until `decode`, so
+    loosely typed files don't trip Arrow's schema inference and errors can name file and row.
+    Without a validation file, a seeded `validation_fraction` of the rows is held out."""
+
+    task: str
+    train: str
+    validation: str | None
+    validation_fraction: float
+    format: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    shuffled: bool = False
+
+    def _path(self, split: str) -> str:
+        return self.validation if split == "validation" and self.validation else self.train
+
+    def read(self, split: str):
+        import ray.data
+
+        parse = PARSERS[self.format]
+        held_out = None if self.validation else (split == "validation")
+        fraction, seed, task = self.validation_fraction, self.seed, self.task
+
+        def rows(file: dict[str, Any]) -> list[dict[str, Any]]:
+            path = file["path"]
+            file_key = zlib.crc32(path.encode()) & 0xFFFF
+            out = []
+            try:
+                parsed = list(parse(file["bytes"], path))
+            except DataError as e:
+                raise DataError(f"task {task!r}, {e}") from None
+            for number, record in parsed:
+                if held_out is not None:
+                    draw = zlib.crc32(f"{seed}/{path}/{number}".encode()) / 2**32
+                    if (draw < fraction) != held_out:
+                        continue
+                out.append({"_id": (file_key << 32) | number, "_origin": path, "_row": number,
+                            "_json": json.dumps(record, default=str)})
+            return out
+
+        return ray.data.read_binary_files(self._path(split), include_paths=True).flat_map(rows)
+
+    def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
+        record = json.loads(row["_json"])
+        if not isinstance(record, dict):
+            raise DataError(f"task {self.task!r}, {row['_origin']}, row {row['_row']}: expected "
+                            f"an object with fields, got {type(record).__name__}")
+        mapped = {name: resolve_field(record, path) for name, path in self.fields.items()}
+        return {**record, **mapped, "_id": int(row["_id"]), "_origin": row["_origin"],
+                "_row": int(row["_row"])}
+
+    def sample(self, split: str, n: int) -> list[dict[str, Any]]:
+        try:
+            rows = self.read(split).take(n)
+        except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
+            raise unwrap_data_error(e) from None
+        return [self.decode(r, split) for r in rows]
+
+    def check_exists(self, task: str) -> None:
+        for path in filter(None, (self.train, self.validation)):
+            fs, local = _filesystem(path)
+            if fs.get_file_info(local).type == pafs.FileType.NotFound:
+                raise DataError(f"task {task!r}: file {path!r} does not exist")
+
+
+def _filesystem(path: str):
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, ValueError):
+        return pafs.LocalFileSystem(), path
+
+
+def read_small_file(path: str) -> bytes:
+    """A whole file, on the driver (for looking inside a task file before Ray starts)."""
+    fs, local = _filesystem(path)
+    info = fs.get_file_info(local)
+    if info.type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(local)) if i.is_file)
+        if not files:
+            raise DataError(f"{path!r}: directory has no files")
+        local = files[0]
+    with fs.open_input_stream(local) as f:
+        return f.read()

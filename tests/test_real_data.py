@@ -1,0 +1,125 @@
+"""The real task files of ../shared/data through the real readers (Ray Data), every task type
+turned into features with the real MiniLM tokenizer. Set MUPPET_SHARED to use another copy."""
+
+import csv
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from muppet_ray.config import TaskSpec, load_config
+from muppet_ray.errors import DataError
+from muppet_ray.task_types import Limits
+from muppet_ray.tasks import custom_task
+from muppet_ray.tokenizer import load_tokenizer
+from tests.conftest import ROOT
+
+SHARED = os.environ.get("MUPPET_SHARED", str(ROOT.parent / "shared"))
+DATA, MINILM = f"{SHARED}/data", f"{SHARED}/models/all-MiniLM-L6-v2"
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not os.path.isdir(DATA), reason=f"no shared data at {DATA}"),
+]
+LIMITS = Limits(max_length=256, max_target_length=64)
+CONFIG = load_config(None, [])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MINILM)
+
+
+def task(**spec):
+    return custom_task(TaskSpec(name=spec.pop("name", "t"), **spec), CONFIG)
+
+
+def features_of(t, tokenizer, n=40):
+    rows = t.source.sample("train", n)
+    assert len(rows) == n
+    return rows, t.task_type.featurize(t, rows, tokenizer, LIMITS)
+
+
+def test_bigbench_classification(ray_cluster, tokenizer):
+    t = task(format="bigbench", train=f"{DATA}/bigbench/sports_understanding/task.json")
+    assert (t.type, t.labels) == ("classification", ("plausible", "implausible"))
+    rows, features = features_of(t, tokenizer)
+    assert all(f.label == t.labels.index(r["label"]) for r, f in zip(rows, features))
+
+
+def test_bigbench_multiple_choice(ray_cluster, tokenizer):
+    t = task(format="bigbench", train=f"{DATA}/bigbench/social_iqa/task.json")
+    assert t.type == "multiple_choice"
+    rows, features = features_of(t, tokenizer)
+    for row, f in zip(rows, features):
+        assert len(f.rows) == len(row["choices"]) >= 2
+        correct = tokenizer.decode(f.rows[f.label], skip_special_tokens=True)
+        assert correct.endswith(row["choices"][row["label"]].lower().strip(" ."))
+
+
+def test_bigbench_generation(ray_cluster, tokenizer):
+    t = task(format="bigbench", train=f"{DATA}/bigbench/gem/xsum/task.json")
+    assert t.type == "generation"
+    rows, features = features_of(t, tokenizer, n=10)
+    for row, f in zip(rows, features):
+        decoded = tokenizer.decode(f.decoder_labels, skip_special_tokens=True).replace(" ", "")
+        assert decoded[:30] == row["target"].lower().replace(" ", "")[:30]
+
+
+def test_squad_spans_recover_the_answers(ray_cluster, tokenizer):
+    t = task(format="squad", type="span", train=f"{DATA}/squad/squaddev_v1.1.json")
+    rows, features = features_of(t, tokenizer, n=60)
+    found = exact = 0
+    for row, f in zip(rows, features):
+        if f.start == 0:  # the answer lies beyond max_length
+            continue
+        found += 1
+        decoded = tokenizer.decode(f.rows[0][f.start:f.end + 1]).replace(" ", "")
+        answer = row["answer"].lower().replace(" ", "")
+        # whole tokens cover the answer ("8" inside "18" is labelled as "18"), and tightly
+        assert answer in decoded and len(decoded) <= len(answer) + 4, (row["id"], decoded)
+        exact += decoded == answer
+    assert found > 40 and exact > 0.9 * found
+
+
+def test_csv_with_field_mapping(ray_cluster, tokenizer):
+    t = task(format="csv", type="classification", train=f"{DATA}/tweets/sentiment.csv",
+             fields={"text": "text", "label": "sentiment"},
+             labels=["negative", "neutral", "positive"])
+    rows, features = features_of(t, tokenizer)
+    assert {f.label for f in features} <= {0, 1, 2}
+    assert all(r["_origin"].endswith("sentiment.csv") and r["_row"] >= 2 for r in rows)
+
+
+def test_json_and_parquet_hold_the_same_rows(ray_cluster, tokenizer, tmp_path):
+    with open(f"{DATA}/tweets/sentiment.csv", encoding="utf-8", errors="replace") as f:
+        records = [{"tweet": r["text"], "mood": r["sentiment"], "meta": {"score": r["confidence"]}}
+                   for _, r in zip(range(200), csv.DictReader(f))]
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "t.parquet")
+    labels = ["negative", "neutral", "positive"]
+    fields = {"text": "tweet", "label": "mood", "text_pair": "meta.score"}
+    seen = []
+    for fmt in ("json", "parquet"):
+        t = task(format=fmt, type="classification", train=str(tmp_path / f"t.{fmt}"),
+                 fields=fields, labels=labels)
+        train = t.source.read("train").take_all()
+        validation = t.source.read("validation").take_all()
+        assert len(train) + len(validation) == 200 and len(validation) > 5
+        assert not {r["_row"] for r in train} & {r["_row"] for r in validation}
+        decoded = sorted((r["_row"], t.source.decode(r, "train")["text_pair"])
+                         for r in train + validation)
+        seen.append(decoded)
+    assert seen[0] == seen[1]
+    assert seen[0][0][1] == records[seen[0][0][0] - 1]["meta"]["score"]
+
+
+def test_a_bad_label_names_file_and_row(ray_cluster, tokenizer, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("sentiment,text\npositive,good\nangry,bad\n")
+    t = task(format="csv", type="classification", train=str(path), labels=["negative", "positive"],
+             fields={"text": "text", "label": "sentiment"}, validation_fraction=0.01)
+    rows = t.source.sample("train", 2)
+    with pytest.raises(DataError, match=rf"{path}, row 3: label 'angry' is not in the label"):
+        t.task_type.featurize(t, rows, tokenizer, LIMITS)
