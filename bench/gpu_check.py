@@ -31,7 +31,8 @@ from muppet_ray.tokenizer import texts_of, train_tokenizer
 def chunks(task, index, split, tokenizer, limits, size):
     rows = task.source.sample(split, task.source.num_examples(split))
     features = task.task_type.featurize(task, rows, tokenizer, limits)
-    return [mb.collate(features[i:i + size], index, tokenizer.pad_token_id)
+    return [mb.collate(features[i:i + size], index, tokenizer.pad_token_id,
+                       keep_text=split == "validation")
             for i in range(0, len(features), size)]
 
 
@@ -64,7 +65,8 @@ def main() -> None:
     tokenizer = train_tokenizer(
         texts_of(e for t in suite.SUITE for e in builtin_task(t, config).source.sample(
             "train", 500)), config.model.vocab_size, config.model.max_length)
-    limits = Limits(config.model.max_length, config.model.max_target_length)
+    limits = Limits(config.model.max_length, config.model.max_target_length,
+                    config.model.doc_stride)
     started = time.perf_counter()
     train = [chunks(t, i, "train", tokenizer, limits, config.batching.micro_batch_size)
              for i, t in enumerate(tasks)]

@@ -9,6 +9,9 @@ Layout (R token rows, E examples, L longest row, T longest target):
     start, end [E]                      answer span (token positions)
     context_start, context_end [E]      where the context is, to predict spans inside it
     decoder_labels [E, T]               generation targets (IGNORE-padded)
+and, in validation chunks of span tasks (to score answers on text):
+    offsets [E, L, 2]                   each token's character span in the context
+    context [E], answers [E]            context text; gold answers joined by ANSWER_SEPARATOR
 Padding is dynamic: to the longest row of the micro-batch.
 """
 
@@ -20,11 +23,14 @@ import numpy as np
 import torch
 
 from muppet_ray.task_types import IGNORE, Features
+from muppet_ray.task_types.span import ANSWER_SEPARATOR
 
 Batch = dict[str, np.ndarray]
+TEXT_KEYS = {"offsets", "context", "answers"}
 
 
-def collate(features: list[Features], task_index: int, pad_id: int) -> Batch:
+def collate(features: list[Features], task_index: int, pad_id: int,
+            keep_text: bool = False) -> Batch:
     rows = [row for f in features for row in f.rows]
     length = max(len(r) for r in rows)
     target_length = max([1] + [len(f.decoder_labels) for f in features])
@@ -53,6 +59,13 @@ def collate(features: list[Features], task_index: int, pad_id: int) -> Batch:
             batch["token_type_ids"][i, : len(row)] = row
     for i, f in enumerate(features):
         batch["decoder_labels"][i, : len(f.decoder_labels)] = f.decoder_labels
+    if keep_text and any(f.offsets for f in features):
+        batch["offsets"] = np.zeros((len(features), length, 2), np.int32)
+        for i, f in enumerate(features):
+            if f.offsets:
+                batch["offsets"][i, : len(f.offsets)] = f.offsets
+        batch["context"] = np.array([f.context for f in features])
+        batch["answers"] = np.array([ANSWER_SEPARATOR.join(f.answers) for f in features])
     return batch
 
 
@@ -64,7 +77,7 @@ def merge(batches: list[Batch], pad_id: int) -> Batch:
     target_length = max(b["decoder_labels"].shape[1] for b in batches)
     pad_values = {"input_ids": pad_id, "decoder_labels": IGNORE}
     merged: Batch = {}
-    keys = set().union(*batches)
+    keys = set().union(*batches) - TEXT_KEYS  # (validation chunks are never merged)
     for key in sorted(keys):
         parts = []
         for b in batches:
@@ -99,7 +112,9 @@ def from_bytes(data: bytes) -> Batch:
 
 
 def to_torch(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    out = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+    """Tensors on `device`; text and offsets stay numpy arrays (read only by the metrics)."""
+    out = {k: v if k in TEXT_KEYS else torch.from_numpy(v).to(device, non_blocking=True)
+           for k, v in batch.items()}
     for key in ("input_ids", "row_example", "example_task", "decoder_labels"):
         out[key] = out[key].long()
     for key in ("attention_mask", "token_type_ids"):

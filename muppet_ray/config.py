@@ -36,10 +36,16 @@ class ModelConfig(Section):
     """Input tokens per sequence (longer inputs are truncated)."""
     max_target_length: int = Field(32, ge=2)
     """Target tokens for generation tasks."""
+    doc_stride: int = Field(32, ge=1)
+    """Span tasks: contexts longer than max_length are cut into windows sharing this many
+    tokens."""
     dropout: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
+        if self.doc_stride > self.max_length // 2:
+            raise ValueError(f"model.doc_stride ({self.doc_stride}) must be at most half of "
+                             f"model.max_length ({self.max_length})")
         if self.pretrained is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be a multiple of "

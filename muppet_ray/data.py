@@ -40,7 +40,7 @@ from muppet_ray.tasks import Task
 
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
-CACHE_FORMAT = 1  # bump when the chunk rows change: older caches are then rebuilt
+CACHE_FORMAT = 2  # bump when the chunk rows change: older caches are then rebuilt
 CHUNK_COLUMNS = ["num_examples", "num_tokens", "padded_tokens", "payload"]
 
 
@@ -71,7 +71,8 @@ def _chunker(task: Task, task_index: int, split: str, tokenizer, limits: Limits)
     def make_chunk(table: pa.Table) -> dict[str, list]:
         examples = [task.source.decode(row, split) for row in table.to_pylist()]
         features = task.task_type.featurize(task, examples, tokenizer, limits)
-        chunk = mb.collate(features, task_index, tokenizer.pad_token_id)
+        chunk = mb.collate(features, task_index, tokenizer.pad_token_id,
+                           keep_text=split == "validation")
         return {
             "part": [f"{task.name}.{split}"],
             "num_examples": [len(features)],

@@ -120,7 +120,8 @@ def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
         _save_tokenizer(tokenizer, run_dir)
         print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
         print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
-        limits = Limits(config.model.max_length, config.model.max_target_length)
+        limits = Limits(config.model.max_length, config.model.max_target_length,
+                    config.model.doc_stride)
         caches = data.prepare(tasks, run_dir, tokenizer, limits,
                               _chunk_size(config), config.batching.eval_batch_size,
                               config.training.seed, config.training.max_eval_examples)

@@ -69,18 +69,26 @@ def test_bigbench_generation(ray_cluster, tokenizer):
 
 def test_squad_spans_recover_the_answers(ray_cluster, tokenizer):
     t = task(format="squad", type="span", train=f"{DATA}/squad/squaddev_v1.1.json")
-    rows, features = features_of(t, tokenizer, n=60)
-    found = exact = 0
-    for row, f in zip(rows, features):
-        if f.start == 0:  # the answer lies beyond max_length
+    rows = t.source.sample("train", 60)
+    features = t.task_type.featurize(t, rows, tokenizer, Limits(128, 16, doc_stride=48))
+    by_id = {r["_id"]: r for r in rows}
+    assert len(features) > len(rows)  # long contexts became several windows
+    answered, exact = set(), 0
+    for f in features:
+        if f.start == 0:  # the answer is not in this window
             continue
-        found += 1
+        row = by_id[f.example_id]
+        answered.add(f.example_id)
         decoded = tokenizer.decode(f.rows[0][f.start:f.end + 1]).replace(" ", "")
         answer = row["answer"].lower().replace(" ", "")
         # whole tokens cover the answer ("8" inside "18" is labelled as "18"), and tightly
         assert answer in decoded and len(decoded) <= len(answer) + 4, (row["id"], decoded)
         exact += decoded == answer
-    assert found > 40 and exact > 0.9 * found
+        # and the token offsets give back the answer text itself
+        text = f.context[f.offsets[f.start][0]:f.offsets[f.end][1]]
+        assert row["answer"] in text and len(text) <= len(row["answer"]) + 4
+    assert answered == set(by_id)  # every answer lies in at least one window
+    assert exact > 0.9 * sum(f.start > 0 for f in features)
 
 
 def test_csv_with_field_mapping(ray_cluster, tokenizer):

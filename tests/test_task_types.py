@@ -14,6 +14,7 @@ from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.sources import BuiltinSource
 from muppet_ray.task_types import TASK_TYPES, Limits
 from muppet_ray.task_types.generation import rouge_l
+from muppet_ray.task_types.span import ANSWER_SEPARATOR, squad_scores
 from muppet_ray.tasks import Task
 from muppet_ray.tokenizer import texts_of, train_tokenizer
 
@@ -198,17 +199,6 @@ def test_metrics():
     assert regression.finalize(stats.numpy())["pearson"] == pytest.approx(
         np.corrcoef(x, y)[0, 1], abs=1e-5)
 
-    span = TASK_TYPES["span"]
-    logits = torch.full((2, 8, 2), -5.0)
-    logits[0, 3, 0] = logits[0, 4, 1] = 5.0  # predicts 3..4, gold 3..4: exact
-    logits[1, 2, 0] = logits[1, 5, 1] = 5.0  # predicts 2..5, gold 4..6: overlap 2
-    batch = {"start": torch.tensor([3, 4]), "end": torch.tensor([4, 6]),
-             "context_start": torch.tensor([1, 1]), "context_end": torch.tensor([7, 7])}
-    stats = span.stats({"span_logits": logits}, batch, None).sum(0).numpy()
-    f1_second = 2 * (2 / 4) * (2 / 3) / (2 / 4 + 2 / 3)
-    assert span.finalize(stats) == pytest.approx({"f1": (1 + f1_second) / 2,
-                                                  "exact_match": 0.5})
-
     assert rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
     assert rouge_l([1, 9, 3], [1, 2, 3, 4]) == pytest.approx(2 * (2 / 3) * (2 / 4) / (7 / 6))
     assert rouge_l([], [1]) == 0.0
@@ -227,3 +217,44 @@ def test_multiple_choice_loss_is_cross_entropy_over_each_examples_choices():
     assert torch.allclose(log_n, torch.tensor([math.log(3), math.log(2)]))
     stats = mc.stats({"choice_scores": scores}, batch, mine).sum(0).numpy()
     assert mc.finalize(stats) == pytest.approx({"accuracy": 0.5, "chance": (1 / 3 + 1 / 2) / 2})
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "exact", "f1"),
+    [  # hand-checked against the official SQuAD v1.1 / v2 evaluation scripts
+        ("Denver Broncos", ["Denver Broncos", "Denver"], 1.0, 1.0),
+        ("the Broncos", ["Denver Broncos"], 0.0, 2 / 3),
+        ("Santa Clara, California", ["Levi's Stadium", "Santa Clara, California"], 1.0, 1.0),
+        ("1.5 million", ["1,500,000"], 0.0, 0.0),
+        ("The  Eiffel tower!", ["eiffel Tower"], 1.0, 1.0),
+        ("in the year 1998", ["1998"], 0.0, 0.5),
+        ("", [], 1.0, 1.0),  # unanswerable, predicted so
+        ("Paris", [], 0.0, 0.0),  # unanswerable, answered anyway
+    ],
+)
+def test_squad_metric(prediction, answers, exact, f1):
+    assert squad_scores(prediction, answers) == pytest.approx((exact, f1))
+
+
+def test_long_contexts_become_windows_and_are_scored_on_text(tokenizer):
+    t = task("what_has")
+    row = {"_id": 7, "question": "what does bob have ?", "answer": "green kite",
+           "context": " ".join(["alice has a red ball ."] * 12) + " bob has a green kite ."}
+    row["answer_start"] = row["context"].index("green kite")
+    features = t.task_type.featurize(t, [row], tokenizer, Limits(32, 8, doc_stride=8))
+    assert len(features) > 3 and {f.example_id for f in features} == {7}
+    inside = [f for f in features if f.start]
+    assert len(inside) >= 1 and all(f.start == 0 and f.end == 0 for f in features[:-2])
+    assert tokenizer.decode(inside[-1].rows[0][inside[-1].start:inside[-1].end + 1]) == \
+        "green kite"
+
+    batch = to_torch(collate(features, 0, tokenizer.pad_token_id, keep_text=True), "cpu")
+    assert str(batch["answers"][0]).split(ANSWER_SEPARATOR) == ["green kite"]
+    logits = torch.full((len(features), batch["input_ids"].shape[1], 2), -5.0)
+    last = len(features) - 1  # the best span is in the last window: "green kite"
+    logits[last, inside[-1].start, 0] = logits[last, inside[-1].end, 1] = 9.0
+    logits[0, 5, 0] = logits[0, 6, 1] = 4.0  # a worse candidate in the first window
+    mine = torch.ones(len(features), dtype=torch.bool)
+    stats = TASK_TYPES["span"].stats({"span_logits": logits}, batch, mine)
+    assert stats.sum(0).tolist() == [1.0, 1.0, 1.0]  # one example, exact, F1 1
+    assert stats[0].tolist() == [1.0, 1.0, 1.0]  # counted on its first window

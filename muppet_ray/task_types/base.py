@@ -37,12 +37,18 @@ class Features:
     context_start: int = 0
     context_end: int = 0
     decoder_labels: list[int] = field(default_factory=list)
+    # For evaluating span tasks on text: each token's character span in `context`, and the
+    # gold answers (kept in validation chunks only).
+    offsets: list[tuple[int, int]] | None = None
+    context: str = ""
+    answers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Limits:
     max_length: int
     max_target_length: int
+    doc_stride: int = 32  # tokens shared by consecutive windows of a long context
 
 
 class TaskType:

@@ -1,19 +1,49 @@
 """Extractive question answering: start and end positions of the answer in the context.
 
 Head: one span head shared by all reading-comprehension tasks (paper §3.1). Loss: mean of the
-start and end cross-entropies, scaled by log(number of positions in the sequence). Metric:
-exact match and F1 between predicted and gold spans (over tokens).
+start and end cross-entropies, scaled by log(number of positions in the sequence). Long contexts
+are cut into overlapping windows (`doc_stride` tokens shared); each window is trained on its own,
+pointing at the first token when the answer is not inside it. Metric: SQuAD exact match and F1
+on text, of the best span over all of an example's windows, against any of its gold answers.
 """
 
 from __future__ import annotations
+
+import collections
+import re
+import string
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muppet_ray.task_types.base import Features, TaskType, data_error, encode, token_types
+from muppet_ray.task_types.base import Features, TaskType, data_error
 
 MAX_ANSWER_TOKENS = 30
+ANSWER_SEPARATOR = "\x1f"
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_scores(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """(exact match, F1) of a prediction against the best-matching gold answer (official
+    SQuAD v1.1 / v2 definitions; no gold answers means the question is unanswerable)."""
+    best_exact = best_f1 = 0.0
+    for answer in answers or [""]:
+        predicted, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
+        exact = float(predicted == gold)
+        if not predicted or not gold:
+            f1 = exact
+        else:
+            common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
+            f1 = 0.0 if common == 0 else 2 * common / (len(predicted) + len(gold))
+        best_exact, best_f1 = max(best_exact, exact), max(best_f1, f1)
+    return best_exact, best_f1
 
 
 class SpanHead(nn.Module):
@@ -36,31 +66,45 @@ class Span(TaskType):
     def featurize(self, task, rows, tokenizer, limits):
         questions = [self.field(task, r, "question") for r in rows]
         contexts = [self.field(task, r, "context") for r in rows]
-        enc = encode(tokenizer, questions, contexts, limits.max_length, only_second=True,
-                     return_offsets_mapping=True)
+        enc = tokenizer(questions, contexts, truncation="only_second",
+                        max_length=limits.max_length, stride=limits.doc_stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True)
+        answers = [self._answer(task, row, context) for row, context in zip(rows, contexts)]
         features = []
-        for i, row in enumerate(rows):
-            answer = row.get("answer") or ""
-            start_char = row.get("answer_start")
-            if answer:  # (no answer text: an unanswerable question, as in SQuAD v2)
-                start_char = self.field(task, row, "answer_start", int)
-                if contexts[i][start_char:start_char + len(answer)] != answer:
-                    raise data_error(task, row, "answer_start does not point at the answer "
-                                                "text in the context")
-            in_context = [j for j, s in enumerate(enc.sequence_ids(i)) if s == 1]
-            offsets = enc["offset_mapping"][i]
-            start = end = 0  # no answer, or truncated away: point at the first token
-            covering = [j for j in in_context if answer and offsets[j][0] < start_char + len(
-                answer) and offsets[j][1] > start_char]
-            if covering:
-                start, end = covering[0], covering[-1]
+        for window, owner in enumerate(enc["overflow_to_sample_mapping"]):
+            row, (answer, start_char) = rows[owner], answers[owner]
+            sequence = enc.sequence_ids(window)
+            in_context = [j for j, s in enumerate(sequence) if s == 1]
+            offsets = enc["offset_mapping"][window]
+            end_char = start_char + len(answer)
+            covering = [j for j in in_context
+                        if answer and offsets[j][0] < end_char and offsets[j][1] > start_char]
+            whole = bool(covering) and offsets[covering[0]][0] <= start_char and offsets[
+                covering[-1]][1] >= end_char
+            # Only a window holding the whole answer points at it; others point at token 0.
+            start, end = (covering[0], covering[-1]) if whole else (0, 0)
+            types = enc.get("token_type_ids")
             features.append(Features(
-                example_id=row["_id"], rows=[enc["input_ids"][i]], token_types=token_types(enc, i),
+                example_id=row["_id"], rows=[enc["input_ids"][window]],
+                token_types=[types[window]] if types is not None else None,
                 start=start, end=end,
                 context_start=in_context[0] if in_context else 0,
                 context_end=in_context[-1] if in_context else 0,
+                offsets=[tuple(o) if s == 1 else (0, 0) for o, s in zip(offsets, sequence)],
+                context=contexts[owner],
+                answers=[a for a in row.get("answers") or [answer] if a],
             ))
         return features
+
+    def _answer(self, task, row, context: str) -> tuple[str, int]:
+        answer = row.get("answer") or ""
+        if not answer:  # no answer text: an unanswerable question, as in SQuAD v2
+            return "", -1
+        start = self.field(task, row, "answer_start", int)
+        if context[start:start + len(answer)] != answer:
+            raise data_error(task, row, "answer_start does not point at the answer text in "
+                                        "the context")
+        return answer, start
 
     def loss(self, out, batch, mine):
         logits = out["span_logits"].float()
@@ -87,17 +131,33 @@ class Span(TaskType):
         return best // length, best % length
 
     def stats(self, out, batch, mine):
-        pred_start, pred_end = self.best_spans(
-            out["span_logits"], batch["context_start"], batch["context_end"]
-        )
-        gold_start, gold_end = batch["start"], batch["end"]
-        overlap = (torch.minimum(pred_end, gold_end) - torch.maximum(pred_start, gold_start) + 1)
-        overlap = overlap.clamp(min=0).float()
-        precision = overlap / (pred_end - pred_start + 1).float()
-        recall = overlap / (gold_end - gold_start + 1).clamp(min=1).float()
-        f1 = torch.where(overlap > 0, 2 * precision * recall / (precision + recall), 0.0)
-        exact = ((pred_start == gold_start) & (pred_end == gold_end)).float()
-        return torch.stack([exact, f1, torch.ones_like(f1)], -1)
+        """Per window: the example's scores on its first window, zeros on the others."""
+        logits = out["span_logits"].float()
+        start, end = self.best_spans(logits, batch["context_start"], batch["context_end"])
+        rows = torch.arange(len(start), device=logits.device)
+        span_score = logits[rows, start, 0] + logits[rows, end, 1]
+        null_score = logits[:, 0, 0] + logits[:, 0, 1]
+        stats = torch.zeros(len(start), 3)
+        best: dict[int, tuple[float, int]] = {}  # example -> (score, window)
+        ids = batch["example_id"].tolist()
+        for window, (example, score) in enumerate(zip(ids, span_score.tolist())):
+            if mine[window] and (example not in best or score > best[example][0]):
+                best[example] = (score, window)
+        first = {}
+        for window, example in enumerate(ids):
+            first.setdefault(example, window)
+        offsets = batch["offsets"]
+        for example, (score, window) in best.items():
+            context = str(batch["context"][window])
+            answers = [a for a in str(batch["answers"][window]).split(ANSWER_SEPARATOR) if a]
+            if not answers and score < float(null_score[window]):
+                prediction = ""  # predicted unanswerable
+            else:
+                s, e = int(start[window]), int(end[window])
+                prediction = context[int(offsets[window, s, 0]):int(offsets[window, e, 1])]
+            exact, f1 = squad_scores(prediction, answers)
+            stats[first[example]] = torch.tensor([exact, f1, 1.0])
+        return stats.to(logits.device)
 
     def finalize(self, stats):
         count = max(stats[2], 1)
