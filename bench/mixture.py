@@ -77,7 +77,8 @@ def main() -> None:
         texts_of(e for t in suite.SUITE for e in BuiltinSource(t, 0, 1).sample("train", 200)),
         2000, 128)
     run_dir = RunDir(tempfile.mkdtemp(prefix="muppet-bench-"))
-    caches = data.prepare(tasks, run_dir, tokenizer, Limits(128, 32), MICRO_BATCH, 64, 0, None)
+    caches = data.prepare(tasks, run_dir, tokenizer,
+                          data.ChunkSettings(Limits(128, 32), MICRO_BATCH, 64, seed=0))
     train = [caches[t.name]["train"] for t in tasks]
     sizes = np.array([c.examples for c in train])
     target = sizes / sizes.sum()

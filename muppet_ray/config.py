@@ -6,6 +6,8 @@ what is allowed. The README's config reference mirrors this file.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +101,8 @@ class TasksConfig(Section):
     custom: list[TaskSpec] = []
     suite_scale: float = Field(1.0, gt=0)
     """Multiplies the number of examples of every built-in task."""
+    skip_bad_rows: bool = False
+    """Leave out rows that cannot become features (counted and reported) instead of stopping."""
 
 
 class MixtureConfig(Section):
@@ -246,7 +250,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections")
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(raw)
+    return validate(expand_variables(raw))
+
+
+def expand_variables(value: Any, where: str = "") -> Any:
+    """Replace `${NAME}` in every text value by the environment variable NAME (so configs name
+    data locations without hard-coding them); an unset variable is an error."""
+    if isinstance(value, dict):
+        return {k: expand_variables(v, f"{where}.{k}" if where else str(k))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_variables(v, f"{where}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def substitute(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, value)
+    return value
 
 
 def validate(raw: dict[str, Any]) -> Config:

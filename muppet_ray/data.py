@@ -2,7 +2,7 @@
 
 1. `prepare` (driver, before training): every task is read, tokenized and collated into
    single-task chunks of `micro_batch_size` examples (fewer at the end of a split) by Ray Data
-   `map_batches`, and written to `<run>/data/part=<task>.<split>/` as Parquet, one chunk per row
+   `map_batches`, and written to `<run>/data/<task>/<split>/` as Parquet, one chunk per row
    group.
    A chunk is a ready, padded micro-batch. Written once per run and reused after a restart.
 2. `stream` (each training worker): the worker's own positions of the mixture schedule
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import ray
 
 from muppet_ray import batch as mb
+from muppet_ray.config import Config
 from muppet_ray.errors import DataError, unwrap_data_error
 from muppet_ray.mixture import Schedule
 from muppet_ray.storage import RunDir
@@ -40,75 +41,110 @@ from muppet_ray.tasks import Task
 
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
-CACHE_FORMAT = 2  # bump when the chunk rows change: older caches are then rebuilt
+CONCURRENT_WRITES = 4  # tasks and splits tokenized at once
+CACHE_FORMAT = 4  # bump when the chunk rows change: older caches are then rebuilt
 CHUNK_COLUMNS = ["num_examples", "num_tokens", "padded_tokens", "payload"]
 
 
 @dataclass(frozen=True)
+class ChunkSettings:
+    """How tasks become chunks (everything that shapes the cache)."""
+
+    limits: Limits
+    chunk_size: int  # examples per training chunk
+    eval_chunk_size: int
+    seed: int
+    max_eval_examples: int | None = None
+    skip_bad_rows: bool = False
+
+    @staticmethod
+    def from_config(config: Config) -> ChunkSettings:
+        model, batching = config.model, config.batching
+        chunk_size = batching.micro_batch_size
+        if batching.strategy == "mixed":  # a micro-batch is made of several smaller chunks
+            chunk_size //= batching.tasks_per_micro_batch
+        return ChunkSettings(
+            Limits(model.max_length, model.max_target_length, model.doc_stride), chunk_size,
+            batching.eval_batch_size, config.training.seed, config.training.max_eval_examples,
+            config.tasks.skip_bad_rows)
+
+
+@dataclass(frozen=True)
 class CacheIndex:
-    """Where the chunks of one task's split are: files in order and row groups in each."""
+    """Where the chunks of one task's split are: files in order, and in each the row groups
+    that hold a chunk (one left empty by skipped rows holds none)."""
 
     directory: str  # URI
-    files: tuple[tuple[str, int], ...]  # (file name, chunks in it)
+    files: tuple[tuple[str, tuple[int, ...]], ...]  # (file name, row groups with a chunk)
     examples: int
+    skipped: int = 0  # bad rows left out (tasks.skip_bad_rows)
 
     @property
     def chunks(self) -> int:
-        return sum(n for _, n in self.files)
+        return sum(len(groups) for _, groups in self.files)
 
     def locate(self, chunk: int) -> tuple[str, int]:
-        for name, count in self.files:
-            if chunk < count:
-                return f"{self.directory}/{name}", chunk
-            chunk -= count
+        for name, groups in self.files:
+            if chunk < len(groups):
+                return f"{self.directory}/{name}", groups[chunk]
+            chunk -= len(groups)
         raise IndexError(f"chunk {chunk} beyond the end of {self.directory}")
 
 
 # ------------------------------------------------------------------------------ stage 1
 
 
-def _chunker(task: Task, task_index: int, split: str, tokenizer, limits: Limits):
+def _chunker(task: Task, task_index: int, split: str, tokenizer, settings: ChunkSettings):
+    def featurize(rows: list[dict[str, Any]]):
+        examples = [task.source.decode(row, split) for row in rows]
+        return task.task_type.featurize(task, examples, tokenizer, settings.limits)
+
     def make_chunk(table: pa.Table) -> dict[str, list]:
-        examples = [task.source.decode(row, split) for row in table.to_pylist()]
-        features = task.task_type.featurize(task, examples, tokenizer, limits)
+        rows, skipped = table.to_pylist(), 0
+        try:
+            features = featurize(rows)
+        except DataError:
+            if not settings.skip_bad_rows:
+                raise
+            features = []
+            for row in rows:  # find the bad rows one by one, keep the rest
+                try:
+                    features += featurize([row])
+                except DataError:
+                    skipped += 1
         chunk = mb.collate(features, task_index, tokenizer.pad_token_id,
-                           keep_text=split == "validation")
+                           keep_text=split == "validation") if features else None
         return {
-            "part": [f"{task.name}.{split}"],
             "num_examples": [len(features)],
-            "num_tokens": [int(chunk["attention_mask"].sum())],
-            "padded_tokens": [int(chunk["attention_mask"].size)],
-            "payload": [mb.to_bytes(chunk)],
+            "num_tokens": [int(chunk["attention_mask"].sum()) if chunk else 0],
+            "padded_tokens": [int(chunk["attention_mask"].size) if chunk else 0],
+            "skipped": [skipped],
+            "payload": [mb.to_bytes(chunk) if chunk else b""],
         }
 
     return make_chunk
 
 
-def _fingerprint(task: Task, split: str, tokenizer, limits: Limits, chunk_size: int, seed: int,
-                 max_examples: int | None) -> str:
+def _fingerprint(task: Task, split: str, tokenizer, settings: ChunkSettings) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
-    key = repr((CACHE_FORMAT, task, task.source, split, vocab, limits, chunk_size, seed,
-                max_examples))
+    key = repr((CACHE_FORMAT, task, task.source, split, vocab, settings))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, limits: Limits, chunk_size: int,
-            eval_chunk_size: int, seed: int, max_eval_examples: int | None
+def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, settings: ChunkSettings
             ) -> dict[str, dict[str, CacheIndex]]:
     """Tokenize every task's train and validation splits into the run's chunk cache."""
     wanted, pending = {}, []
     for index, task in enumerate(tasks):
         for split in ("train", "validation"):
-            size = chunk_size if split == "train" else eval_chunk_size
-            limit = max_eval_examples if split == "validation" else None
-            fingerprint = _fingerprint(task, split, tokenizer, limits, size, seed, limit)
+            fingerprint = _fingerprint(task, split, tokenizer, settings)
             wanted[task.name, split] = fingerprint
             existing = _read_index(run_dir, task.name, split)
             if existing is None or existing[1] != fingerprint:
-                pending.append((index, task, split, size, limit))
+                pending.append((index, task, split))
     if pending:
-        _write_chunks(pending, run_dir, tokenizer, limits, seed)
-        for _, task, split, _, _ in pending:
+        _write_chunks(pending, run_dir, tokenizer, settings)
+        for _, task, split in pending:
             _write_index(run_dir, task.name, split, wanted[task.name, split])
     caches: dict[str, dict[str, CacheIndex]] = {}
     for task in tasks:
@@ -120,52 +156,73 @@ def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, limits: Limits, chunk
     return caches
 
 
-def _write_chunks(pending, run_dir: RunDir, tokenizer, limits: Limits, seed: int) -> None:
-    streams = []
-    for index, task, split, size, limit in pending:
-        run_dir.remove(_cache_dir(task.name, split))
-        ds = task.source.read(split)
-        if limit is not None:
-            ds = ds.limit(limit)
-        if split == "train" and not task.source.shuffled:
-            ds = ds.random_shuffle(seed=seed * 1009 + index)
-        # Chunk boundaries at exact multiples of the chunk size in a fixed row order, so the
-        # same inputs always give the same chunks (map_batches alone cuts short batches
-        # wherever Ray happens to bundle blocks).
-        ds = ds.repartition(target_num_rows_per_block=size * CHUNKS_PER_BLOCK, strict=True)
-        streams.append(ds.map_batches(_chunker(task, index, split, tokenizer, limits),
-                                      batch_size=size, batch_format="pyarrow"))
-    ds = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
-    ds.context.execution_options.preserve_order = True
-    # Ray Data logs a failing task's traceback itself; bad data should read as one line, and
-    # any other error is re-raised below with its traceback intact.
-    ray_data_log = logging.getLogger("ray.data")
-    level, ray_data_log.level = ray_data_log.level, logging.CRITICAL
+def _write_chunks(pending, run_dir: RunDir, tokenizer, settings: ChunkSettings) -> None:
+    """One Ray Data job per task and split, a few at a time, each driven from its own Ray task
+    (no CPU reserved: the job's own tasks do the work). A single job over the union of all of
+    them deadlocked the streaming executor on few CPUs (many branches, all-to-all shuffles,
+    preserved order); driving them from threads of one process raced in Ray's imports."""
+    write = ray.remote(num_cpus=0, max_retries=0)(_write_split)
+    waiting = [(index, task, split) for index, task, split in pending]
+    running = []
     try:
-        ds.write_parquet(run_dir.uri("data"), partition_cols=["part"], row_group_size=1)
+        while waiting or running:
+            while waiting and len(running) < CONCURRENT_WRITES:
+                index, task, split = waiting.pop(0)
+                running.append(write.remote(index, task, split, run_dir.root, tokenizer,
+                                            settings))
+            done, running = ray.wait(running, num_returns=1)
+            ray.get(done)
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
+        for ref in running:
+            ray.cancel(ref)
         raise unwrap_data_error(e) from None
-    finally:
-        ray_data_log.setLevel(level)
+
+
+def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
+                 settings: ChunkSettings) -> None:
+    # Ray Data logs a failing task's traceback itself; bad data should read as one line (the
+    # error still propagates, and anything else keeps its traceback).
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    run_dir = RunDir(run_root)
+    size = settings.chunk_size if split == "train" else settings.eval_chunk_size
+    directory = _cache_dir(task.name, split)
+    run_dir.remove(directory)
+    ds = task.source.read(split)
+    capped = split == "validation" and settings.max_eval_examples is not None
+    if not task.source.shuffled and (split == "train" or capped):
+        # (a capped validation split is a random sample too: files are often sorted by label)
+        ds = ds.random_shuffle(seed=settings.seed * 1009 + index)
+    if capped:
+        ds = ds.limit(settings.max_eval_examples)
+    # Chunk boundaries at exact multiples of the chunk size in a fixed row order, so the same
+    # inputs always give the same chunks (map_batches alone cuts short batches wherever Ray
+    # happens to bundle blocks).
+    ds = ds.repartition(target_num_rows_per_block=size * CHUNKS_PER_BLOCK, strict=True)
+    ds = ds.map_batches(_chunker(task, index, split, tokenizer, settings), batch_size=size,
+                        batch_format="pyarrow")
+    ds.context.execution_options.preserve_order = True
+    ds.write_parquet(run_dir.uri(directory), row_group_size=1)
 
 
 def _cache_dir(task: str, split: str) -> str:
-    return f"data/part={task}.{split}"
+    return f"data/{task}/{split}"
 
 
 def _write_index(run_dir: RunDir, task: str, split: str, fingerprint: str) -> None:
     directory = _cache_dir(task, split)
-    files, examples = [], 0
+    files, examples, skipped = [], 0, 0
     for name in sorted(run_dir.list(directory)):
         if not name.endswith(".parquet"):
             continue
         with run_dir.open_input(f"{directory}/{name}") as f:
-            parquet = pq.ParquetFile(f)
-            files.append((name, parquet.metadata.num_row_groups))
-            examples += int(sum(parquet.read(columns=["num_examples"])["num_examples"].to_pylist()))
+            counts = pq.ParquetFile(f).read(columns=["num_examples", "skipped"]).to_pydict()
+        files.append((name, [g for g, n in enumerate(counts["num_examples"]) if n]))
+        examples += sum(counts["num_examples"])
+        skipped += sum(counts["skipped"])
     # Written last: a cache without its index is incomplete and gets rebuilt.
     run_dir.write_text(f"{directory}/index.json", json.dumps(
-        {"fingerprint": fingerprint, "files": files, "examples": examples}))
+        {"fingerprint": fingerprint, "files": files, "examples": examples, "skipped": skipped}))
 
 
 def _read_index(run_dir: RunDir, task: str, split: str) -> tuple[CacheIndex, str] | None:
@@ -173,8 +230,9 @@ def _read_index(run_dir: RunDir, task: str, split: str) -> tuple[CacheIndex, str
     if not run_dir.exists(f"{directory}/index.json"):
         return None
     raw = json.loads(run_dir.read_text(f"{directory}/index.json"))
-    files = tuple((name, count) for name, count in raw["files"])
-    return CacheIndex(run_dir.uri(directory), files, raw["examples"]), raw["fingerprint"]
+    files = tuple((name, tuple(groups)) for name, groups in raw["files"])
+    index = CacheIndex(run_dir.uri(directory), files, raw["examples"], raw["skipped"])
+    return index, raw["fingerprint"]
 
 
 # ------------------------------------------------------------------------------ stage 2

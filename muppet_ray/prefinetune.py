@@ -25,7 +25,7 @@ from muppet_ray.metrics import read_log
 from muppet_ray.model import is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
 from muppet_ray.storage import RunDir, normalize
-from muppet_ray.task_types import TASK_TYPES, Limits
+from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
 from muppet_ray.train import train_loop_per_worker
@@ -120,11 +120,7 @@ def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
         _save_tokenizer(tokenizer, run_dir)
         print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
         print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
-        limits = Limits(config.model.max_length, config.model.max_target_length,
-                    config.model.doc_stride)
-        caches = data.prepare(tasks, run_dir, tokenizer, limits,
-                              _chunk_size(config), config.batching.eval_batch_size,
-                              config.training.seed, config.training.max_eval_examples)
+        caches = data.prepare(tasks, run_dir, tokenizer, data.ChunkSettings.from_config(config))
     except MuppetError:
         if not resuming:
             run_dir.remove()
@@ -172,13 +168,6 @@ def _training_settings(config_yaml: str) -> dict:
     return settings
 
 
-def _chunk_size(config: Config) -> int:
-    batching = config.batching
-    if batching.strategy == "mixed":
-        return batching.micro_batch_size // batching.tasks_per_micro_batch
-    return batching.micro_batch_size
-
-
 def _save_tokenizer(tokenizer, run_dir: RunDir) -> None:
     with tempfile.TemporaryDirectory(prefix="muppet-tokenizer-") as local:
         tokenizer.save_pretrained(local)
@@ -194,5 +183,7 @@ def _describe(config: Config, tasks: list[Task], caches) -> None:
           f"{config.training.max_steps} steps x {per_step} examples = {epochs:.2f} epochs of "
           f"the mixture ({config.mixture.rule}, {config.batching.strategy} batches)", flush=True)
     for task in tasks:
+        skipped = sum(caches[task.name][split].skipped for split in ("train", "validation"))
+        note = f"  ({skipped:,} bad rows skipped)" if skipped else ""
         print(f"[muppet-ray]   {task.name:<14} {task.type:<16} {examples[task.name]:>7,} "
-              f"examples  metric {TASK_TYPES[task.type].metric}", flush=True)
+              f"examples  metric {TASK_TYPES[task.type].metric}{note}", flush=True)

@@ -32,6 +32,7 @@ from muppet_ray import suite
 from muppet_ray.errors import DataError, unwrap_data_error
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench")
+BAD_ROW = "_muppet_bad_row"  # a row the parser could not read, with the reason
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ class BuiltinSource:
 def _jsonl(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if line.strip():
-            yield number, _loads(line, path, number)
+            try:
+                yield number, _loads(line, path, number)
+            except DataError as e:  # one bad line: reported (or skipped) when decoded
+                yield number, {BAD_ROW: str(e)}
 
 
 def _json(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
@@ -219,6 +223,8 @@ class FileSource:
 
     def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
         record = json.loads(row["_json"])
+        if isinstance(record, dict) and BAD_ROW in record:
+            raise DataError(f"task {self.task!r}, {record[BAD_ROW]}")
         if not isinstance(record, dict):
             raise DataError(f"task {self.task!r}, {row['_origin']}, row {row['_row']}: expected "
                             f"an object with fields, got {type(record).__name__}")
@@ -227,11 +233,18 @@ class FileSource:
                 "_row": int(row["_row"])}
 
     def sample(self, split: str, n: int) -> list[dict[str, Any]]:
+        """Up to n decodable rows (for the tokenizer; bad rows are reported by the cache)."""
         try:
             rows = self.read(split).take(n)
         except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
             raise unwrap_data_error(e) from None
-        return [self.decode(r, split) for r in rows]
+        examples = []
+        for row in rows:
+            try:
+                examples.append(self.decode(row, split))
+            except DataError:
+                continue
+        return examples
 
     def check_exists(self, task: str) -> None:
         for path in filter(None, (self.train, self.validation)):

@@ -3,7 +3,7 @@
 Layout of `<storage_path>/<run name>/`:
     config.yaml          the resolved config
     tokenizer/           the tokenizer the run trained with
-    data/part=<task>.<split>/  the tokenized chunk cache (data.py)
+    data/<task>/<split>/  the tokenized chunk cache (data.py)
     metrics.jsonl        one JSON record per logged step and per evaluation
     tensorboard/         TensorBoard event files
     checkpoint_*/        Ray Train checkpoints (DeepSpeed's sharded files)

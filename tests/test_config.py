@@ -72,3 +72,14 @@ def test_unreadable_and_invalid_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(scalar)
+
+
+def test_environment_variables_in_values(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  pretrained: ${MUPPET_TEST_ROOT}/models/m\n")
+    monkeypatch.setenv("MUPPET_TEST_ROOT", "/data/shared")
+    assert load_config(path).model.pretrained == "/data/shared/models/m"
+    monkeypatch.delenv("MUPPET_TEST_ROOT")
+    with pytest.raises(ConfigError, match="model.pretrained: environment variable "
+                                          "MUPPET_TEST_ROOT is not set"):
+        load_config(path)

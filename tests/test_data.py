@@ -23,7 +23,9 @@ LIMITS = Limits(64, 16)
 def prepare(config, run_dir):
     tasks = resolve_tasks(config)
     tokenizer = build_tokenizer(config, tasks)
-    caches = data.prepare(tasks, run_dir, tokenizer, LIMITS, 8, 32, config.training.seed, None)
+    settings = data.ChunkSettings(LIMITS, 8, 32, config.training.seed,
+                                  skip_bad_rows=config.tasks.skip_bad_rows)
+    caches = data.prepare(tasks, run_dir, tokenizer, settings)
     return tasks, tokenizer, caches
 
 
@@ -49,10 +51,10 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(ray_cluster, tmp_path):
     config = make_config(tmp_path, "tasks.include=[topic]")
     run_dir = RunDir(str(tmp_path / "run"))
     _, _, caches = prepare(config, run_dir)
-    index = run_dir.read_text("data/part=topic.train/index.json")
+    index = run_dir.read_text("data/topic/train/index.json")
     before = payloads(caches["topic"]["train"])
     _, _, again = prepare(config, run_dir)
-    assert run_dir.read_text("data/part=topic.train/index.json") == index
+    assert run_dir.read_text("data/topic/train/index.json") == index
     assert again == caches
     changed = make_config(tmp_path, "tasks.include=[topic]", "training.seed=5")
     _, _, rebuilt = prepare(changed, run_dir)
@@ -116,6 +118,21 @@ def test_data_errors_name_task_file_and_row(ray_cluster, tmp_path, bad_row, mess
     assert "\n" not in str(info.value)
 
 
+def test_bad_rows_can_be_skipped_and_are_counted(ray_cluster, tmp_path):
+    bad = [{"sentence": "a", "gold": "maybe"}, '{"sentence": ', {"gold": "yes"}]
+    rows = GOOD[:8] + bad + GOOD[8:]
+    config = custom(tmp_path, rows, fields={"text": "sentence", "label": "gold"},
+                    validation_fraction=0.2)
+    config.tasks.skip_bad_rows = True
+    _, _, caches = prepare(config, RunDir(str(tmp_path / "run")))
+    train, validation = caches["mine"]["train"], caches["mine"]["validation"]
+    assert train.skipped + validation.skipped == 3
+    assert train.examples + validation.examples == 40
+    ids = [i for c in (train, validation) for k in range(c.chunks)
+           for i in data.ChunkReader.read(c, k)["example_id"]]
+    assert len(ids) == 40 and not {int(i) & 0xFFFFFFFF for i in ids} & {9, 10, 11}
+
+
 def test_missing_file_and_empty_task(ray_cluster, tmp_path):
     config = custom(tmp_path, GOOD, fields={"text": "sentence", "label": "gold"})
     config.tasks.custom[0].train = str(tmp_path / "nope.jsonl")
@@ -130,8 +147,8 @@ def test_mixed_micro_batches_merge_chunks_of_several_tasks(ray_cluster, tmp_path
     config = make_config(tmp_path, "tasks.include=[sentiment, needs, what_has]")
     tasks = resolve_tasks(config)
     tokenizer = build_tokenizer(config, tasks)
-    caches = data.prepare(tasks, RunDir(str(tmp_path / "run")), tokenizer, LIMITS, 4, 32, 0,
-                          None)
+    caches = data.prepare(tasks, RunDir(str(tmp_path / "run")), tokenizer,
+                          data.ChunkSettings(LIMITS, 4, 32, 0))
     train = [caches[t.name]["train"] for t in tasks]
     batching = BatchingConfig(strategy="mixed", micro_batch_size=8, tasks_per_micro_batch=2,
                               grad_accum_steps=1)

@@ -39,7 +39,7 @@ def schedule_of(result, config):
 
 
 def _cache(run_dir, task):
-    directory = f"{run_dir}/data/part={task}.train"
+    directory = f"{run_dir}/data/{task}/train"
     raw = json.loads(Path(directory, "index.json").read_text())
     return {"directory": directory, "files": tuple(map(tuple, raw["files"])),
             "examples": raw["examples"]}

@@ -131,3 +131,21 @@ def test_a_bad_label_names_file_and_row(ray_cluster, tokenizer, tmp_path):
     rows = t.source.sample("train", 2)
     with pytest.raises(DataError, match=rf"{path}, row 3: label 'angry' is not in the label"):
         t.task_type.featurize(t, rows, tokenizer, LIMITS)
+
+
+def test_a_capped_validation_split_is_a_random_sample(ray_cluster, tmp_path):
+    """sentiment.csv is sorted by label: its first rows would all be 'negative'."""
+    from muppet_ray import data
+    from muppet_ray.storage import RunDir
+
+    t = task(name="tweets", format="csv", type="classification",
+             train=f"{DATA}/tweets/sentiment.csv", fields={"text": "text", "label": "sentiment"},
+             labels=["negative", "neutral", "positive"])
+    tokenizer = load_tokenizer(MINILM)
+    settings = data.ChunkSettings(LIMITS, 16, 64, seed=0, max_eval_examples=300)
+    caches = data.prepare([t], RunDir(str(tmp_path / "run")), tokenizer, settings)
+    validation = caches["tweets"]["validation"]
+    labels = [int(label) for c in range(validation.chunks)
+              for label in data.ChunkReader.read(validation, c)["label"]]
+    assert len(labels) == 300
+    assert all(labels.count(k) > 30 for k in range(3)), [labels.count(k) for k in range(3)]

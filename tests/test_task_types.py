@@ -258,3 +258,15 @@ def test_long_contexts_become_windows_and_are_scored_on_text(tokenizer):
     stats = TASK_TYPES["span"].stats({"span_logits": logits}, batch, mine)
     assert stats.sum(0).tolist() == [1.0, 1.0, 1.0]  # one example, exact, F1 1
     assert stats[0].tolist() == [1.0, 1.0, 1.0]  # counted on its first window
+
+
+def test_answer_offsets_a_little_off_find_the_nearest_occurrence(tokenizer):
+    t = task("what_has")
+    context = "alice has a red ball . bob has a red kite ."
+    row = {"_id": 0, "_origin": "f.json", "_row": 3, "question": "what does bob have ?",
+           "context": context, "answer": "red kite", "answer_start": context.index("red kite") - 2}
+    (f,) = t.task_type.featurize(t, [row], tokenizer, LIMITS)
+    assert tokenizer.decode(f.rows[0][f.start:f.end + 1]) == "red kite"
+    row["answer"] = "blue kite"
+    with pytest.raises(DataError, match=r"f.json, row 3: answer 'blue kite' does not occur"):
+        t.task_type.featurize(t, [row], tokenizer, LIMITS)
