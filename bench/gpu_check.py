@@ -80,7 +80,7 @@ def main() -> None:
     torch.manual_seed(config.training.seed)
     specs = [t.spec() for t in tasks]
     model = MuppetModel(build_backbone(config.model, tokenizer), specs, config.model.dropout,
-                        config.training.loss_scaling, config.model.max_target_length)
+                        config.training.loss_scaling, config.model.max_target_length, tokenizer)
     optimizer, scheduler = build_optimizer(model, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(config, 1, bf16=on_gpu))

@@ -9,9 +9,9 @@ Layout (R token rows, E examples, L longest row, T longest target):
     start, end [E]                      answer span (token positions)
     context_start, context_end [E]      where the context is, to predict spans inside it
     decoder_labels [E, T]               generation targets (IGNORE-padded)
-and, in validation chunks of span tasks (to score answers on text):
-    offsets [E, L, 2]                   each token's character span in the context
-    context [E], answers [E]            context text; gold answers joined by ANSWER_SEPARATOR
+and, in validation chunks (to score answers on text):
+    offsets [E, L, 2], context [E]      span tasks: each token's character span in the context
+    answers [E]                         gold answers (span) or reference (generation), as text
 Padding is dynamic: to the longest row of the micro-batch.
 """
 
@@ -65,6 +65,7 @@ def collate(features: list[Features], task_index: int, pad_id: int,
             if f.offsets:
                 batch["offsets"][i, : len(f.offsets)] = f.offsets
         batch["context"] = np.array([f.context for f in features])
+    if keep_text and any(f.answers for f in features):
         batch["answers"] = np.array([ANSWER_SEPARATOR.join(f.answers) for f in features])
     return batch
 

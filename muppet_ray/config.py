@@ -57,16 +57,22 @@ class ModelConfig(Section):
 
 
 class TaskSpec(Section):
-    """A task read from the user's own files (local, or s3:// / gs://)."""
+    """A task read from files (local, s3://, gs://) or from a Hugging Face Hub dataset."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: TaskTypeName | None = None
     """Required, except for format=bigbench, where the file tells."""
-    format: Literal["jsonl", "json", "csv", "parquet", "squad", "bigbench"] = "jsonl"
+    format: Literal["jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub"] = "jsonl"
+    """File format; `hub` (implied by `hub`) reads the Hub's Parquet conversion."""
+    hub: str | None = None
+    """Hugging Face Hub dataset id; then `train` / `validation` are split names."""
+    hub_config: str = "default"
+    """The Hub dataset's config (subset)."""
     train: str
-    """Path or URI of the training file (or a directory of files)."""
+    """Path or URI of the training file (or a directory of files), or the Hub split."""
     validation: str | None = None
-    """Validation file; without one, a seeded `validation_fraction` of `train` is held out."""
+    """Validation file (or Hub split); without one, a seeded `validation_fraction` of `train`
+    is held out."""
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     fields: dict[str, str | list[str]] = {}
     """Canonical field -> column in the file: a name, a dotted path into nested records
@@ -74,9 +80,17 @@ class TaskSpec(Section):
     labels: list[str] | None = None
     """Label space of a classification task, in head-output order (required for classification;
     read from the file for format=bigbench)."""
+    label_map: dict[str, Any] = {}
+    """Rewrites label values before use, e.g. answer letters to choice indices {A: 0, B: 1}."""
+    skip_bad_rows: bool | None = None
+    """Overrides tasks.skip_bad_rows for this task."""
 
     @model_validator(mode="after")
     def _labels_match_type(self) -> TaskSpec:
+        if self.hub is not None:
+            self.__dict__["format"] = "hub"
+        elif self.format == "hub":
+            raise ValueError(f"task {self.name!r}: format hub needs `hub` (a dataset id)")
         if self.type is None:
             if self.format != "bigbench":
                 raise ValueError(f"task {self.name!r}: `type` is required for format "
@@ -96,13 +110,16 @@ class TaskSpec(Section):
 
 class TasksConfig(Section):
     include: list[str] = []
-    """Tasks to pre-finetune on (built-in suite and custom names). Empty: the built-in suite's
-    default mixture plus every custom task."""
+    """Tasks to pre-finetune on: custom, catalog or built-in task names, or catalog families
+    (e.g. glue). Empty: the built-in suite's default mixture plus every custom task."""
     custom: list[TaskSpec] = []
     suite_scale: float = Field(1.0, gt=0)
     """Multiplies the number of examples of every built-in task."""
     skip_bad_rows: bool = False
     """Leave out rows that cannot become features (counted and reported) instead of stopping."""
+    hub_mirror: str | None = None
+    """Read Hub datasets from this mirror (local path or URI) instead of the Hub; it holds
+    `<dataset id>/<config>/<split>/*.parquet`, as the Hub's Parquet conversion lays them out."""
 
 
 class MixtureConfig(Section):

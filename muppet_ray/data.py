@@ -42,7 +42,7 @@ from muppet_ray.tasks import Task
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
 CONCURRENT_WRITES = 4  # tasks and splits tokenized at once
-CACHE_FORMAT = 4  # bump when the chunk rows change: older caches are then rebuilt
+CACHE_FORMAT = 5  # bump when the chunk rows change: older caches are then rebuilt
 CHUNK_COLUMNS = ["num_examples", "num_tokens", "padded_tokens", "payload"]
 
 
@@ -55,7 +55,6 @@ class ChunkSettings:
     eval_chunk_size: int
     seed: int
     max_eval_examples: int | None = None
-    skip_bad_rows: bool = False
 
     @staticmethod
     def from_config(config: Config) -> ChunkSettings:
@@ -65,8 +64,7 @@ class ChunkSettings:
             chunk_size //= batching.tasks_per_micro_batch
         return ChunkSettings(
             Limits(model.max_length, model.max_target_length, model.doc_stride), chunk_size,
-            batching.eval_batch_size, config.training.seed, config.training.max_eval_examples,
-            config.tasks.skip_bad_rows)
+            batching.eval_batch_size, config.training.seed, config.training.max_eval_examples)
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ def _chunker(task: Task, task_index: int, split: str, tokenizer, settings: Chunk
         try:
             features = featurize(rows)
         except DataError:
-            if not settings.skip_bad_rows:
+            if not task.skip_bad_rows:
                 raise
             features = []
             for row in rows:  # find the bad rows one by one, keep the rest
@@ -180,9 +178,6 @@ def _write_chunks(pending, run_dir: RunDir, tokenizer, settings: ChunkSettings) 
 
 def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
                  settings: ChunkSettings) -> None:
-    # Ray Data logs a failing task's traceback itself; bad data should read as one line (the
-    # error still propagates, and anything else keeps its traceback).
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ray.data.DataContext.get_current().enable_progress_bars = False
     run_dir = RunDir(run_root)
     size = settings.chunk_size if split == "train" else settings.eval_chunk_size
@@ -202,6 +197,10 @@ def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
     ds = ds.map_batches(_chunker(task, index, split, tokenizer, settings), batch_size=size,
                         batch_format="pyarrow")
     ds.context.execution_options.preserve_order = True
+    # Ray Data logs a failing job itself; bad data should read as one line on the driver (the
+    # error still propagates; anything else keeps its traceback). Set after the dataset is
+    # built: Ray Data configures its logger when it first needs it.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ds.write_parquet(run_dir.uri(directory), row_group_size=1)
 
 

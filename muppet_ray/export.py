@@ -65,7 +65,9 @@ def load_exported(export_dir: str, dropout: float = 0.1) -> tuple[MuppetModel, o
     loader = AutoModelForSeq2SeqLM if info["encoder_decoder"] else AutoModel
     backbone = loader.from_pretrained(export_dir)
     specs = [{k: t[k] for k in ("name", "type", "num_outputs", "labels")} for t in info["tasks"]]
-    model = MuppetModel(backbone, specs, dropout, info["loss_scaling"], info["max_target_length"])
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    model = MuppetModel(backbone, specs, dropout, info["loss_scaling"], info["max_target_length"],
+                        tokenizer)
     heads = load_file(os.path.join(export_dir, "heads.safetensors"))
     model.heads.load_state_dict({k: v.to(torch.float32) for k, v in heads.items()})
-    return model, AutoTokenizer.from_pretrained(export_dir), info
+    return model, tokenizer, info

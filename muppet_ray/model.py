@@ -86,9 +86,10 @@ class MuppetModel(nn.Module):
     """Backbone + heads for a fixed list of tasks (`task_specs`: name, type, num_outputs)."""
 
     def __init__(self, backbone: nn.Module, task_specs: list[dict], dropout: float,
-                 loss_scaling: bool = True, max_target_length: int = 32):
+                 loss_scaling: bool = True, max_target_length: int = 32, tokenizer=None):
         super().__init__()
         self.backbone = backbone
+        self.tokenizer = tokenizer  # to score generated text
         self.task_specs = task_specs
         self.loss_scaling = loss_scaling
         self.max_target_length = max_target_length
@@ -122,10 +123,6 @@ class MuppetModel(nn.Module):
             [head_index.get(s["name"], 0) for s in task_specs]), persistent=False)
         self.register_buffer("task_num_outputs", torch.tensor(
             [max(1, s["num_outputs"]) for s in task_specs]), persistent=False)
-        special = [backbone.config.pad_token_id, backbone.config.bos_token_id,
-                   backbone.config.eos_token_id,
-                   getattr(backbone.config, "decoder_start_token_id", None)]
-        self.special_token_ids = {t for t in special if t is not None}
 
     # ------------------------------------------------------------------ forward
 
@@ -211,7 +208,7 @@ class MuppetModel(nn.Module):
                 out["generated"] = self.generate(batch)
             else:
                 out["generated"] = torch.zeros_like(batch["decoder_labels"])
-            out["special_token_ids"] = self.special_token_ids
+            out["tokenizer"] = self.tokenizer
         width = max(TASK_TYPES[t].num_stats for t in self.active_types)
         stats = torch.zeros(len(self.task_specs), width, device=batch["target"].device)
         for type_id, name in enumerate(self.active_types):

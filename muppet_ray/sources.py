@@ -13,6 +13,8 @@ File formats (local paths or s3:// / gs:// URIs; a file or a directory of files)
     squad     the SQuAD v1.1/v2 JSON format: one example per question
     bigbench  the BIG-bench JSON task format: classification when every example has the same
               choices, multiple choice when they differ, generation with `target`
+    hub       a Hugging Face Hub dataset split, from the Hub's Parquet conversion (hf://) or a
+              mirror of it laid out the same way
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import pyarrow.fs as pafs
 from muppet_ray import suite
 from muppet_ray.errors import DataError, unwrap_data_error
 
-FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench")
+FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub")
 BAD_ROW = "_muppet_bad_row"  # a row the parser could not read, with the reason
 
 
@@ -147,7 +149,7 @@ def _bigbench(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
 
 
 PARSERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet, "squad": _squad,
-           "bigbench": _bigbench}
+           "bigbench": _bigbench, "hub": _parquet}
 
 
 def _loads(text: str, path: str, number: int | None):
@@ -190,6 +192,7 @@ class FileSource:
     format: str
     fields: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    label_map: dict[str, Any] = field(default_factory=dict)
     shuffled: bool = False
 
     def _path(self, split: str) -> str:
@@ -219,7 +222,9 @@ class FileSource:
                             "_json": json.dumps(record, default=str)})
             return out
 
-        return ray.data.read_binary_files(self._path(split), include_paths=True).flat_map(rows)
+        filesystem, path = _filesystem(self._path(split))
+        return ray.data.read_binary_files(path, filesystem=filesystem,
+                                          include_paths=True).flat_map(rows)
 
     def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:
         record = json.loads(row["_json"])
@@ -228,8 +233,11 @@ class FileSource:
         if not isinstance(record, dict):
             raise DataError(f"task {self.task!r}, {row['_origin']}, row {row['_row']}: expected "
                             f"an object with fields, got {type(record).__name__}")
-        mapped = {name: resolve_field(record, path) for name, path in self.fields.items()}
-        return {**record, **mapped, "_id": int(row["_id"]), "_origin": row["_origin"],
+        example = {**record, **{name: resolve_field(record, path)
+                                for name, path in self.fields.items()}}
+        if self.label_map and str(example.get("label")) in self.label_map:
+            example["label"] = self.label_map[str(example["label"])]
+        return {**example, "_id": int(row["_id"]), "_origin": row["_origin"],
                 "_row": int(row["_row"])}
 
     def sample(self, split: str, n: int) -> list[dict[str, Any]]:
@@ -253,7 +261,19 @@ class FileSource:
                 raise DataError(f"task {task!r}: file {path!r} does not exist")
 
 
+def hub_path(dataset: str, config: str, split: str, mirror: str | None) -> str:
+    """Where the Hub's Parquet conversion keeps a split: on the Hub, or in a mirror of it."""
+    root = mirror.rstrip("/") if mirror else f"hf://datasets/{dataset}@~parquet"
+    return f"{root}/{dataset}/{config}/{split}" if mirror else f"{root}/{config}/{split}"
+
+
 def _filesystem(path: str):
+    """(pyarrow filesystem, path in it). hf:// goes through huggingface_hub, which honours
+    HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE."""
+    if path.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), path[len("hf://"):]
     try:
         return pafs.FileSystem.from_uri(path)
     except (pa.ArrowInvalid, ValueError):

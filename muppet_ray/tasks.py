@@ -10,9 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from muppet_ray import suite
+from muppet_ray.catalog import catalog, families
 from muppet_ray.config import Config, TaskSpec
 from muppet_ray.errors import ConfigError, DataError
-from muppet_ray.sources import BuiltinSource, FileSource, bigbench_kind, read_small_file
+from muppet_ray.sources import (
+    BuiltinSource,
+    FileSource,
+    bigbench_kind,
+    hub_path,
+    read_small_file,
+)
 from muppet_ray.task_types import TASK_TYPES, TaskType
 
 
@@ -23,6 +30,7 @@ class Task:
     source: Any = field(compare=False)
     labels: tuple[str, ...] = ()
     downstream: bool = False
+    skip_bad_rows: bool = False
 
     @property
     def task_type(self) -> TaskType:
@@ -50,18 +58,25 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
     if spec.format == "bigbench":
         found, found_labels = _inspect_bigbench(spec)
         if kind not in (None, found):
-            raise ConfigError(f"tasks.custom ({spec.name}).type: {kind!r}, but {spec.train!r} "
-                              f"is a {found} task")
+            raise ConfigError(f"task {spec.name!r}: type {kind!r}, but {spec.train!r} is a "
+                              f"{found} task")
         kind, labels = found, labels or found_labels
     task_type = TASK_TYPES[kind]
     known = task_type.required_fields + task_type.optional_fields
     unknown = sorted(set(spec.fields) - set(known))
     if unknown:
-        raise ConfigError(f"tasks.custom ({spec.name}).fields: {unknown} are not fields of "
-                          f"{kind} tasks; they have {list(known)}")
-    source = FileSource(spec.name, spec.train, spec.validation, spec.validation_fraction,
-                        spec.format, dict(spec.fields), config.training.seed)
-    return Task(spec.name, kind, source, labels)
+        raise ConfigError(f"task {spec.name!r}: fields {unknown} are not fields of {kind} "
+                          f"tasks; they have {list(known)}")
+    train, validation = spec.train, spec.validation
+    if spec.hub is not None:
+        mirror = config.tasks.hub_mirror
+        train = hub_path(spec.hub, spec.hub_config, spec.train, mirror)
+        validation = spec.validation and hub_path(spec.hub, spec.hub_config, spec.validation,
+                                                  mirror)
+    source = FileSource(spec.name, train, validation, spec.validation_fraction, spec.format,
+                        dict(spec.fields), config.training.seed, dict(spec.label_map))
+    skip = config.tasks.skip_bad_rows if spec.skip_bad_rows is None else spec.skip_bad_rows
+    return Task(spec.name, kind, source, labels, skip_bad_rows=skip)
 
 
 def _inspect_bigbench(spec: TaskSpec) -> tuple[str, tuple[str, ...]]:
@@ -78,23 +93,31 @@ def _inspect_bigbench(spec: TaskSpec) -> tuple[str, tuple[str, ...]]:
 
 
 def resolve_tasks(config: Config) -> list[Task]:
-    """The tasks of the run, in a fixed order: the order of `tasks.include`, or the suite's
-    default mixture followed by the custom tasks."""
+    """The tasks of the run, in a fixed order: the order of `tasks.include` (a family stands for
+    its catalog tasks, in catalog order), or the suite's default mixture then the custom tasks.
+    A name is looked up among custom tasks, then the catalog, then the built-in suite."""
     custom = {spec.name: spec for spec in config.tasks.custom}
     clash = sorted(set(custom) & set(suite.SUITE))
     if clash:
         raise ConfigError(f"tasks.custom: {clash} clash with built-in task names")
-    names = config.tasks.include or suite.DEFAULT_MIXTURE + list(custom)
-    unknown = [n for n in names if n not in custom and n not in suite.SUITE]
-    if unknown:
-        raise ConfigError(
-            f"tasks.include: unknown task {unknown[0]!r}; built-in tasks are "
-            f"{sorted(suite.SUITE)}" + (f", custom tasks {sorted(custom)}" if custom else "")
-        )
+    entries, groups = catalog(), families()
+    names: list[str] = []
+    for item in config.tasks.include or suite.DEFAULT_MIXTURE + list(custom):
+        if item in custom or item in entries or item in suite.SUITE:
+            names.append(item)
+        elif item in groups:
+            names += groups[item]
+        else:
+            raise ConfigError(
+                f"tasks.include: unknown task or family {item!r}; see `muppet-ray tasks list` "
+                f"(families: {sorted(groups)}; built-in tasks: {sorted(suite.SUITE)}"
+                + (f"; custom tasks: {sorted(custom)})" if custom else ")"))
     if len(set(names)) != len(names):
-        raise ConfigError("tasks.include: a task is listed twice")
-    tasks = [custom_task(custom[n], config) if n in custom else builtin_task(n, config)
-             for n in names]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"tasks.include: tasks listed twice: {repeated}")
+    tasks = [custom_task(custom[n], config) if n in custom
+             else custom_task(entries[n].spec, config) if n in entries
+             else builtin_task(n, config) for n in names]
     if config.mixture.rule == "explicit":
         missing = [t.name for t in tasks if t.name not in config.mixture.weights]
         extra = sorted(set(config.mixture.weights) - set(names))

@@ -71,7 +71,7 @@ class Worker:
         model = MuppetModel(
             build_backbone(self.config.model, self.tokenizer), self.specs,
             self.config.model.dropout, self.config.training.loss_scaling,
-            self.config.model.max_target_length,
+            self.config.model.max_target_length, self.tokenizer,
         )
         optimizer, scheduler = build_optimizer(model, self.config)
         self.engine, *_ = deepspeed.initialize(

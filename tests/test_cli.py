@@ -30,10 +30,11 @@ def assert_rejected(done, expected, storage):
         (["--set", "model.arch=roberta"], "tasks ['summarize'] are generation tasks, which need "
                                           "an encoder-decoder backbone; model 'roberta' is "
                                           "encoder-only"),
-        (["--set", "tasks.include=[sentiment, poetry]"], "tasks.include: unknown task 'poetry'"),
+        (["--set", "tasks.include=[sentiment, poetry]"],
+         "tasks.include: unknown task or family 'poetry'"),
         (["--set", "tasks.custom=[{name: x, type: span, train: x.jsonl, fields: {passage: p}}]"],
-         "tasks.custom (x).fields: ['passage'] are not fields of span tasks; they have "
-         "['question', 'context', 'answer', 'answer_start']"),
+         "task 'x': fields ['passage'] are not fields of span tasks; they have "
+         "['question', 'context', 'answer', 'answer_start', 'answers']"),
     ],
 )
 def test_bad_config(tmp_path, args, expected):

@@ -23,8 +23,7 @@ LIMITS = Limits(64, 16)
 def prepare(config, run_dir):
     tasks = resolve_tasks(config)
     tokenizer = build_tokenizer(config, tasks)
-    settings = data.ChunkSettings(LIMITS, 8, 32, config.training.seed,
-                                  skip_bad_rows=config.tasks.skip_bad_rows)
+    settings = data.ChunkSettings(LIMITS, 8, 32, config.training.seed)
     caches = data.prepare(tasks, run_dir, tokenizer, settings)
     return tasks, tokenizer, caches
 

@@ -149,3 +149,29 @@ def test_a_capped_validation_split_is_a_random_sample(ray_cluster, tmp_path):
               for label in data.ChunkReader.read(validation, c)["label"]]
     assert len(labels) == 300
     assert all(labels.count(k) > 30 for k in range(3)), [labels.count(k) for k in range(3)]
+
+
+def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
+    """Real rows of all four task types through the whole run: Ray Data, 2 Ray Train workers,
+    DeepSpeed, evaluation (SQuAD F1 on text, ROUGE on generated text) and export."""
+    from muppet_ray.prefinetune import prefinetune
+    from tests.conftest import make_config
+
+    specs = [
+        {"name": "tweets", "type": "classification", "format": "csv",
+         "train": f"{DATA}/tweets/sentiment.csv", "fields": {"text": "text", "label": "sentiment"},
+         "labels": ["negative", "neutral", "positive"]},
+        {"name": "siqa", "format": "bigbench", "train": f"{DATA}/bigbench/social_iqa/task.json"},
+        {"name": "squad", "type": "span", "format": "squad",
+         "train": f"{DATA}/squad/squaddev_v1.1.json", "validation_fraction": 0.02},
+        {"name": "xsum", "format": "bigbench", "train": f"{DATA}/bigbench/gem/xsum/task.json"},
+    ]
+    config = make_config(tmp_path, f"tasks.custom={json.dumps(specs)}",
+                         "tasks.include=[tweets, siqa, squad, xsum]", "training.max_steps=3",
+                         "training.max_eval_examples=24", "model.max_length=128",
+                         "model.vocab_size=4000", "training.checkpoint_every=3")
+    result = prefinetune(config)
+    metric = {"tweets": "accuracy", "siqa": "accuracy", "squad": "f1", "xsum": "rougeL"}
+    for name, key in metric.items():
+        assert 0.0 <= result.after[name][key] <= 1.0, (name, result.after[name])
+    assert (tmp_path / "run" / "export" / "muppet.json").exists()

@@ -13,7 +13,7 @@ from muppet_ray.errors import DataError
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.sources import BuiltinSource
 from muppet_ray.task_types import TASK_TYPES, Limits
-from muppet_ray.task_types.generation import rouge_l
+from muppet_ray.task_types.generation import rouge_l, rouge_words
 from muppet_ray.task_types.span import ANSWER_SEPARATOR, squad_scores
 from muppet_ray.tasks import Task
 from muppet_ray.tokenizer import texts_of, train_tokenizer
@@ -95,7 +95,7 @@ def model(tokenizer):
     torch.manual_seed(0)
     specs = [task(n).spec() for n in suite.SUITE]
     config = ModelConfig(hidden_size=32, ffn_size=64, num_heads=4, max_length=64)
-    return MuppetModel(build_backbone(config, tokenizer), specs, dropout=0.0)
+    return MuppetModel(build_backbone(config, tokenizer), specs, dropout=0.0, tokenizer=tokenizer)
 
 
 def batch_of(name, tokenizer, n=6):
@@ -202,6 +202,8 @@ def test_metrics():
     assert rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
     assert rouge_l([1, 9, 3], [1, 2, 3, 4]) == pytest.approx(2 * (2 / 3) * (2 / 4) / (7 / 6))
     assert rouge_l([], [1]) == 0.0
+    assert rouge_l(rouge_words("The cat sat, on the mat!"), rouge_words("the cat on a mat")) == \
+        pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
 
 
 def test_multiple_choice_loss_is_cross_entropy_over_each_examples_choices():
@@ -270,3 +272,16 @@ def test_answer_offsets_a_little_off_find_the_nearest_occurrence(tokenizer):
     row["answer"] = "blue kite"
     with pytest.raises(DataError, match=r"f.json, row 3: answer 'blue kite' does not occur"):
         t.task_type.featurize(t, [row], tokenizer, LIMITS)
+
+
+def test_generation_is_scored_on_decoded_text(model, tokenizer):
+    features = featurize("summarize", tokenizer, n=3)
+    batch = to_torch(collate(features, list(suite.SUITE).index("summarize"),
+                             tokenizer.pad_token_id, keep_text=True), "cpu")
+    assert [str(a) for a in batch["answers"]] == [
+        r["target"] for r in task("summarize").source.sample("train", 3)]
+    model.eval()
+    stats = model(batch, evaluate=True)
+    model.train()
+    row = stats[list(suite.SUITE).index("summarize")]
+    assert row[1] == 3 and 0.0 <= row[0] <= 3.0

@@ -1,10 +1,13 @@
 """Summarization / generation with an encoder-decoder backbone.
 
 Head: the backbone's own decoder and LM head. Loss: token cross-entropy averaged over the target,
-scaled by log(vocabulary size). Metric: ROUGE-L F1 of greedy decoding against the reference.
+scaled by log(vocabulary size). Metric: ROUGE-L F1 of greedy decoding against the reference
+text, over words as `rouge-score` splits them by default (lower-cased letters and digits).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +15,12 @@ import torch.nn.functional as F
 from muppet_ray.task_types.base import IGNORE, Features, TaskType, encode
 
 
-def rouge_l(prediction: list[int], reference: list[int]) -> float:
-    """ROUGE-L F1 over token sequences (longest common subsequence)."""
+def rouge_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def rouge_l(prediction: list, reference: list) -> float:
+    """ROUGE-L F1 of two token sequences (longest common subsequence)."""
     if not prediction or not reference:
         return 0.0
     previous = [0] * (len(reference) + 1)
@@ -43,7 +50,8 @@ class Generation(TaskType):
         labels = tokenizer(text_target=targets, truncation=True,
                            max_length=limits.max_target_length)["input_ids"]
         return [
-            Features(example_id=r["_id"], rows=[enc["input_ids"][i]], decoder_labels=labels[i])
+            Features(example_id=r["_id"], rows=[enc["input_ids"][i]], decoder_labels=labels[i],
+                     answers=[targets[i]])
             for i, r in enumerate(rows)
         ]
 
@@ -56,16 +64,11 @@ class Generation(TaskType):
         return loss, torch.full_like(loss, float(logits.shape[-1])).log()
 
     def stats(self, out, batch, mine):
-        special = out["special_token_ids"]
-        scores = []
-        for generated, labels, is_mine in zip(out["generated"].tolist(),
-                                              batch["decoder_labels"].tolist(), mine.tolist()):
-            if not is_mine:
-                scores.append(0.0)
-                continue
-            prediction = [t for t in generated if t not in special]
-            reference = [t for t in labels if t != IGNORE and t not in special]
-            scores.append(rouge_l(prediction, reference))
+        """ROUGE-L of the decoded prediction against the reference text."""
+        predictions = out["tokenizer"].batch_decode(out["generated"], skip_special_tokens=True)
+        scores = [rouge_l(rouge_words(p), rouge_words(str(reference))) if is_mine else 0.0
+                  for p, reference, is_mine in zip(predictions, batch["answers"],
+                                                   mine.tolist())]
         rouge = torch.tensor(scores, device=mine.device)
         return torch.stack([rouge, torch.ones_like(rouge)], -1)
 

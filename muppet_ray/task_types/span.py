@@ -59,7 +59,7 @@ class Span(TaskType):
     name = "span"
     head = "span"
     required_fields = ("question", "context")
-    optional_fields = ("answer", "answer_start")  # empty answer: unanswerable
+    optional_fields = ("answer", "answer_start", "answers")  # no answer: unanswerable
     metric = "f1"
     num_stats = 3
 
