@@ -42,7 +42,7 @@ from muppet_ray.tasks import Task
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
 CONCURRENT_WRITES = 4  # tasks and splits tokenized at once
-CACHE_FORMAT = 5  # bump when the chunk rows change: older caches are then rebuilt
+CACHE_FORMAT = 6  # bump when the chunk rows change: older caches are then rebuilt
 CHUNK_COLUMNS = ["num_examples", "num_tokens", "padded_tokens", "payload"]
 
 

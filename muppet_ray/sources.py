@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -205,9 +206,14 @@ class FileSource:
         held_out = None if self.validation else (split == "validation")
         fraction, seed, task = self.validation_fraction, self.seed, self.task
 
+        filesystem, root = _filesystem(self._path(split))
+
         def rows(file: dict[str, Any]) -> list[dict[str, Any]]:
             path = file["path"]
-            file_key = zlib.crc32(path.encode()) & 0xFFFF
+            # Keyed by the path below the configured one, so the held-out rows and ids stay the
+            # same when the data moves (a local mirror, a bucket, another checkout).
+            key = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+            file_key = zlib.crc32(key.encode()) & 0xFFFF
             out = []
             try:
                 parsed = list(parse(file["bytes"], path))
@@ -215,15 +221,14 @@ class FileSource:
                 raise DataError(f"task {task!r}, {e}") from None
             for number, record in parsed:
                 if held_out is not None:
-                    draw = zlib.crc32(f"{seed}/{path}/{number}".encode()) / 2**32
+                    draw = zlib.crc32(f"{seed}/{key}/{number}".encode()) / 2**32
                     if (draw < fraction) != held_out:
                         continue
                 out.append({"_id": (file_key << 32) | number, "_origin": path, "_row": number,
                             "_json": json.dumps(record, default=str)})
             return out
 
-        filesystem, path = _filesystem(self._path(split))
-        return ray.data.read_binary_files(path, filesystem=filesystem,
+        return ray.data.read_binary_files(root, filesystem=filesystem,
                                           include_paths=True).flat_map(rows)
 
     def decode(self, row: dict[str, Any], split: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ turned into features with the real MiniLM tokenizer. Set MUPPET_SHARED to use an
 import csv
 import json
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,11 +124,25 @@ def test_json_and_parquet_hold_the_same_rows(ray_cluster, tokenizer, tmp_path):
     assert seen[0][0][1] == records[seen[0][0][0] - 1]["meta"]["score"]
 
 
+def test_the_held_out_rows_do_not_depend_on_where_the_data_lives(ray_cluster, tmp_path):
+    held_out = []
+    for place in ("here", "there/deeper"):
+        (tmp_path / place).mkdir(parents=True)
+        shutil.copy(f"{DATA}/tweets/sentiment.csv", tmp_path / place / "sentiment.csv")
+        t = task(format="csv", type="classification", train=str(tmp_path / place),
+                 fields={"text": "text", "label": "sentiment"},
+                 labels=["negative", "neutral", "positive"])
+        rows = t.source.read("validation").take_all()
+        held_out.append(sorted((r["_id"], r["_row"]) for r in rows))
+    assert held_out[0] == held_out[1] and len(held_out[0]) > 10
+
+
 def test_a_bad_label_names_file_and_row(ray_cluster, tokenizer, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("sentiment,text\npositive,good\nangry,bad\n")
+    (tmp_path / "ok.csv").write_text("sentiment,text\nnegative,meh\n")
     t = task(format="csv", type="classification", train=str(path), labels=["negative", "positive"],
-             fields={"text": "text", "label": "sentiment"}, validation_fraction=0.01)
+             fields={"text": "text", "label": "sentiment"}, validation=str(tmp_path / "ok.csv"))
     rows = t.source.sample("train", 2)
     with pytest.raises(DataError, match=rf"{path}, row 3: label 'angry' is not in the label"):
         t.task_type.featurize(t, rows, tokenizer, LIMITS)
