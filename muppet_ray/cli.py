@@ -1,7 +1,13 @@
 """`muppet-ray`: the command line.
 
     muppet-ray prefinetune [--config FILE] [--set section.key=value ...]
+    muppet-ray finetune --from MODEL --task TASK [--fractions F,...] [--seeds S,...]
+                        [--baseline auto|MODEL] [--head auto|reuse|new] [--config] [--set]
+    muppet-ray evaluate --from MODEL --tasks TASK,... [--config FILE] [--set ...]
+    muppet-ray export --from MODEL --task TASK --out DIR
     muppet-ray tasks list [--family FAMILY]
+
+MODEL: a run directory, a checkpoint, an export, a model directory or a Hub id.
 
 Bad input (config, tasks, data) prints one line naming what is wrong and exits with status 2.
 """
@@ -9,24 +15,61 @@ Bad input (config, tasks, data) prints one line naming what is wrong and exits w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from muppet_ray.config import load_config
-from muppet_ray.errors import MuppetError
+from muppet_ray.errors import ConfigError, MuppetError
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="muppet-ray", description=__doc__.split("\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
     run = commands.add_parser("prefinetune", help="pre-finetune a model on a task mixture")
-    run.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    _config_options(run)
+    tune = commands.add_parser("finetune", help="fine-tune on one task (and compare with a "
+                               "baseline over fractions and seeds)")
+    _config_options(tune)
+    tune.add_argument("--from", dest="source", required=True, metavar="MODEL")
+    tune.add_argument("--task", required=True)
+    tune.add_argument("--fractions", default="1", help="training fractions in (0, 1], comma "
+                      "separated (nested subsets; default 1)")
+    tune.add_argument("--seeds", default="0", help="seeds, comma separated (default 0)")
+    tune.add_argument("--baseline", metavar="auto|MODEL", help="also fine-tune this model the "
+                      "same way; auto: the backbone MODEL was pre-finetuned from")
+    tune.add_argument("--head", default="auto", help="auto (reuse a trained head where there "
+                      "is one), reuse (require one) or new")
+    score = commands.add_parser("evaluate", help="validation metrics of a model, no training")
+    _config_options(score)
+    score.add_argument("--from", dest="source", required=True, metavar="MODEL")
+    score.add_argument("--tasks", required=True, help="task names, comma separated")
+    export = commands.add_parser("export", help="write one task as a transformers task model")
+    export.add_argument("--from", dest="source", required=True, metavar="MODEL")
+    export.add_argument("--task", required=True)
+    export.add_argument("--out", required=True, help="output directory")
     tasks = commands.add_parser("tasks", help="the task catalog")
     listing = tasks.add_subparsers(dest="action", required=True).add_parser(
         "list", help="print the catalog: name, type, labels, families, source, size")
     listing.add_argument("--family", help="only this family (e.g. glue, commonsense, span)")
     return root
+
+
+def _config_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+    command.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="SECTION.KEY=VALUE", help="override one config value "
+                         "(repeatable)")
+
+
+def _numbers(option: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(f"{option}: expected comma-separated {kind.__name__} values, got "
+                          f"{text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +84,32 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.family))
         return 0
     try:
+        if args.command == "export":
+            from muppet_ray.export import to_transformers
+            from muppet_ray.finetune import resolve_source
+
+            source = resolve_source(args.source, os.path.abspath(args.out) + ".work")
+            if source.manifest is None:
+                raise ConfigError(f"--from {args.source!r}: not a muppet-ray export (no trained "
+                                  "heads to export)")
+            name = to_transformers(source.model, args.task, args.out)
+            print(f"[muppet-ray] {args.out}: {name} (loads with transformers' Auto classes)")
+            return 0
         config = load_config(args.config, args.overrides)
         if args.command == "prefinetune":
             from muppet_ray.prefinetune import prefinetune  # imports Ray: only when running
 
             prefinetune(config)
+        elif args.command == "finetune":
+            from muppet_ray.finetune import compare
+
+            fractions = _numbers("--fractions", args.fractions, float)
+            seeds = _numbers("--seeds", args.seeds, int)
+            compare(config, args.source, args.task, fractions, seeds, args.baseline, args.head)
+        elif args.command == "evaluate":
+            from muppet_ray.finetune import evaluate
+
+            evaluate(config, args.source, _numbers("--tasks", args.tasks, str))
     except MuppetError as e:
         print(f"muppet-ray: error: {e}", file=sys.stderr)
         return 2

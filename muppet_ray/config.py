@@ -115,6 +115,13 @@ class TasksConfig(Section):
     custom: list[TaskSpec] = []
     suite_scale: float = Field(1.0, gt=0)
     """Multiplies the number of examples of every built-in task."""
+    data_seed: int = 0
+    """Seeds which examples the built-in suite generates and which rows a file without a
+    validation split holds out; kept apart from training.seed so that runs with different seeds
+    are scored on the same validation examples."""
+    train_fraction: float = Field(1.0, gt=0, le=1)
+    """Train on this fraction of every task's training examples: a subset drawn with
+    training.seed, nested across fractions (the 10% subset lies inside the 20% one)."""
     skip_bad_rows: bool = False
     """Leave out rows that cannot become features (counted and reported) instead of stopping."""
     hub_mirror: str | None = None

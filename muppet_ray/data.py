@@ -53,8 +53,10 @@ class ChunkSettings:
     limits: Limits
     chunk_size: int  # examples per training chunk
     eval_chunk_size: int
-    seed: int
+    seed: int  # training.seed: the order of training examples and the training subset
     max_eval_examples: int | None = None
+    data_seed: int = 0  # which validation examples a capped split keeps
+    train_fraction: float = 1.0
 
     @staticmethod
     def from_config(config: Config) -> ChunkSettings:
@@ -64,7 +66,8 @@ class ChunkSettings:
             chunk_size //= batching.tasks_per_micro_batch
         return ChunkSettings(
             Limits(model.max_length, model.max_target_length, model.doc_stride), chunk_size,
-            batching.eval_batch_size, config.training.seed, config.training.max_eval_examples)
+            batching.eval_batch_size, config.training.seed, config.training.max_eval_examples,
+            config.tasks.data_seed, config.tasks.train_fraction)
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,13 @@ def _fingerprint(task: Task, split: str, tokenizer, settings: ChunkSettings) -> 
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, settings: ChunkSettings
+def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, settings: ChunkSettings,
+            splits: tuple[str, ...] = ("train", "validation"),
             ) -> dict[str, dict[str, CacheIndex]]:
-    """Tokenize every task's train and validation splits into the run's chunk cache."""
+    """Tokenize every task's splits (train and validation) into the run's chunk cache."""
     wanted, pending = {}, []
     for index, task in enumerate(tasks):
-        for split in ("train", "validation"):
+        for split in splits:
             fingerprint = _fingerprint(task, split, tokenizer, settings)
             wanted[task.name, split] = fingerprint
             existing = _read_index(run_dir, task.name, split)
@@ -146,7 +150,7 @@ def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, settings: ChunkSettin
             _write_index(run_dir, task.name, split, wanted[task.name, split])
     caches: dict[str, dict[str, CacheIndex]] = {}
     for task in tasks:
-        for split in ("train", "validation"):
+        for split in splits:
             index = _read_index(run_dir, task.name, split)[0]
             if index.examples == 0:
                 raise DataError(f"task {task.name!r}: the {split} split has no examples")
@@ -184,10 +188,13 @@ def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
     directory = _cache_dir(task.name, split)
     run_dir.remove(directory)
     ds = task.source.read(split)
+    if split == "train" and settings.train_fraction < 1:
+        ds = _subset(ds, settings.train_fraction, settings.seed)
     capped = split == "validation" and settings.max_eval_examples is not None
     if not task.source.shuffled and (split == "train" or capped):
         # (a capped validation split is a random sample too: files are often sorted by label)
-        ds = ds.random_shuffle(seed=settings.seed * 1009 + index)
+        seed = settings.seed if split == "train" else settings.data_seed
+        ds = ds.random_shuffle(seed=seed * 1009 + index)
     if capped:
         ds = ds.limit(settings.max_eval_examples)
     # Chunk boundaries at exact multiples of the chunk size in a fixed row order, so the same
@@ -202,6 +209,20 @@ def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
     # built: Ray Data configures its logger when it first needs it.
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ds.write_parquet(run_dir.uri(directory), row_group_size=1)
+
+
+def _subset(ds, fraction: float, seed: int):
+    """round(fraction x N) examples (at least 1): those with the smallest seeded draw of their
+    id. The same seed ranks examples the same way, so smaller fractions nest in larger ones."""
+    keep = max(1, round(fraction * ds.count()))
+
+    def draw(batch: pa.Table) -> pa.Table:
+        draws = [int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=8).digest(),
+                                "big") for i in batch["_id"].to_pylist()]
+        return batch.append_column("_draw", pa.array(draws, pa.uint64()))
+
+    ds = ds.map_batches(draw, batch_format="pyarrow").sort("_draw").limit(keep)
+    return ds.drop_columns(["_draw"])
 
 
 def _cache_dir(task: str, split: str) -> str:

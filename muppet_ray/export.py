@@ -6,7 +6,9 @@
     muppet.json                       manifest: tasks, types, label spaces, metrics, head layout
 
 The paper's public release dropped the heads and noted that fine-tuning suffers for it; ours
-keeps them.
+keeps them. `to_transformers` also writes one task as a plain `transformers` task model
+(`AutoModelForSequenceClassification`, `...ForMultipleChoice`, `...ForQuestionAnswering`) with
+its trained head in place, for encoders whose head layout ours matches (BERT, RoBERTa).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
-from muppet_ray.model import MuppetModel
+from muppet_ray.errors import ConfigError
+from muppet_ray.model import MuppetModel, load_encoder
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
 
@@ -62,8 +71,10 @@ def load_exported(export_dir: str, dropout: float = 0.1) -> tuple[MuppetModel, o
     """(model with its trained heads, tokenizer, manifest) from a local export directory."""
     with open(os.path.join(export_dir, MANIFEST)) as f:
         info = json.load(f)
-    loader = AutoModelForSeq2SeqLM if info["encoder_decoder"] else AutoModel
-    backbone = loader.from_pretrained(export_dir)
+    if info["encoder_decoder"]:
+        backbone = AutoModelForSeq2SeqLM.from_pretrained(export_dir)
+    else:
+        backbone = load_encoder(export_dir)
     specs = [{k: t[k] for k in ("name", "type", "num_outputs", "labels")} for t in info["tasks"]]
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     model = MuppetModel(backbone, specs, dropout, info["loss_scaling"], info["max_target_length"],
@@ -71,3 +82,79 @@ def load_exported(export_dir: str, dropout: float = 0.1) -> tuple[MuppetModel, o
     heads = load_file(os.path.join(export_dir, "heads.safetensors"))
     model.heads.load_state_dict({k: v.to(torch.float32) for k, v in heads.items()})
     return model, tokenizer, info
+
+
+# Task type -> the transformers Auto class whose head ours maps onto.
+AUTO_CLASSES = {
+    "classification": AutoModelForSequenceClassification,
+    "regression": AutoModelForSequenceClassification,
+    "multiple_choice": AutoModelForMultipleChoice,
+    "span": AutoModelForQuestionAnswering,
+}
+# Encoders whose task heads are dense + tanh + projection on the first token (BERT puts the
+# dense layer in its pooler, RoBERTa in its classification head), as ours are.
+MAPPABLE_BACKBONES = ("bert", "roberta", "xlm-roberta")
+
+
+def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
+    """Write `task` of a local export as a `transformers` task model; returns its class name."""
+    model, tokenizer, info = load_exported(export_dir)
+    spec = next((t for t in info["tasks"] if t["name"] == task), None)
+    if spec is None:
+        raise ConfigError(f"task {task!r} is not in the export {export_dir!r}; it has "
+                          f"{[t['name'] for t in info['tasks']]}")
+    model_type = model.backbone.config.model_type
+    if spec["type"] not in AUTO_CLASSES or model_type not in MAPPABLE_BACKBONES:
+        raise ConfigError(
+            f"task {task!r}: no transformers task model matches a {spec['type']} head on a "
+            f"{model_type} backbone (supported: {sorted(AUTO_CLASSES)} tasks on "
+            f"{list(MAPPABLE_BACKBONES)} encoders)")
+    config = model.backbone.config.__class__.from_dict(model.backbone.config.to_dict())
+    if spec["head"] == "classification":
+        config.num_labels = spec["num_outputs"]
+        config.problem_type = ("regression" if spec["type"] == "regression"
+                               else "single_label_classification")
+        if spec["labels"]:
+            config.id2label = dict(enumerate(spec["labels"]))
+            config.label2id = {label: i for i, label in enumerate(spec["labels"])}
+    hf = AUTO_CLASSES[spec["type"]].from_config(config)
+    weights = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("pooler.")}
+    missing, unexpected = hf.base_model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"backbone weights do not fit {type(hf).__name__}: missing "
+                           f"{missing}, unexpected {unexpected}")
+    dense, projection = _head_weights(model, info, spec)
+    roberta_classifier = spec["head"] == "classification" and model_type != "bert"
+    with torch.no_grad():
+        if spec["head"] == "span":
+            hf.qa_outputs.load_state_dict(projection.state_dict())
+        elif roberta_classifier:
+            hf.classifier.dense.load_state_dict(dense.state_dict())
+            hf.classifier.out_proj.load_state_dict(projection.state_dict())
+        else:  # BERT (any head), RoBERTa multiple choice: dense + tanh is the pooler
+            hf.base_model.pooler.dense.load_state_dict(dense.state_dict())
+            hf.classifier.load_state_dict(projection.state_dict())
+    hf.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return type(hf).__name__
+
+
+def _head_weights(model: MuppetModel, info: dict, spec: dict
+                  ) -> tuple[torch.nn.Linear | None, torch.nn.Linear]:
+    """The task's head as (dense, projection) linear layers (no dense layer for span)."""
+    if spec["head"] == "span":
+        return None, model.heads["span"].proj
+    if spec["head"] == "multiple_choice":
+        head = model.heads["multiple_choice"]
+        return head.dense, head.score
+    heads = model.heads["classification"]
+    index = [t["name"] for t in info["tasks"] if t["head"] == "classification"].index(spec["name"])
+    n = spec["num_outputs"]
+    hidden = heads.dense_weight.shape[1]
+    dense, projection = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, n)
+    with torch.no_grad():  # ours compute x @ W; nn.Linear stores W transposed
+        dense.weight.copy_(heads.dense_weight[index].T)
+        dense.bias.copy_(heads.dense_bias[index])
+        projection.weight.copy_(heads.out_weight[index][:, :n].T)
+        projection.bias.copy_(heads.out_bias[index][:n])
+    return dense, projection

@@ -51,10 +51,7 @@ def build_backbone(config: ModelConfig, tokenizer) -> nn.Module:
     if config.pretrained is not None:
         if is_encoder_decoder(config):
             return AutoModelForSeq2SeqLM.from_pretrained(config.pretrained)
-        try:  # the pooler is unused (heads pool the first token): leave it out
-            return AutoModel.from_pretrained(config.pretrained, add_pooling_layer=False)
-        except TypeError:
-            return AutoModel.from_pretrained(config.pretrained)
+        return load_encoder(config.pretrained)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     size = dict(vocab_size=len(tokenizer), max_position_embeddings=config.max_length + 2)
@@ -75,6 +72,13 @@ def build_backbone(config: ModelConfig, tokenizer) -> nn.Module:
         return RobertaModel(RobertaConfig(**encoder_config, type_vocab_size=1),
                             add_pooling_layer=False)
     return BertModel(BertConfig(**encoder_config), add_pooling_layer=False)
+
+
+def load_encoder(path: str) -> nn.Module:
+    try:  # the pooler is unused (heads pool the first token): leave it out
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_pretrained(path)
 
 
 def hidden_size(backbone: nn.Module) -> int:

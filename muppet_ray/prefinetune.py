@@ -7,6 +7,7 @@ data turns out to be bad, so a failed start leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -40,6 +41,7 @@ class RunResult:
     before: dict[str, dict[str, float]]
     after: dict[str, dict[str, float]]
     tasks: list[Task]
+    train_examples: dict[str, int]
 
     def table(self) -> str:
         lines = [f"{'task':<14} {'type':<16} {'metric':<9} {'chance':>7} {'before':>7} "
@@ -90,7 +92,7 @@ def build_tokenizer(config: Config, tasks: list[Task]):
         return load_tokenizer(config.model.pretrained)
     # Built-in backbones get a tokenizer trained on the whole built-in suite's text (plus a
     # sample of any custom task), so later fine-tuning on held-out suite tasks needs no new one.
-    sources = [BuiltinSource(name, config.training.seed, config.tasks.suite_scale)
+    sources = [BuiltinSource(name, config.tasks.data_seed, config.tasks.suite_scale)
                for name in suite.SUITE]
     sources += [t.source for t in tasks if not isinstance(t.source, BuiltinSource)]
     samples = (example for source in sources for example in source.sample(
@@ -98,7 +100,10 @@ def build_tokenizer(config: Config, tasks: list[Task]):
     return train_tokenizer(texts_of(samples), config.model.vocab_size, config.model.max_length)
 
 
-def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
+def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | None = None,
+                evaluate_only: bool = False) -> RunResult:
+    """Pre-finetune on the config's tasks. Fine-tuning (finetune.py) is the same run on one
+    task, started from trained heads; `evaluate_only` scores the starting model, no training."""
     tasks = check(config)
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
@@ -115,17 +120,22 @@ def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not resuming:
         run_dir.write_text("config.yaml", config_yaml)
+        # (with the config: what a checkpoint needs to become a model again, finetune.py)
+        run_dir.write_text("tasks.json", json.dumps([t.spec() for t in tasks]))
     try:
         tokenizer = build_tokenizer(config, tasks)
         _save_tokenizer(tokenizer, run_dir)
         print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
         print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
-        caches = data.prepare(tasks, run_dir, tokenizer, data.ChunkSettings.from_config(config))
+        splits = ("validation",) if evaluate_only else ("train", "validation")
+        caches = data.prepare(tasks, run_dir, tokenizer, data.ChunkSettings.from_config(config),
+                              splits)
     except MuppetError:
         if not resuming:
             run_dir.remove()
         raise
-    _describe(config, tasks, caches)
+    if not evaluate_only:
+        _describe(config, tasks, caches)
 
     use_gpu = config.scaling.use_gpu
     if use_gpu is None:
@@ -136,8 +146,10 @@ def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
         "run_dir": run_dir.root,
         "tokenizer": tokenizer,
         "task_specs": [t.spec() for t in tasks],
-        "train_caches": [caches[t.name]["train"] for t in tasks],
+        "train_caches": [caches[t.name].get("train") for t in tasks],
         "eval_caches": [caches[t.name]["validation"] for t in tasks],
+        "initial_heads": initial_heads,
+        "evaluate_only": evaluate_only,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -155,9 +167,13 @@ def prefinetune(config: Config, job: str = "prefinetune") -> RunResult:
     evaluations = [r for r in read_log(run_dir) if r["kind"] == "eval"]
     before = next((r["metrics"] for r in evaluations if r["step"] == 0), {})
     after = evaluations[-1]["metrics"] if evaluations else {}
-    result = RunResult(run_dir.root, run_dir.uri("export"), before, after, tasks)
+    export = "" if evaluate_only else run_dir.uri("export")
+    train_examples = {t.name: caches[t.name]["train"].examples for t in tasks
+                      if "train" in caches[t.name]}
+    result = RunResult(run_dir.root, export, before, after, tasks, train_examples)
     print("\n" + result.table(), flush=True)
-    print(f"\n[muppet-ray] export: {result.export_dir}", flush=True)
+    if export:
+        print(f"\n[muppet-ray] export: {export}", flush=True)
     return result
 
 

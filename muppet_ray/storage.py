@@ -83,5 +83,6 @@ class RunDir:
                         destination_filesystem=self.fs)
 
     def download(self, relative: str, local_dir: str) -> None:
+        os.makedirs(local_dir, exist_ok=True)
         pafs.copy_files(self._p(relative), local_dir, source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())

@@ -49,7 +49,7 @@ class Task:
 
 def builtin_task(name: str, config: Config) -> Task:
     spec = suite.SUITE[name]
-    source = BuiltinSource(name, config.training.seed, config.tasks.suite_scale)
+    source = BuiltinSource(name, config.tasks.data_seed, config.tasks.suite_scale)
     return Task(name, spec.type, source, spec.labels, spec.downstream)
 
 
@@ -74,7 +74,7 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
         validation = spec.validation and hub_path(spec.hub, spec.hub_config, spec.validation,
                                                   mirror)
     source = FileSource(spec.name, train, validation, spec.validation_fraction, spec.format,
-                        dict(spec.fields), config.training.seed, dict(spec.label_map))
+                        dict(spec.fields), config.tasks.data_seed, dict(spec.label_map))
     skip = config.tasks.skip_bad_rows if spec.skip_bad_rows is None else spec.skip_bad_rows
     return Task(spec.name, kind, source, labels, skip_bad_rows=skip)
 

@@ -50,6 +50,8 @@ class Worker:
         self.specs = setup["task_specs"]
         self.train_caches = setup["train_caches"]
         self.eval_caches = setup["eval_caches"]
+        # Fine-tuning: trained heads to start from (tensors keyed as in `MuppetModel.heads`).
+        self.initial_heads = setup.get("initial_heads") or {}
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -73,16 +75,16 @@ class Worker:
             self.config.model.dropout, self.config.training.loss_scaling,
             self.config.model.max_target_length, self.tokenizer,
         )
+        if self.initial_heads:
+            # strict: every tensor handed over must land (a wrong name would silently be lost)
+            missing = set(self.initial_heads) - set(model.heads.state_dict())
+            if missing:
+                raise RuntimeError(f"initial heads {sorted(missing)} are not heads of the model")
+            model.heads.load_state_dict(self.initial_heads, strict=False)
         optimizer, scheduler = build_optimizer(model, self.config)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.config, self.world, bf16),
-        )
-        self.schedule = build_schedule(
-            [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
-            self.config.mixture, self.config.batching, self.world,
-            self.config.training.max_steps, self.config.training.seed,
-            [s["name"] for s in self.specs],
         )
 
     def restore(self) -> int:
@@ -96,8 +98,23 @@ class Worker:
 
     # --------------------------------------------------------------- training
 
+    def run_evaluation(self) -> None:
+        """`muppet-ray evaluate`: the validation metrics of the starting model, no training."""
+        self.build()
+        metrics = self.evaluate()
+        self.log_eval(0, metrics)
+        ray.train.report({"step": 0, **_flatten(metrics)})
+        if self.logger:
+            self.logger.close()
+
     def run(self) -> None:
         self.build()
+        self.schedule = build_schedule(
+            [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
+            self.config.mixture, self.config.batching, self.world,
+            self.config.training.max_steps, self.config.training.seed,
+            [s["name"] for s in self.specs],
+        )
         start = self.restore()
         steps = self.config.training.max_steps
         stream = data.stream(self.schedule, self.rank, start, self.train_caches,
@@ -283,7 +300,9 @@ def _ranges(positions: list[int]) -> list[list[int]]:
     return runs
 
 
+
 def train_loop_per_worker(setup: dict[str, Any]) -> None:
     log.setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    Worker(setup).run()
+    worker = Worker(setup)
+    worker.run_evaluation() if setup.get("evaluate_only") else worker.run()

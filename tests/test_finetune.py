@@ -1,0 +1,169 @@
+"""Fine-tuning and evaluation from pre-finetuned models: head reuse, nested fractions, results,
+baselines, checkpoints as sources, transformers task models, and bad input. Integration tests
+run real Ray, Ray Data, Ray Train workers and DeepSpeed on CPU."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForMultipleChoice
+
+from muppet_ray import data
+from muppet_ray.errors import ConfigError
+from muppet_ray.export import load_exported
+from muppet_ray.finetune import compare, evaluate, initial_heads, resolve_source
+from muppet_ray.prefinetune import prefinetune
+from muppet_ray.storage import RunDir
+from muppet_ray.task_types import Limits
+from muppet_ray.tasks import resolve_tasks
+from muppet_ray.tokenizer import texts_of, train_tokenizer
+from tests.conftest import make_config, run_cli
+
+SOURCE_TASKS = "tasks.include=[sentiment, topic, needs, what_has]"
+
+
+@pytest.fixture(scope="module")
+def source_run(ray_cluster, tmp_path_factory):
+    """A small pre-finetuned encoder (RoBERTa layout, so its heads map onto transformers')."""
+    storage = tmp_path_factory.mktemp("source")
+    return prefinetune(make_config(storage, "model.arch=roberta", SOURCE_TASKS,
+                                   "training.max_steps=16"))
+
+
+def finetune_base(storage, *overrides):
+    return make_config(storage, "training.max_steps=6", "training.warmup_steps=1",
+                       "training.learning_rate=5e-4", "run.name=ft", *overrides)
+
+
+def tasks_named(*names, storage="unused"):
+    return resolve_tasks(make_config(storage, f"tasks.include=[{', '.join(names)}]"))
+
+
+# -------------------------------------------------------------------- heads (no training)
+
+
+def test_heads_are_reused_where_the_source_trained_one(source_run, tmp_path):
+    source = resolve_source(source_run.run_dir, str(tmp_path))
+    trained = load_file(f"{source.model}/heads.safetensors")
+
+    heads, origin = initial_heads(source, tasks_named("who_has"), "auto")
+    assert origin == {"who_has": "needs"}  # the shared multiple-choice head
+    assert set(heads) == {k for k in trained if k.startswith("multiple_choice.")}
+    assert all(torch.equal(heads[k], trained[k]) for k in heads)
+
+    heads, origin = initial_heads(source, tasks_named("topic"), "auto")
+    assert origin == {"topic": "topic"}  # its own head, in the new model's only slot
+    index = [t["name"] for t in source.manifest["tasks"]].index("topic")
+    assert torch.equal(heads["classification.out_weight"][0],
+                       trained["classification.out_weight"][index][:, :4])
+
+    assert initial_heads(source, tasks_named("review"), "auto") == ({}, {"review": "new"})
+    assert initial_heads(source, tasks_named("who_has"), "new")[1] == {"who_has": "new"}
+    with pytest.raises(ConfigError, match="--head reuse: .* has no trained classification head "
+                                          "for task 'review'"):
+        initial_heads(source, tasks_named("review"), "reuse")
+    with pytest.raises(ConfigError, match="--head: expected one of"):
+        initial_heads(source, tasks_named("review"), "shared")
+
+
+def test_fractions_are_nested_exact_and_seeded(ray_cluster, tmp_path):
+    def ids(fraction, seed):
+        settings = data.ChunkSettings(Limits(64, 16), 8, 32, seed, train_fraction=fraction)
+        run_dir = RunDir(str(tmp_path / f"f{fraction}-s{seed}"))
+        cache = data.prepare(tasks, run_dir, tokenizer, settings, ("train",))["review"]["train"]
+        found = [int(i) for c in range(cache.chunks)
+                 for i in data.ChunkReader.read(cache, c)["example_id"]]
+        assert len(found) == len(set(found)) == cache.examples
+        return set(found)
+
+    tasks = tasks_named("review")
+    tokenizer = train_tokenizer(texts_of(tasks[0].source.sample("train", 200)), 300, 64)
+    total = tasks[0].source.num_examples("train")
+    small, large, everything = ids(0.1, 0), ids(0.3, 0), ids(1.0, 0)
+    assert (len(small), len(large), len(everything)) == (round(0.1 * total),
+                                                         round(0.3 * total), total)
+    assert small < large < everything
+    other = ids(0.1, 1)
+    assert len(other) == len(small) and other != small
+
+
+# ------------------------------------------------------------------------- full runs
+
+
+def test_finetune_compares_with_the_baseline(source_run, tmp_path):
+    base = finetune_base(tmp_path)
+    results = compare(base, source_run.run_dir, "who_has", [0.5, 1.0], [0], baseline="auto")
+    assert [(r.role, r.fraction) for r in results] == [
+        ("pre-finetuned", 0.5), ("pre-finetuned", 1.0), ("baseline", 0.5), ("baseline", 1.0)]
+    assert {r.head for r in results} == {"needs", "new"}
+    assert [r.head for r in results if r.role == "baseline"] == ["new", "new"]
+    half, whole = results[0].train_examples, results[1].train_examples
+    assert half == round(whole / 2)
+    assert all(r.metric == "accuracy" and 0 <= r.value <= 1 and r.steps == 6 for r in results)
+
+    root = tmp_path / "ft"
+    rows = json.loads((root / "results.json").read_text())
+    assert len(rows) == 4 and rows[0]["task"] == "who_has" and rows[0]["seed"] == 0
+    assert (root / "results.csv").read_text().count("\n") == 5
+    assert "| baseline |" in (root / "summary.md").read_text()
+    for r in results:
+        saved = json.loads((root / f"{r.role}-f{r.fraction:g}-s0" / "results.json").read_text())
+        assert saved["value"] == r.value
+    # The baseline is the backbone the source started from: its seeded initial weights.
+    init = load_exported(source_run.export_dir)[0].backbone.state_dict()
+    baseline = AutoModelForMultipleChoice.from_pretrained(root / "baseline-init").base_model
+    assert not all(torch.equal(v, baseline.state_dict()[k]) for k, v in init.items()
+                   if k in baseline.state_dict())
+
+    # The pre-finetuned run started from the source's trained head: its step-0 score is what
+    # `evaluate` gives for the source itself.
+    scores = evaluate(make_config(tmp_path, "run.name=scores"), source_run.export_dir,
+                      ["who_has", "needs"])
+    first = [r for r in _log(results[1].run_dir) if r["kind"] == "eval"][0]["metrics"]
+    assert first["who_has"]["accuracy"] == pytest.approx(scores["who_has"]["accuracy"])
+    assert scores["needs"]["accuracy"] == pytest.approx(source_run.after["needs"]["accuracy"])
+
+    # The run's transformers task model loads with the Auto class and carries its head.
+    hf = AutoModelForMultipleChoice.from_pretrained(results[1].hf_model)
+    assert type(hf).__name__ == "RobertaForMultipleChoice"
+
+
+def _log(run_dir):
+    from muppet_ray.metrics import read_log
+
+    return read_log(RunDir(run_dir))
+
+
+def test_a_checkpoint_is_a_source(source_run, tmp_path):
+    steps = 16
+    source = resolve_source(f"{source_run.run_dir}/checkpoint_{steps:06d}", str(tmp_path))
+    converted, _, manifest = load_exported(source.model)
+    final, _, _ = load_exported(source_run.export_dir)
+    assert manifest["step"] == steps
+    for name, tensor in final.state_dict().items():
+        assert torch.allclose(tensor, converted.state_dict()[name], atol=1e-6), name
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--from", "/nonexistent/run", "--task", "review"], "--from '/nonexistent/run': no such "
+                                                          "directory"),
+    (["--from", "{empty}", "--task", "review"], "not an export, run, checkpoint or model "
+                                               "directory"),
+    (["--from", "{empty}", "--task", "review", "--fractions", "0.5,1.5"],
+     "--fractions: each fraction must be in (0, 1], got 1.5"),
+    (["--from", "{empty}", "--task", "review", "--fractions", "half"],
+     "--fractions: expected comma-separated float values"),
+])
+def test_bad_finetune_input(tmp_path, args, expected):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty") for a in args]
+    done = run_cli("-m", "muppet_ray", "finetune", *args, "--set",
+                   f"run.storage_path={tmp_path / 'runs'}", timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("muppet-ray: error: ") and expected in line, line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
