@@ -138,7 +138,8 @@ def _checkpoint_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-def initial_heads(source: Source, tasks: list[Task], choice: str) -> tuple[dict, dict[str, str]]:
+def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str = "--head reuse"
+                  ) -> tuple[dict, dict[str, str]]:
     """The trained head tensors to start `tasks` from (keyed as `MuppetModel.heads`), and for
     each task where its head comes from ('new', or the source task that trained it)."""
     if choice not in HEAD_CHOICES:
@@ -161,7 +162,7 @@ def initial_heads(source: Source, tasks: list[Task], choice: str) -> tuple[dict,
             reason = (f"task {task.name!r} was trained in {source.given!r} with another type "
                       f"or labels ({specs[task.name]['type']}, {specs[task.name]['labels']})")
         if reason and choice == "reuse":
-            raise ConfigError(f"--head reuse: {reason}")
+            raise ConfigError(f"{asked_by}: {reason}")
         origin[task.name] = "new" if reason or choice == "new" else trained[key]
     reused = [t for t in tasks if origin[t.name] not in ("new",)
               and t.task_type.head != "generation"]
@@ -377,7 +378,7 @@ def evaluate(base: Config, given: str, tasks: list[str]) -> dict[str, dict[str, 
     config = validate({**config.model_dump(mode="json"),
                        "tasks": {**config.tasks.model_dump(mode="json"), "include": tasks}})
     resolved = check(config)
-    heads, _ = initial_heads(source, resolved, "reuse")
+    heads, _ = initial_heads(source, resolved, "reuse", asked_by="evaluate")
     result = prefinetune(config, job="evaluate", initial_heads=heads, evaluate_only=True)
     root.write_text("metrics.json", json.dumps(result.after, indent=2))
     return result.after

@@ -167,3 +167,34 @@ def test_bad_finetune_input(tmp_path, args, expected):
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("muppet-ray: error: ") and expected in line, line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_missing_head_is_refused(tmp_path):
+    """Tasks whose head the source never trained: one line, exit 2, before Ray starts."""
+    from muppet_ray.config import ModelConfig
+    from muppet_ray.export import write_export
+    from muppet_ray.model import MuppetModel, build_backbone
+
+    tasks = tasks_named("sentiment", "needs")
+    tokenizer = train_tokenizer(texts_of(tasks[0].source.sample("train", 100)), 200, 64)
+    backbone = build_backbone(ModelConfig(arch="bert", hidden_size=16, num_layers=1,
+                                          num_heads=2, ffn_size=32), tokenizer)
+    write_export(MuppetModel(backbone, [t.spec() for t in tasks], 0.1), tokenizer,
+                 RunDir(str(tmp_path)), 0, "{}")
+    export = str(tmp_path / "export")
+    for args, expected in [
+        (["finetune", "--task", "review", "--head", "reuse"],
+         f"--head reuse: {export!r} has no trained classification head for task 'review'"),
+        (["evaluate", "--tasks", "needs,what_has"],
+         f"evaluate: {export!r} has no trained span head"),
+        (["export", "--task", "what_has", "--out", str(tmp_path / "hf")],
+         "task 'what_has' is not in the export"),
+    ]:
+        done = run_cli("-m", "muppet_ray", args[0], "--from", export, *args[1:],
+                       *(["--set", f"run.storage_path={tmp_path / 'runs'}"]
+                         if args[0] != "export" else []), timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        line = done.stderr.strip().splitlines()[-1]
+        assert line == f"muppet-ray: error: {expected}" or expected in line, line
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+        assert not (tmp_path / "hf").exists()
