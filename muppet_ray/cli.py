@@ -5,6 +5,9 @@
                         [--baseline auto|MODEL] [--head auto|reuse|new] [--config] [--set]
     muppet-ray evaluate --from MODEL --tasks TASK,... [--config FILE] [--set ...]
     muppet-ray export --from MODEL --task TASK --out DIR
+    muppet-ray sweep tasks --counts N,... --eval-tasks TASK,... [--fractions] [--seeds]
+    muppet-ray sweep ablation --axis batching|loss-scaling|mixing --eval-tasks TASK,... [...]
+    muppet-ray sweep finetune --from MODEL --task TASK --search KEY=SPACE ... [--samples N]
     muppet-ray tasks list [--family FAMILY]
 
 MODEL: a run directory, a checkpoint, an export, a model directory or a Hub id.
@@ -47,6 +50,38 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="source", required=True, metavar="MODEL")
     export.add_argument("--task", required=True)
     export.add_argument("--out", required=True, help="output directory")
+    sweep = commands.add_parser("sweep", help="Ray Tune sweeps: task count, ablations, "
+                                "fine-tuning hyperparameters").add_subparsers(
+        dest="sweep", required=True)
+    counts = sweep.add_parser("tasks", help="downstream quality vs number of pre-finetuning "
+                              "tasks (nested task sets; 0 = the plain backbone)")
+    counts.add_argument("--counts", required=True, help="task counts, e.g. 0,2,4,8")
+    counts.add_argument("--task-seed", type=int, default=0, help="seeds the order in which "
+                        "tasks join the nested sets (recorded in task_order.json)")
+    ablation = sweep.add_parser("ablation", help="the same over batching, loss scaling or "
+                                "mixing")
+    ablation.add_argument("--axis", required=True, choices=["batching", "loss-scaling",
+                                                            "mixing"])
+    ablation.add_argument("--values", help="values of the axis, comma separated (default: "
+                          "all)")
+    for command in (counts, ablation):
+        _config_options(command)
+        command.add_argument("--eval-tasks", required=True, help="tasks to fine-tune on, "
+                             "never in any mixture (comma separated)")
+        command.add_argument("--fractions", default="1")
+        command.add_argument("--seeds", default="0")
+        command.add_argument("--max-concurrent", type=int, help="trials at once (default: as "
+                             "many as the cluster's CPUs hold)")
+    search = sweep.add_parser("finetune", help="fine-tuning hyperparameter search with ASHA")
+    _config_options(search)
+    search.add_argument("--from", dest="source", required=True, metavar="MODEL")
+    search.add_argument("--task", required=True)
+    search.add_argument("--search", action="append", required=True, metavar="KEY=SPACE",
+                        help="e.g. training.learning_rate=loguniform(1e-5,1e-3), "
+                        "batching.micro_batch_size=choice(8,16) (repeatable)")
+    search.add_argument("--samples", type=int, default=4, help="trials (default 4)")
+    search.add_argument("--grace-steps", type=int, help="steps before ASHA may stop a trial")
+    search.add_argument("--max-concurrent", type=int)
     tasks = commands.add_parser("tasks", help="the task catalog")
     listing = tasks.add_subparsers(dest="action", required=True).add_parser(
         "list", help="print the catalog: name, type, labels, families, source, size")
@@ -106,6 +141,25 @@ def main(argv: list[str] | None = None) -> int:
             fractions = _numbers("--fractions", args.fractions, float)
             seeds = _numbers("--seeds", args.seeds, int)
             compare(config, args.source, args.task, fractions, seeds, args.baseline, args.head)
+        elif args.command == "sweep":
+            from muppet_ray import sweep
+
+            if args.sweep == "finetune":
+                sweep.sweep_finetune(config, args.source, args.task, args.search, args.samples,
+                                     args.grace_steps, args.max_concurrent)
+                return 0
+            common = dict(eval_tasks=_numbers("--eval-tasks", args.eval_tasks, str),
+                          fractions=_numbers("--fractions", args.fractions, float),
+                          seeds=_numbers("--seeds", args.seeds, int),
+                          max_concurrent=args.max_concurrent)
+            if args.sweep == "tasks":
+                sweep.sweep_points(config, "tasks", counts=_numbers("--counts", args.counts, int),
+                                   task_seed=args.task_seed, **common)
+            else:
+                values = None
+                if args.values:
+                    values = [sweep.parse_value(v) for v in args.values.split(",")]
+                sweep.sweep_points(config, args.axis, values=values, **common)
         elif args.command == "evaluate":
             from muppet_ray.finetune import evaluate
 

@@ -238,8 +238,8 @@ def finetune_config(base: Config, source: Source, task: str, fraction: float, se
     return validate(raw)
 
 
-def finetune(config: Config, source: Source, head: str = "auto", role: str = "pre-finetuned"
-             ) -> FinetuneResult:
+def finetune(config: Config, source: Source, head: str = "auto", role: str = "pre-finetuned",
+             callbacks: list | None = None) -> FinetuneResult:
     """One fine-tuning run: `config` names one task in tasks.include."""
     from muppet_ray.prefinetune import check, prefinetune
 
@@ -248,7 +248,7 @@ def finetune(config: Config, source: Source, head: str = "auto", role: str = "pr
         raise ConfigError(f"tasks.include: fine-tuning takes one task, got {len(tasks)}")
     task = tasks[0]
     heads, origin = initial_heads(source, tasks, head)
-    run = prefinetune(config, job="finetune", initial_heads=heads)
+    run = prefinetune(config, job="finetune", initial_heads=heads, callbacks=callbacks)
     metric = task.task_type.metric
     after = run.after.get(task.name, {})
     hf_model = _transformers_copy(run.export_dir, task, f"{run.run_dir}/hf")
@@ -287,19 +287,26 @@ def baseline_source(source: Source, work_dir: str) -> Source:
     config = validate(yaml.safe_load(source.manifest["config"]))
     if config.model.pretrained is not None:
         return resolve_source(config.model.pretrained, work_dir)
+    from muppet_ray.tokenizer import load_tokenizer
+
+    init = initial_weights(config, load_tokenizer(source.model), work_dir)
+    return Source(f"{source.given} (initial weights)", init)
+
+
+def initial_weights(config: Config, tokenizer, work_dir: str) -> str:
+    """A backbone built from scratch as a run with `config` starts it (same seed, same
+    weights), saved with its tokenizer as `<work_dir>/baseline-init`."""
     out = RunDir(work_dir)
     if not out.exists("baseline-init/config.json"):
         from muppet_ray.model import build_backbone
-        from muppet_ray.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(source.model)
-        torch.manual_seed(config.training.seed)  # as the run's workers did (train.py)
+        torch.manual_seed(config.training.seed)  # as the run's workers do (train.py)
         backbone = build_backbone(config.model, tokenizer)
         with tempfile.TemporaryDirectory(prefix="muppet-init-") as local:
             backbone.save_pretrained(local)
             tokenizer.save_pretrained(local)
             out.upload(local, "baseline-init")
-    return Source(f"{source.given} (initial weights)", out.uri("baseline-init"))
+    return out.uri("baseline-init")
 
 
 def compare(base: Config, given: str, task: str, fractions: list[float], seeds: list[int],

@@ -101,9 +101,10 @@ def build_tokenizer(config: Config, tasks: list[Task]):
 
 
 def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | None = None,
-                evaluate_only: bool = False) -> RunResult:
+                evaluate_only: bool = False, callbacks: list | None = None) -> RunResult:
     """Pre-finetune on the config's tasks. Fine-tuning (finetune.py) is the same run on one
-    task, started from trained heads; `evaluate_only` scores the starting model, no training."""
+    task, started from trained heads; `evaluate_only` scores the starting model, no training.
+    `callbacks`: Ray Train callbacks (a sweep passes Tune's TuneReportCallback)."""
     tasks = check(config)
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
@@ -158,7 +159,7 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
             num_workers=config.scaling.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints)),

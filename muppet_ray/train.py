@@ -131,7 +131,10 @@ class Worker:
                 self.log_train(done, window)
                 window = self._new_window()
             if train.eval_every and done % train.eval_every == 0 and done != steps:
-                self.log_eval(done, self.evaluate())
+                metrics = self.evaluate()
+                self.log_eval(done, metrics)
+                # (to Ray Tune, through TuneReportCallback: what ASHA stops trials on)
+                ray.train.report({"step": done, **_flatten(metrics)})
             if done % train.checkpoint_every == 0 and done != steps:
                 self.checkpoint(done, {"step": done})
         final = self.evaluate()

@@ -1,0 +1,113 @@
+"""Ray Tune sweeps: nested task sets, search spaces, bad input, and a real task-count sweep
+(Tune trials driving Ray Train runs) that is killed mid-way and restored."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from muppet_ray.errors import ConfigError
+from muppet_ray.sweep import nested_task_sets, parse_search
+from tests.conftest import ROOT, run_cli
+
+POOL = ["sentiment", "topic", "entailment", "rating", "needs", "next_number", "what_has"]
+TINY = ["tasks.suite_scale=0.1", "training.max_steps=4", "training.warmup_steps=1",
+        "training.checkpoint_every=4", "training.max_eval_examples=32", "model.hidden_size=32",
+        "model.ffn_size=64", "model.num_layers=1", "scaling.num_workers=1",
+        "batching.micro_batch_size=8"]
+
+
+def test_task_sets_are_nested_and_seeded():
+    order, sets = nested_task_sets(POOL, [0, 2, 4, 7], seed=3)
+    assert sorted(order) == sorted(POOL) and sets[0] == [] and sets[7] == order
+    assert sets[2] == sets[4][:2] and sets[4] == sets[7][:4]
+    assert nested_task_sets(POOL, [2], seed=3)[0] == order  # the seed fixes the order
+    assert nested_task_sets(POOL, [2], seed=4)[0] != order
+    with pytest.raises(ConfigError, match="--counts: 9 tasks asked for, but the pool has 7"):
+        nested_task_sets(POOL, [2, 9], seed=0)
+    with pytest.raises(ConfigError, match="distinct task counts"):
+        nested_task_sets(POOL, [2, 2], seed=0)
+
+
+def test_search_spaces():
+    space = parse_search(["training.learning_rate=loguniform(1e-5,1e-3)",
+                          "batching.micro_batch_size=choice(8,16)",
+                          "training.warmup_steps=grid(0, 4)"])
+    assert set(space) == {"training.learning_rate", "batching.micro_batch_size",
+                          "training.warmup_steps"}
+    assert space["training.warmup_steps"] == {"grid_search": [0, 4]}
+    assert 1e-5 <= space["training.learning_rate"].sample() <= 1e-3
+    with pytest.raises(ConfigError, match="--search 'lr=1e-3': expected section.key="):
+        parse_search(["lr=1e-3"])
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["tasks", "--counts", "0,2", "--eval-tasks", "needs"],
+     "--eval-tasks ['needs'] are in the pre-finetuning pool"),
+    (["tasks", "--counts", "0,20", "--eval-tasks", "review"], "--counts: 20 tasks asked for"),
+    (["tasks", "--counts", "0,2", "--eval-tasks", "poetry"], "unknown task or family 'poetry'"),
+    (["finetune", "--from", "/nonexistent", "--task", "review", "--search", "x=1"],
+     "--search 'x=1': expected"),
+])
+def test_bad_sweep_input(tmp_path, args, expected):
+    done = run_cli("-m", "muppet_ray", "sweep", *args, "--set",
+                   f"run.storage_path={tmp_path}", timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("muppet-ray: error: ") and expected in line, line
+    assert not any(tmp_path.iterdir())
+
+
+def sweep_command(storage):
+    args = ["-m", "muppet_ray", "sweep", "tasks", "--counts", "0,1,2,3", "--eval-tasks",
+            "review,who_has", "--max-concurrent", "1", "--task-seed", "1"]
+    for override in [*TINY, f"run.storage_path={storage}", "run.name=sweep"]:
+        args += ["--set", override]
+    return [sys.executable, *args]
+
+
+def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    root = tmp_path / "sweep"
+    first = subprocess.Popen(sweep_command(tmp_path), cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill the driver (and its local Ray cluster) once one point has finished and the next has
+    # started.
+    deadline = time.monotonic() + 400
+    finished = None
+    while time.monotonic() < deadline and first.poll() is None:
+        done = [p for p in root.glob("*-results.json") if len(json.loads(p.read_text())) == 2]
+        if done and len(list(root.glob("*-prefinetune"))) >= 2:
+            finished = done[0]
+            break
+        time.sleep(1)
+    assert finished is not None, "no sweep point finished in time"
+    time.sleep(3)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    kept = {p: p.stat().st_mtime for p in root.glob(f"{finished.name[:-13]}-*/results.json")}
+    assert len(kept) == 2
+
+    second = subprocess.run(sweep_command(tmp_path), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "restoring the sweep" in second.stdout
+    # The finished point was not run again.
+    assert {p: p.stat().st_mtime for p in kept} == kept
+
+    rows = json.loads((root / "results.json").read_text())
+    assert sorted({r["tasks"] for r in rows}) == [0, 1, 2, 3]
+    assert len(rows) == 8 and all("error" not in r for r in rows)
+    assert {r["task"] for r in rows} == {"review", "who_has"}
+    order = json.loads((root / "task_order.json").read_text())["order"]
+    for r in rows:  # each point pre-finetuned on the first `count` tasks of the recorded order
+        if r["tasks"]:
+            config = (root / f"{r['tasks']}-tasks-prefinetune" / "config.yaml").read_text()
+            assert f"include:\n  - {order[0]}" in config
+    assert (root / "results.csv").read_text().count("\n") == 9
+    assert (root / "plots" / "tasks_curve.png").stat().st_size > 1000
+    assert "| review | 1 |" in (root / "summary.md").read_text()
