@@ -111,3 +111,25 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
     assert (root / "results.csv").read_text().count("\n") == 9
     assert (root / "plots" / "tasks_curve.png").stat().st_size > 1000
     assert "| review | 1 |" in (root / "summary.md").read_text()
+
+
+def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):
+    from muppet_ray.finetune import initial_weights
+    from muppet_ray.prefinetune import build_tokenizer
+    from muppet_ray.sweep import sweep_finetune
+    from muppet_ray.tasks import resolve_tasks
+    from tests.conftest import make_config
+
+    base = make_config(tmp_path, *TINY, "training.max_steps=12", "training.eval_every=6",
+                       "run.name=search")
+    tokenizer = build_tokenizer(base, resolve_tasks(base))
+    plain = initial_weights(base, tokenizer, str(tmp_path / "plain"))
+    report = sweep_finetune(base, plain, "sentiment",
+                            ["training.learning_rate=grid(5e-3,5e-3,1e-8,1e-8)"], samples=1,
+                            grace_steps=6, max_concurrent=1)
+    trials = report["trials"]
+    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    assert any(t["steps"] < 12 for t in trials)  # ASHA stopped at least one early
+    assert report["best"]["training.learning_rate"] == 5e-3 and report["best"]["steps"] == 12
+    saved = json.loads((tmp_path / "search" / "best.json").read_text())
+    assert saved["best"]["value"] == report["best"]["value"]
