@@ -240,9 +240,15 @@ def finetune_config(base: Config, source: Source, task: str, fraction: float, se
 
 def finetune(config: Config, source: Source, head: str = "auto", role: str = "pre-finetuned",
              callbacks: list | None = None) -> FinetuneResult:
-    """One fine-tuning run: `config` names one task in tasks.include."""
-    from muppet_ray.prefinetune import check, prefinetune
+    """One fine-tuning run: `config` names one task in tasks.include. A run that already
+    finished with this config is not run again: its results.json is the result."""
+    from muppet_ray.config import to_yaml
+    from muppet_ray.prefinetune import check, prefinetune, training_settings
 
+    done = RunDir(f"{normalize(config.run.storage_path)}/{config.run.name}")
+    if done.exists("results.json") and done.exists("config.yaml") and training_settings(
+            done.read_text("config.yaml")) == training_settings(to_yaml(config)):
+        return FinetuneResult(**json.loads(done.read_text("results.json")))
     tasks = check(config)
     if len(tasks) != 1:
         raise ConfigError(f"tasks.include: fine-tuning takes one task, got {len(tasks)}")

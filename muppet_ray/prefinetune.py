@@ -112,7 +112,7 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
     resuming = run_dir.exists("config.yaml")
     config_yaml = to_yaml(config.model_copy(update={"run": config.run.model_copy(
         update={"name": name})}))
-    if resuming and _training_settings(run_dir.read_text("config.yaml")) != _training_settings(
+    if resuming and training_settings(run_dir.read_text("config.yaml")) != training_settings(
             config_yaml):
         # Another config would mean another schedule: resuming could repeat or skip data.
         raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config; "
@@ -178,7 +178,7 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
     return result
 
 
-def _training_settings(config_yaml: str) -> dict:
+def training_settings(config_yaml: str) -> dict:
     """Everything but the `run` section (where the run lives and how it is supervised)."""
     settings = yaml.safe_load(config_yaml) or {}
     settings.pop("run", None)

@@ -55,7 +55,7 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(ray_cluster, tmp_path):
     _, _, again = prepare(config, run_dir)
     assert run_dir.read_text("data/topic/train/index.json") == index
     assert again == caches
-    changed = make_config(tmp_path, "tasks.include=[topic]", "training.seed=5")
+    changed = make_config(tmp_path, "tasks.include=[topic]", "tasks.data_seed=5")
     _, _, rebuilt = prepare(changed, run_dir)
     assert payloads(rebuilt["topic"]["train"]) != before
 

@@ -3,6 +3,7 @@ baselines, checkpoints as sources, transformers task models, and bad input. Inte
 run real Ray, Ray Data, Ray Train workers and DeepSpeed on CPU."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def source_run(ray_cluster, tmp_path_factory):
 
 def finetune_base(storage, *overrides):
     return make_config(storage, "training.max_steps=6", "training.warmup_steps=1",
-                       "training.learning_rate=5e-4", "run.name=ft", *overrides)
+                       "training.learning_rate=5e-4", "run.name=ft", "scaling.num_workers=1",
+                       *overrides)
 
 
 def tasks_named(*names, storage="unused"):
@@ -110,6 +112,12 @@ def test_finetune_compares_with_the_baseline(source_run, tmp_path):
     for r in results:
         saved = json.loads((root / f"{r.role}-f{r.fraction:g}-s0" / "results.json").read_text())
         assert saved["value"] == r.value
+    # The same command again finds every run finished: nothing is trained again.
+    logs = {r.run_dir: (Path(r.run_dir) / "metrics.jsonl").stat().st_mtime for r in results}
+    again = compare(base, source_run.run_dir, "who_has", [0.5, 1.0], [0], baseline="auto")
+    assert again == results
+    assert {r: (Path(r) / "metrics.jsonl").stat().st_mtime for r in logs} == logs
+
     # The baseline is the backbone the source started from: its seeded initial weights.
     init = load_exported(source_run.export_dir)[0].backbone.state_dict()
     baseline = AutoModelForMultipleChoice.from_pretrained(root / "baseline-init").base_model

@@ -64,7 +64,7 @@ def test_bad_sweep_input(tmp_path, args, expected):
 
 def sweep_command(storage):
     args = ["-m", "muppet_ray", "sweep", "tasks", "--counts", "0,1,2,3", "--eval-tasks",
-            "review,who_has", "--max-concurrent", "1", "--task-seed", "1"]
+            "review,who_has", "--max-concurrent", "2", "--task-seed", "1"]
     for override in [*TINY, f"run.storage_path={storage}", "run.name=sweep"]:
         args += ["--set", override]
     return [sys.executable, *args]
