@@ -64,7 +64,7 @@ def test_bad_sweep_input(tmp_path, args, expected):
 
 def sweep_command(storage):
     args = ["-m", "muppet_ray", "sweep", "tasks", "--counts", "0,1,2,3", "--eval-tasks",
-            "review,who_has", "--max-concurrent", "2", "--task-seed", "1"]
+            "review,who_has", "--max-concurrent", "1", "--task-seed", "1"]
     for override in [*TINY, f"run.storage_path={storage}", "run.name=sweep"]:
         args += ["--set", override]
     return [sys.executable, *args]
@@ -77,18 +77,21 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill the driver (and its local Ray cluster) once one point has finished and the next has
     # started.
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 900
     finished = None
-    while time.monotonic() < deadline and first.poll() is None:
-        done = [p for p in root.glob("*-results.json") if len(json.loads(p.read_text())) == 2]
-        if done and len(list(root.glob("*-prefinetune"))) >= 2:
-            finished = done[0]
-            break
-        time.sleep(1)
-    assert finished is not None, "no sweep point finished in time"
-    time.sleep(3)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            done = [p for p in root.glob("*-results.json")
+                    if len(json.loads(p.read_text())) == 2]
+            if done and len(list(root.glob("*-prefinetune"))) >= 2:
+                finished = done[0]
+                break
+            time.sleep(1)
+        assert finished is not None, "no sweep point finished in time"
+        time.sleep(3)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     kept = {p: p.stat().st_mtime for p in root.glob(f"{finished.name[:-13]}-*/results.json")}
     assert len(kept) == 2
 
