@@ -315,12 +315,16 @@ def initial_weights(config: Config, tokenizer, work_dir: str) -> str:
     return out.uri("baseline-init")
 
 
-def compare(base: Config, given: str, task: str, fractions: list[float], seeds: list[int],
-            baseline: str | None = None, head: str = "auto") -> list[FinetuneResult]:
-    """Fine-tune `task` from `given` (and from a baseline) on each fraction and seed."""
+def check_fractions(fractions: list[float]) -> None:
     for fraction in fractions:
         if not 0 < fraction <= 1:
             raise ConfigError(f"--fractions: each fraction must be in (0, 1], got {fraction}")
+
+
+def compare(base: Config, given: str, task: str, fractions: list[float], seeds: list[int],
+            baseline: str | None = None, head: str = "auto") -> list[FinetuneResult]:
+    """Fine-tune `task` from `given` (and from a baseline) on each fraction and seed."""
+    check_fractions(fractions)
     name = base.run.name or f"finetune-{task}"
     root = RunDir(f"{normalize(base.run.storage_path)}/{name}")
     source = resolve_source(given, root.root)

@@ -34,6 +34,7 @@ from muppet_ray.config import Config, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import (
     Source,
+    check_fractions,
     finetune,
     finetune_config,
     initial_weights,
@@ -82,9 +83,7 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     (and one per failed trial), also written as results.json/csv, plots and summary.md."""
     from muppet_ray.prefinetune import start_ray
 
-    for fraction in fractions:
-        if not 0 < fraction <= 1:
-            raise ConfigError(f"--fractions: each fraction must be in (0, 1], got {fraction}")
+    check_fractions(fractions)
     pool = [t.name for t in resolve_tasks(base)]  # the mixture: tasks.include or the default
     overlap = sorted(set(eval_tasks) & set(pool))
     if overlap:

@@ -10,31 +10,21 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from muppet_ray import suite
 from muppet_ray.batch import collate, to_torch
 from muppet_ray.config import ModelConfig
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import to_transformers, write_export
 from muppet_ray.model import MuppetModel, build_backbone
-from muppet_ray.sources import BuiltinSource
 from muppet_ray.storage import RunDir
-from muppet_ray.task_types import Limits
-from muppet_ray.tasks import Task
-from muppet_ray.tokenizer import texts_of, train_tokenizer
+from tests.test_task_types import LIMITS, suite_tokenizer
+from tests.test_task_types import task as suite_task
 
-LIMITS = Limits(max_length=64, max_target_length=16)
 TASKS = ["sentiment", "topic", "rating", "needs", "what_has"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    samples = (suite.example(t, "train", i, 0) for t in suite.SUITE for i in range(200))
-    return train_tokenizer(texts_of(samples), 500, 64)
-
-
-def suite_task(name):
-    spec = suite.SUITE[name]
-    return Task(name, spec.type, BuiltinSource(name, 0, 1.0), spec.labels)
+    return suite_tokenizer()
 
 
 def exported(tokenizer, tmp_path, arch):

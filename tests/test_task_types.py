@@ -21,10 +21,14 @@ from muppet_ray.tokenizer import texts_of, train_tokenizer
 LIMITS = Limits(max_length=64, max_target_length=16)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def suite_tokenizer():
     samples = (suite.example(t, "train", i, 0) for t in suite.SUITE for i in range(200))
     return train_tokenizer(texts_of(samples), 500, 64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return suite_tokenizer()
 
 
 def task(name):
