@@ -75,7 +75,8 @@ def main() -> None:
     print(f"collated in {time.perf_counter() - started:.1f}s")
     schedule = build_schedule([len(c) for c in train],
                               [t.source.num_examples("train") for t in tasks], config.mixture,
-                              config.batching, 1, args.steps, config.training.seed)
+                              config.batching, config.batching.grad_accum_steps, args.steps,
+                              config.training.seed)
 
     torch.manual_seed(config.training.seed)
     specs = [t.spec() for t in tasks]

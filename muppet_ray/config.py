@@ -144,7 +144,9 @@ class BatchingConfig(Section):
     micro_batch_size: int = Field(16, ge=1)
     """Examples per micro-batch on one worker."""
     grad_accum_steps: int = Field(2, ge=1)
-    """Micro-batches per worker per optimizer step."""
+    """Micro-batches per worker per optimizer step, at the full worker count: one step is
+    always grad_accum_steps x max workers micro-batches, so with fewer workers (elastic
+    training) each accumulates proportionally more and the global batch does not change."""
     tasks_per_micro_batch: int = Field(4, ge=1)
     """For strategy=mixed: the micro-batch is made of this many single-task chunks."""
     eval_batch_size: int = Field(64, ge=1)
@@ -188,10 +190,39 @@ class DeepSpeedConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = 2
+    """Training workers, or `[min, max]` for elastic training: the run starts with as many as
+    the cluster holds (at least min), and after a failure or when nodes join it restarts from
+    its latest checkpoint with a new count. The optimizer's batch stays the same (see
+    BatchingConfig.grad_accum_steps)."""
     use_gpu: bool | None = None
     """None: use GPUs when the cluster has them."""
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = {}
+    """Further Ray resources each worker holds, e.g. a custom resource that nodes advertise once
+    (`ray start --resources='{"trainer": 1}'`) to place one worker per node."""
+    resize_interval_s: float = Field(60.0, gt=0)
+    """Elastic runs: how often Ray Train looks for room for more workers (growing the run
+    restarts it from its latest checkpoint)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> ScalingConfig:
+        if self.min_workers < 1 or self.min_workers > self.max_workers:
+            raise ValueError(f"scaling.num_workers: expected a count >= 1 or [min, max] with "
+                             f"1 <= min <= max, got {self.num_workers}")
+        return self
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class RunConfig(Section):
@@ -228,7 +259,21 @@ class Config(Section):
             raise ValueError("mixture.weights: rule=explicit needs a weight per task")
         if any(w < 0 for w in self.mixture.weights.values()):
             raise ValueError("mixture.weights: weights must be >= 0")
+        per_step = micro_batches_per_step(self)
+        uneven = [w for w in range(self.scaling.min_workers, self.scaling.max_workers + 1)
+                  if per_step % w]
+        if uneven:
+            raise ValueError(
+                f"scaling.num_workers {list(self.scaling.num_workers)}: a step is "
+                f"{per_step} micro-batches (batching.grad_accum_steps x max workers), which "
+                f"{uneven[0]} workers cannot share evenly; choose a range whose every count "
+                f"divides {per_step}, or a larger batching.grad_accum_steps")
         return self
+
+
+def micro_batches_per_step(config: Config) -> int:
+    """Micro-batches in one optimizer step, whatever the number of workers (elastic)."""
+    return config.batching.grad_accum_steps * config.scaling.max_workers
 
 
 def _format(error: ValidationError) -> str:

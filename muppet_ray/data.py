@@ -305,10 +305,10 @@ def _fetcher(caches: list[CacheIndex], pad_id: int):
     return fetch
 
 
-def stream(schedule: Schedule, rank: int, start_step: int, caches: list[CacheIndex],
-           pad_id: int) -> Iterator[dict[str, Any]]:
+def stream(schedule: Schedule, rank: int, world_size: int, start_step: int,
+           caches: list[CacheIndex], pad_id: int) -> Iterator[dict[str, Any]]:
     """This worker's micro-batches from `start_step` on, in schedule order, via Ray Data."""
-    positions = schedule.worker_positions(rank, start_step)
+    positions = schedule.worker_positions(rank, world_size, start_step)
     if not len(positions):
         return iter(())
     items = [{"position": p, "task": schedule.task[p].tolist(),

@@ -2,8 +2,9 @@
 
 The schedule is a pure function of the task sizes, the mixture, the batching strategy and the
 seed, so every worker computes the same one, and a restarted worker knows exactly where to
-continue. Micro-batch p of the run goes to worker p % W, so optimizer step s consumes positions
-[s*W*A, (s+1)*W*A) (W workers, A accumulation steps).
+continue. Optimizer step s consumes positions [s*N, (s+1)*N), N micro-batches per step; with W
+workers, position p goes to worker p % W. N does not depend on W, so an elastic run that restarts
+with another worker count trains on exactly the same micro-batches, in the same steps.
 
 Tasks are interleaved by stride scheduling: unit i of task t sits at (i + phase_t) / count_t on a
 common clock. Over any window every task then holds its target share to within about one unit,
@@ -53,20 +54,17 @@ class Schedule:
     task: np.ndarray  # [M, k] task index
     chunk: np.ndarray  # [M, k] chunk index within the task's cache
     epoch: np.ndarray  # [M, k] pass over the task's data that the chunk belongs to
-    world_size: int
-    grad_accum: int
+    per_step: int  # micro-batches per optimizer step
 
     def __len__(self) -> int:
         return len(self.task)
 
     def step_positions(self, step: int) -> range:
-        span = self.world_size * self.grad_accum
-        return range(step * span, (step + 1) * span)
+        return range(step * self.per_step, (step + 1) * self.per_step)
 
-    def worker_positions(self, rank: int, start_step: int = 0) -> range:
-        """The positions worker `rank` trains on, from `start_step` to the end, in order."""
-        return range(start_step * self.grad_accum * self.world_size + rank, len(self),
-                     self.world_size)
+    def worker_positions(self, rank: int, world_size: int, start_step: int = 0) -> range:
+        """The positions worker `rank` of `world_size` trains on, from `start_step` on."""
+        return range(start_step * self.per_step + rank, len(self), world_size)
 
 
 def _task_chunks(num_chunks: int, count: int, rng: np.random.Generator):
@@ -82,17 +80,17 @@ def build_schedule(
     examples_per_task: list[int],
     mixture: MixtureConfig,
     batching: BatchingConfig,
-    world_size: int,
+    per_step: int,
     max_steps: int,
     seed: int,
     names: list[str] | None = None,
 ) -> Schedule:
     names = names or [str(i) for i in range(len(chunks_per_task))]
-    strategy, accum = batching.strategy, batching.grad_accum_steps
-    micro_batches = max_steps * world_size * accum
+    strategy = batching.strategy
+    micro_batches = max_steps * per_step
     # The unit the mixture interleaves: a chunk, or for homogeneous updates a whole step's worth
     # of one task; `mixed` micro-batches are made of several consecutive chunks.
-    per_unit = world_size * accum if strategy == "homogeneous" else 1
+    per_unit = per_step if strategy == "homogeneous" else 1
     per_micro_batch = batching.tasks_per_micro_batch if strategy == "mixed" else 1
     units = micro_batches * per_micro_batch // per_unit
     weights = mixture_weights(dict(zip(names, examples_per_task)), mixture)
@@ -117,4 +115,4 @@ def build_schedule(
             slot_chunk[where], slot_epoch[where] = _task_chunks(num_chunks, len(where), task_rng)
     shape = (micro_batches, per_micro_batch)
     return Schedule(slot_task.reshape(shape), slot_chunk.reshape(shape),
-                    slot_epoch.reshape(shape), world_size, accum)
+                    slot_epoch.reshape(shape), per_step)

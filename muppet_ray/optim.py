@@ -9,17 +9,20 @@ import torch
 from muppet_ray.config import Config
 
 
-def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(config: Config, world_size: int, grad_accum: int, bf16: bool,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """`grad_accum`: micro-batches per worker per step at this world size (elastic runs
+    accumulate more with fewer workers; train.py)."""
     ds = {
         "train_micro_batch_size_per_gpu": config.batching.micro_batch_size,
-        "gradient_accumulation_steps": config.batching.grad_accum_steps,
-        "train_batch_size": config.batching.micro_batch_size
-        * config.batching.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": config.batching.micro_batch_size * grad_accum * world_size,
         "gradient_clipping": config.training.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch's AdamW, so the same code runs on CPU
         "steps_per_print": 2**62,
+        "checkpoint": {"load_universal": load_universal},
     }
     return _merge(ds, config.deepspeed.config)
 

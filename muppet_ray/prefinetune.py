@@ -20,12 +20,12 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from muppet_ray import data, suite
-from muppet_ray.config import Config, to_yaml
+from muppet_ray.config import Config, micro_batches_per_step, to_yaml
 from muppet_ray.errors import ConfigError, MuppetError
 from muppet_ray.metrics import read_log
 from muppet_ray.model import is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
-from muppet_ray.storage import RunDir, normalize
+from muppet_ray.storage import RunDir, check_shared, normalize
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
@@ -82,7 +82,7 @@ def start_ray(config: Config) -> None:
         return
     # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
     # cores, so declare enough logical CPUs for both (the OS shares the real ones).
-    needed = config.scaling.num_workers * config.scaling.cpus_per_worker + 2
+    needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
     ray.init(num_cpus=int(max(os.cpu_count() or 1, needed)), logging_level=logging.WARNING,
              include_dashboard=False)
 
@@ -118,6 +118,7 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
         raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config; "
                           "choose a new run.name (or repeat the original settings to resume)")
     start_ray(config)
+    check_shared(storage)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not resuming:
         run_dir.write_text("config.yaml", config_yaml)
@@ -152,12 +153,16 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
         "initial_heads": initial_heads,
         "evaluate_only": evaluate_only,
     }
+    scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=setup,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+            num_workers=scaling.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                  **scaling.resources_per_worker},
+            **({"elastic_resize_monitor_interval_s": scaling.resize_interval_s}
+               if scaling.elastic else {})),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
@@ -193,8 +198,7 @@ def _save_tokenizer(tokenizer, run_dir: RunDir) -> None:
 
 def _describe(config: Config, tasks: list[Task], caches) -> None:
     examples = {t.name: caches[t.name]["train"].examples for t in tasks}
-    per_step = (config.scaling.num_workers * config.batching.grad_accum_steps
-                * config.batching.micro_batch_size)
+    per_step = micro_batches_per_step(config) * config.batching.micro_batch_size
     epochs = config.training.max_steps * per_step / max(1, sum(examples.values()))
     print(f"[muppet-ray] {len(tasks)} tasks, {sum(examples.values()):,} training examples; "
           f"{config.training.max_steps} steps x {per_step} examples = {epochs:.2f} epochs of "

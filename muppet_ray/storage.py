@@ -86,3 +86,35 @@ class RunDir:
         os.makedirs(local_dir, exist_ok=True)
         pafs.copy_files(self._p(relative), local_dir, source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
+
+
+def check_shared(storage: str) -> None:
+    """A multi-node run needs a storage path every node sees: the workers of one run write their
+    checkpoint shards there from different nodes, and a restarted worker reads them back from
+    any node. A URI (s3://, gs://) is shared by nature; a local path must be on a file system
+    mounted on every node (NFS). Checked by looking for a marker file from every node."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from muppet_ray.errors import ConfigError
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if "://" in storage or len(nodes) < 2:
+        return
+    os.makedirs(storage, exist_ok=True)
+    marker = os.path.join(storage, f".shared-check-{uuid.uuid4().hex}")
+    Path(marker).touch()
+    sees = ray.remote(num_cpus=0)(os.path.exists)
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(marker) for n in nodes])
+    finally:
+        os.remove(marker)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"run.storage_path: {storage!r} is not visible from nodes {blind}; a multi-node run "
+            "needs storage all nodes share (an NFS path mounted on every node, s3://, gs://)")
+

@@ -167,7 +167,7 @@ def _point_trial(params: dict) -> None:
 def _run_tune(trainable, params: dict, root: RunDir, base: Config,
               max_concurrent: int | None, tune_config: dict | None = None):
     """Fit a Tuner over `params`, or restore it from `<root>/tune` after the driver died."""
-    per_trial = base.scaling.num_workers * base.scaling.cpus_per_worker
+    per_trial = base.scaling.max_workers * base.scaling.cpus_per_worker
     if max_concurrent is None:  # trials whose workers fit the cluster at once
         max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // (per_trial + 1)))
     # The trial itself only drives Ray Train runs, whose workers hold the resources.

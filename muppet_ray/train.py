@@ -1,13 +1,20 @@
 """The per-worker training function that Ray Train runs on every worker.
 
-One optimizer step = `grad_accum_steps` micro-batches on each of the W workers; DeepSpeed
-averages their gradients, so with heterogeneous batching every update mixes W x A single-task
-micro-batches. Steps, evaluations, checkpoints and reports happen at the same points on every
-worker (Ray Train and DeepSpeed both need that).
+One optimizer step = N micro-batches (N = grad_accum_steps x max workers), shared by the W
+workers that run now, N / W each; DeepSpeed averages their gradients, so with heterogeneous
+batching every update mixes N single-task micro-batches. Steps, evaluations, checkpoints and
+reports happen at the same points on every worker (Ray Train and DeepSpeed both need that).
+
+Elastic training: a run restarted with another worker count trains on the same micro-batches in
+the same steps (the schedule depends on N, not W). DeepSpeed's ZeRO checkpoint is sharded by
+worker, so it is first turned into a universal checkpoint (DeepSpeed's own format for loading
+under another world size), which each worker reshards as it loads.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 import os
@@ -15,6 +22,7 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 import ray.data
 import ray.train
 import ray.train.torch
@@ -23,7 +31,7 @@ import torch.distributed as dist
 
 from muppet_ray import batch as mb
 from muppet_ray import data
-from muppet_ray.config import Config
+from muppet_ray.config import Config, micro_batches_per_step
 from muppet_ray.export import write_export
 from muppet_ray.metrics import MetricsLogger
 from muppet_ray.mixture import build_schedule
@@ -37,6 +45,7 @@ from muppet_ray.task_types import TASK_TYPES
 log = logging.getLogger("muppet_ray")
 FAULT_MARKER = ".fault_injected"
 CHECKPOINT_TAG = "deepspeed"
+CHECKPOINT_STATE = "muppet.json"  # beside DeepSpeed's files: the step and the world size
 
 
 class Worker:
@@ -55,13 +64,14 @@ class Worker:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.accum = self.config.batching.grad_accum_steps
+        self.per_step = micro_batches_per_step(self.config)
+        self.accum = self.per_step // self.world  # (config.py checks that it divides)
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
         self._eval_batches: list | None = None
 
     # ------------------------------------------------------------------ setup
 
-    def build(self) -> None:
+    def build(self, load_universal: bool = False) -> None:
         on_gpu = self.device.type == "cuda"
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
         import deepspeed  # after DS_ACCELERATOR: it picks its accelerator at import
@@ -84,15 +94,31 @@ class Worker:
         optimizer, scheduler = build_optimizer(model, self.config)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.config, self.world, bf16),
+            config=deepspeed_config(self.config, self.world, self.accum, bf16, load_universal),
         )
 
-    def restore(self) -> int:
+    def needs_resharding(self, checkpoint: ray.train.Checkpoint | None) -> bool:
+        """Whether the checkpoint's ZeRO shards were written by another number of workers."""
+        if checkpoint is None or self.config.deepspeed.zero_stage == 0:
+            return False  # (stage 0 shards nothing)
+        with checkpoint.filesystem.open_input_stream(
+                f"{checkpoint.path}/{CHECKPOINT_STATE}") as f:
+            saved = json.loads(f.read())["world_size"]
+        if saved != self.world and self.rank == 0:
+            log.warning(f"[muppet-ray] resuming with {self.world} workers from a checkpoint of "
+                        f"{saved}: each now runs {self.accum} of the step's {self.per_step} "
+                        "micro-batches")
+        return saved != self.world
+
+    def restore(self, checkpoint: ray.train.Checkpoint | None, reshard: bool) -> int:
         """Load the latest checkpoint, if any; returns the number of steps already done."""
-        checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return 0
-        with checkpoint.as_directory() as directory:
+        with (checkpoint.as_directory() as directory,
+              tempfile.TemporaryDirectory(prefix="muppet-universal-") as universal):
+            if reshard:
+                _to_universal(directory, universal)
+                directory = universal
             _, client_state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         return int(client_state["step"])
 
@@ -108,16 +134,18 @@ class Worker:
             self.logger.close()
 
     def run(self) -> None:
-        self.build()
+        checkpoint = ray.train.get_checkpoint()
+        reshard = self.needs_resharding(checkpoint)
+        self.build(load_universal=reshard)
         self.schedule = build_schedule(
             [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
-            self.config.mixture, self.config.batching, self.world,
+            self.config.mixture, self.config.batching, self.per_step,
             self.config.training.max_steps, self.config.training.seed,
             [s["name"] for s in self.specs],
         )
-        start = self.restore()
+        start = self.restore(checkpoint, reshard)
         steps = self.config.training.max_steps
-        stream = data.stream(self.schedule, self.rank, start, self.train_caches,
+        stream = data.stream(self.schedule, self.rank, self.world, start, self.train_caches,
                              self.tokenizer.pad_token_id)
         if start == 0:
             self.log_eval(0, self.evaluate())
@@ -151,7 +179,7 @@ class Worker:
         # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
         # accelerator's queue full.
         losses = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=self.device)
-        counts = torch.zeros(2 + self.world * self.accum, dtype=torch.float64)
+        counts = torch.zeros(2 + self.per_step, dtype=torch.float64)
         expected = self.schedule.step_positions(step)
         for micro in range(self.accum):
             row = next(stream)
@@ -168,7 +196,7 @@ class Worker:
             counts[1] += int(row["padded_tokens"])
             counts[2 + micro * self.world + self.rank] = position  # every slot filled once
         totals = self._all_reduce(torch.cat([losses, counts.to(self.device)]))
-        window["loss"] += totals[0].item() / (self.world * self.accum)
+        window["loss"] += totals[0].item() / self.per_step
         window["task_loss"] += totals[1:1 + num_tasks].numpy()
         window["task_examples"] += totals[1 + num_tasks:1 + 2 * num_tasks].numpy()
         window["tokens"] += totals[1 + 2 * num_tasks].item()
@@ -243,6 +271,13 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
             self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
                                         client_state={"step": step})
+            nodes = [ray.get_runtime_context().get_node_id()]  # where each shard was written
+            if self.world > 1:
+                nodes = [None] * self.world
+                dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+            if self.rank == 0:
+                with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
+                    json.dump({"step": step, "world_size": self.world, "nodes": nodes}, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"checkpoint_{step:06d}")
 
@@ -265,6 +300,7 @@ class Worker:
         positions = sorted(window["positions"])
         record = {
             "kind": "train", "step": step, "loss": window["loss"] / window["steps"], "lr": lr,
+            "workers": self.world,
             "examples_per_s": float(examples.sum() / seconds),
             "tokens_per_s": window["tokens"] / seconds,
             "real_token_ratio": window["tokens"] / max(window["padded"], 1),
@@ -285,6 +321,17 @@ class Worker:
         summary = "  ".join(
             f"{task} {next(iter(values.values())):.3f}" for task, values in metrics.items())
         log.info(f"[muppet-ray] eval @ step {step}: {summary}")
+
+
+def _to_universal(directory: str, out: str) -> None:
+    """DeepSpeed's ZeRO checkpoint in `directory` as a universal checkpoint in `out`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=os.path.join(directory, CHECKPOINT_TAG),
+        output_folder=os.path.join(out, CHECKPOINT_TAG),
+        num_extract_workers=1, num_merge_workers=1,  # in this process: no process pools
+        keep_temp_folder=False, strict=True, inject_missing_state=True))
 
 
 def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:

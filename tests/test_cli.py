@@ -20,7 +20,7 @@ def assert_rejected(done, expected, storage):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--set", "scaling.num_workers=0"], "scaling.num_workers: Input should be greater"),
+        (["--set", "scaling.num_workers=0"], "scaling.num_workers: expected a count >= 1"),
         (["--set", "deepspeed.zero_stage=4"], "deepspeed.zero_stage: Input should be less"),
         (["--set", "tasks.custom=[{name: x, type: ranking, train: x.jsonl}]"],
          "tasks.custom.0.type: Input should be 'classification'"),

@@ -30,8 +30,12 @@ def test_yaml_and_overrides(tmp_path):
     [
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be less than or equal "
                                    "to 3 (got 4)"),
-        ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal "
-                                  "to 1 (got 0)"),
+        ("scaling.num_workers=0", "scaling.num_workers: expected a count >= 1 or [min, max] "
+                                  "with 1 <= min <= max, got 0"),
+        ("scaling.num_workers=[3,2]", "scaling.num_workers: expected a count >= 1 or [min, max]"),
+        ("scaling.num_workers=[1,4]", "scaling.num_workers [1, 4]: a step is 8 micro-batches "
+                                      "(batching.grad_accum_steps x max workers), which 3 workers "
+                                      "cannot share evenly"),
         ("training.max_steps=ten", "training.max_steps: Input should be a valid integer"),
         ("training.nonsense=1", "training.nonsense: unknown setting"),
         ("mixture.rule=random", "mixture.rule: Input should be 'proportional', 'temperature', "

@@ -65,14 +65,14 @@ def test_stream_follows_the_schedule_and_resumes(ray_cluster, tmp_path):
     tasks, tokenizer, caches = prepare(config, RunDir(str(tmp_path / "run")))
     train = [caches[t.name]["train"] for t in tasks]
     schedule = build_schedule([c.chunks for c in train], [c.examples for c in train],
-                              MixtureConfig(), BatchingConfig(grad_accum_steps=2), 2, 20, 0)
-    rows = list(data.stream(schedule, 1, 0, train, tokenizer.pad_token_id))
-    assert [r["position"] for r in rows] == list(schedule.worker_positions(1))
+                              MixtureConfig(), BatchingConfig(grad_accum_steps=2), 4, 20, 0)
+    rows = list(data.stream(schedule, 1, 2, 0, train, tokenizer.pad_token_id))
+    assert [r["position"] for r in rows] == list(schedule.worker_positions(1, 2))
     for row in rows[:10]:
         p = row["position"]
         chunk = data.ChunkReader.read(train[schedule.task[p, 0]], schedule.chunk[p, 0])
         assert mb.to_bytes(mb.from_bytes(row["payload"])) == mb.to_bytes(chunk)
-    resumed = list(data.stream(schedule, 1, 12, train, tokenizer.pad_token_id))
+    resumed = list(data.stream(schedule, 1, 2, 12, train, tokenizer.pad_token_id))
     assert [r["position"] for r in resumed] == [r["position"] for r in rows][12 * 2:]
 
 
@@ -154,7 +154,7 @@ def test_mixed_micro_batches_merge_chunks_of_several_tasks(ray_cluster, tmp_path
     schedule = build_schedule([c.chunks for c in train], [c.examples for c in train],
                               MixtureConfig(rule="uniform"), batching, 1, 30, 0)
     mixed = 0
-    for row in data.stream(schedule, 0, 0, train, tokenizer.pad_token_id):
+    for row in data.stream(schedule, 0, 1, 0, train, tokenizer.pad_token_id):
         batch = mb.from_bytes(row["payload"])
         p = row["position"]
         parts = [data.ChunkReader.read(train[t], c)

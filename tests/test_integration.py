@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModel
 
 from muppet_ray import data
+from muppet_ray.config import micro_batches_per_step
 from muppet_ray.export import load_exported
 from muppet_ray.metrics import LOG, read_log
 from muppet_ray.mixture import build_schedule
@@ -34,7 +35,7 @@ def schedule_of(result, config):
     train = [data.CacheIndex(**_cache(result.run_dir, t.name)) for t in result.tasks]
     return train, build_schedule(
         [c.chunks for c in train], [c.examples for c in train], config.mixture, config.batching,
-        config.scaling.num_workers, config.training.max_steps, config.training.seed,
+        micro_batches_per_step(config), config.training.max_steps, config.training.seed,
         [t.name for t in result.tasks])
 
 
@@ -91,7 +92,7 @@ def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     result = prefinetune(config)
     run_dir = RunDir(result.run_dir)
     assert run_dir.exists(FAULT_MARKER)  # the worker did die
-    steps, span = config.training.max_steps, config.scaling.num_workers * 2
+    steps, span = config.training.max_steps, micro_batches_per_step(config)
 
     raw = [json.loads(line) for line in run_dir.read_text(LOG).splitlines()]
     logged = [(r["kind"], r["step"]) for r in raw]

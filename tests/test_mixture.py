@@ -34,16 +34,21 @@ def schedule(strategy="heterogeneous", workers=2, accum=4, steps=200, seed=0, **
     chunks = [n // 16 for n in SIZES.values()]
     batching = BatchingConfig(strategy=strategy, grad_accum_steps=accum, micro_batch_size=16)
     return build_schedule(chunks, list(SIZES.values()), MixtureConfig(**mixture), batching,
-                          workers, steps, seed)
+                          workers * accum, steps, seed)
 
 
 def test_schedule_length_and_worker_positions():
     s = schedule(workers=3, accum=2, steps=50)
     assert len(s) == 50 * 3 * 2
-    owned = sorted(p for r in range(3) for p in s.worker_positions(r))
+    owned = sorted(p for r in range(3) for p in s.worker_positions(r, 3))
     assert owned == list(range(len(s)))
-    assert list(s.worker_positions(1, start_step=10))[:3] == [61, 64, 67]
+    assert list(s.worker_positions(1, 3, start_step=10))[:3] == [61, 64, 67]
     assert list(s.step_positions(10)) == list(range(60, 66))
+    # Elastic: restarted with 2 workers at step 10, they share the same positions from 60 on
+    # (the schedule does not depend on the worker count: 6 micro-batches a step either way).
+    assert schedule(workers=2, accum=3, steps=50).task.tolist() == s.task.tolist()
+    rest = sorted(p for r in range(2) for p in s.worker_positions(r, 2, start_step=10))
+    assert rest == list(range(60, len(s)))
 
 
 def test_heterogeneous_micro_batches_are_single_task_and_steps_mix_tasks():
@@ -57,7 +62,7 @@ def test_mixture_fidelity_over_windows():
     """Each task's share over any window of a few hundred micro-batches matches its target."""
     sizes = {f"t{i}": 300 * (1 + i % 7) for i in range(30)}
     chunks = [n // 16 for n in sizes.values()]
-    s = build_schedule(chunks, list(sizes.values()), MixtureConfig(), BatchingConfig(), 2, 2000,
+    s = build_schedule(chunks, list(sizes.values()), MixtureConfig(), BatchingConfig(), 4, 2000,
                        seed=3)
     target = np.array(list(sizes.values())) / sum(sizes.values())
     tasks = s.task[:, 0]
@@ -86,7 +91,7 @@ def test_mixed_micro_batches_hold_several_tasks():
     chunks = [n // 4 for n in SIZES.values()]
     batching = BatchingConfig(strategy="mixed", micro_batch_size=16, tasks_per_micro_batch=4)
     s = build_schedule(chunks, list(SIZES.values()), MixtureConfig(rule="uniform"), batching,
-                       2, 100, 0)
+                       4, 100, 0)
     assert s.task.shape == (100 * 2 * 2, 4)
     assert np.mean([len(set(row)) for row in s.task]) > 2.5
 
