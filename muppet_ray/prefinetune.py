@@ -20,7 +20,7 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from muppet_ray import data, suite
-from muppet_ray.config import Config, micro_batches_per_step, to_yaml
+from muppet_ray.config import Config, micro_batches_per_step, to_yaml, validate
 from muppet_ray.errors import ConfigError, MuppetError
 from muppet_ray.metrics import read_log
 from muppet_ray.model import is_encoder_decoder
@@ -184,9 +184,20 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
 
 
 def training_settings(config_yaml: str) -> dict:
-    """Everything but the `run` section (where the run lives and how it is supervised)."""
-    settings = yaml.safe_load(config_yaml) or {}
+    """What decides the data and updates of a run: every section but `run` (where the run lives,
+    how it is supervised) and `scaling` (a run may resume on more or fewer workers), plus the
+    micro-batches per step. Read through today's Config, so a run written before a setting
+    existed compares equal with that setting's default."""
+    raw = yaml.safe_load(config_yaml) or {}
+    try:
+        config = validate(raw)
+    except ConfigError:
+        settings = raw  # (a setting that no longer exists: never equal to a current config)
+    else:
+        settings = config.model_dump(mode="json")
+        settings["micro_batches_per_step"] = micro_batches_per_step(config)
     settings.pop("run", None)
+    settings.pop("scaling", None)
     return settings
 
 
