@@ -81,10 +81,11 @@ def start_ray(config: Config) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
-    # cores, so declare enough logical CPUs for both (the OS shares the real ones).
+    # cores, so declare enough logical CPUs for both (the OS shares the real ones). "local":
+    # a new one, even where `ray start` left a cluster that plain ray.init() would join.
     needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
-    ray.init(num_cpus=int(max(os.cpu_count() or 1, needed)), logging_level=logging.WARNING,
-             include_dashboard=False)
+    ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
+             logging_level=logging.WARNING, include_dashboard=False)
 
 
 def build_tokenizer(config: Config, tasks: list[Task]):

@@ -28,7 +28,8 @@ def ray_cluster():
     import ray
 
     # More logical CPUs than cores: 2 training workers plus the Ray Data tasks feeding them.
-    ray.init(num_cpus=6, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=6, include_dashboard=False,
+             logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
