@@ -17,7 +17,7 @@ from muppet_ray.mixture import build_schedule
 from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
 from muppet_ray.train import FAULT_MARKER
-from tests.conftest import make_config, run_cli
+from tests.conftest import make_config
 
 pytestmark = pytest.mark.integration
 
@@ -117,15 +117,3 @@ def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
         assert not set(ids) & seen.get(key, set()), key
         seen.setdefault(key, set()).update(ids)
 
-
-def test_job_entrypoint_runs_the_encoder_only_preset(tmp_path):
-    done = run_cli("jobs/prefinetune.py", "--config", "jobs/configs/encoder-only.yaml",
-                   "--set", f"run.storage_path={tmp_path}", "--set", "run.name=job",
-                   "--set", "training.max_steps=6", "--set", "tasks.suite_scale=0.1",
-                   "--set", "training.max_eval_examples=32", "--set", "model.num_layers=1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "what_has" in done.stdout and "summarize" not in done.stdout
-    export = tmp_path / "job" / "export"
-    assert type(AutoModel.from_pretrained(export)).__name__ == "RobertaModel"
-    manifest = json.loads((export / "muppet.json").read_text())
-    assert manifest["encoder_decoder"] is False and len(manifest["tasks"]) == 7

@@ -1,0 +1,113 @@
+"""Cluster conventions, on this machine: a real Ray head started with `ray start --head` and a job
+sent with `ray job submit`; an elastic run on two Ray nodes that loses one of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModel
+
+from muppet_ray.export import load_exported
+from muppet_ray.storage import RunDir
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.integration
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    # Token authentication, as Ray sets it up for a new cluster (the token is in ~/.ray).
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    return subprocess.run([RAY, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head in its own process tree, loopback only; yields the job server's address."""
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while (listed := ray_cli("job", "list", f"--address={address}")).returncode:
+            if time.monotonic() > deadline or head.poll() is not None:
+                head.terminate()
+                raise RuntimeError(f"the Ray head did not start: {listed.stderr[-1000:]}\n"
+                                   f"{head.communicate(timeout=60)[0][-2000:]}")
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()  # `--block`: ending this process stops the head's processes
+        head.wait(timeout=60)
+
+
+def test_ray_job_submit_runs_the_prefinetuning_job(ray_head, tmp_path):
+    submit = ray_cli(
+        "job", "submit", f"--address={ray_head}", "--submission-id=muppet-test",
+        "--working-dir", ".", "--", "python", "jobs/prefinetune.py",
+        "--config", "jobs/configs/encoder-only.yaml",
+        "--set", f"run.storage_path={tmp_path}", "--set", "run.name=job",
+        "--set", "training.max_steps=6", "--set", "tasks.suite_scale=0.1",
+        "--set", "training.max_eval_examples=32", "--set", "model.num_layers=1",
+        timeout=600)  # (waits for the job, printing its logs)
+    status = ray_cli("job", "status", "muppet-test", f"--address={ray_head}")
+    assert "Job 'muppet-test' succeeded" in status.stdout, submit.stdout[-3000:]  # SUCCEEDED
+    assert "what_has" in submit.stdout and "summarize" not in submit.stdout
+    export = tmp_path / "job" / "export"
+    assert type(AutoModel.from_pretrained(export)).__name__ == "RobertaModel"
+    model, tokenizer, manifest = load_exported(str(export))
+    assert manifest["step"] == 6 and not manifest["encoder_decoder"]
+    assert len(model.heads) > 0 and len(manifest["tasks"]) == 7
+
+
+def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
+    scenario = run_cli("tests/scenarios/two_nodes.py", str(tmp_path), timeout=900)
+    assert scenario.returncode == 0, scenario.stdout[-3000:] + scenario.stderr[-3000:]
+    outcome = json.loads(scenario.stdout.strip().splitlines()[-1])
+    assert outcome["finished"]
+    run = RunDir(outcome["run_dir"])
+    records = [json.loads(line) for line in run.read_text("metrics.jsonl").splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+
+    # Both nodes trained, and wrote their shards of one checkpoint into the one run directory.
+    first = json.loads(run.read_text("checkpoint_000008/muppet.json"))
+    assert first["world_size"] == 2 and len(set(first["nodes"])) == 2
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+        run.list("checkpoint_000008/deepspeed"))
+    # After the node went, one worker resumed from step 8 and finished alone.
+    assert [r["workers"] for r in train if r["step"] <= 8] == [2] * 4
+    resumed = [r for r in train if r["workers"] == 1]
+    assert resumed and resumed[0]["step"] == 10
+    assert json.loads(run.read_text("checkpoint_000032/muppet.json"))["world_size"] == 1
+    # What the docs promise: a step is the same micro-batches whatever the worker count, so the
+    # optimizer's batch did not change, and no micro-batch was lost or trained twice.
+    per_step = 2 * 2  # batching.grad_accum_steps x max workers
+    final = {r["step"]: r for r in train}  # the last record of each step counts
+    for step, record in final.items():
+        assert record["positions"] == [[(step - 2) * per_step, step * per_step]], record
+    assert sorted(final) == list(range(2, 33, 2))
+    losses = [final[s]["loss"] for s in sorted(final)]
+    assert min(losses[-4:]) < losses[0]
+    assert outcome["removed_after_step"] >= 8
+    assert load_exported(run.uri("export"))[2]["step"] == 32
