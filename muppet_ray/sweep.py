@@ -28,9 +28,10 @@ import statistics
 from dataclasses import asdict
 
 import ray
+import yaml
 from ray import tune
 
-from muppet_ray.config import Config, validate
+from muppet_ray.config import Config, to_yaml, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import (
     Source,
@@ -107,7 +108,9 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     baseline = None
     if any(not p["tasks"] for p in points):
         baseline = _baseline_model(base, pool, root)
-    params = {"base": base.model_dump(mode="json"), "root": root.root, "eval_tasks": eval_tasks,
+    # The base config travels as YAML text, not a nested dict: Tune restores a sweep only with
+    # the same param_space keys, and a setting added to Config would add a key.
+    params = {"base": to_yaml(base), "root": root.root, "eval_tasks": eval_tasks,
               "fractions": fractions, "seeds": seeds, "baseline": baseline,
               "point": tune.grid_search(points)}
     grid = _run_tune(_point_trial, params, root, base, max_concurrent)
@@ -138,7 +141,7 @@ def _point_trial(params: dict) -> None:
 
     from muppet_ray.prefinetune import prefinetune
 
-    base, point = validate(params["base"]), params["point"]
+    base, point = validate(yaml.safe_load(params["base"])), params["point"]
     root, slug = RunDir(params["root"]), _slug(point["label"])
     if point["tasks"]:
         config = _with(base, tasks__include=point["tasks"], run__storage_path=root.root,
@@ -369,7 +372,7 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
     kind = resolve_tasks(_with(base, tasks__include=[task]))[0].type
     metric = f"eval/{task}/{TASK_TYPES[kind].metric}"
     start_ray(base)
-    params = {"base": base.model_dump(mode="json"), "root": root.root, "task": task,
+    params = {"base": to_yaml(base), "root": root.root, "task": task,
               "source": asdict(source), "space": space}
     scheduler = ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace_steps or every,
                               reduction_factor=2)
@@ -399,7 +402,7 @@ def _finetune_trial(params: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     settings = {k.replace(".", "__"): v for k, v in params["space"].items()}
-    base = _with(validate(params["base"]), **settings)
+    base = _with(validate(yaml.safe_load(params["base"])), **settings)
     source = Source(**params["source"])
     trial = tune.get_context().get_trial_id()
     config = finetune_config(base, source, params["task"], base.tasks.train_fraction,
