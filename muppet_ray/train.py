@@ -45,7 +45,7 @@ from muppet_ray.task_types import TASK_TYPES
 log = logging.getLogger("muppet_ray")
 FAULT_MARKER = ".fault_injected"
 CHECKPOINT_TAG = "deepspeed"
-CHECKPOINT_STATE = "muppet.json"  # beside DeepSpeed's files: the step and the world size
+CHECKPOINT_STATE = "checkpoint.json"  # beside DeepSpeed's files: the step and the world size
 
 
 class Worker:

@@ -90,7 +90,7 @@ def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
     train = [r for r in records if r["kind"] == "train"]
 
     # Both nodes trained, and wrote their shards of one checkpoint into the one run directory.
-    first = json.loads(run.read_text("checkpoint_000008/muppet.json"))
+    first = json.loads(run.read_text("checkpoint_000008/checkpoint.json"))
     assert first["world_size"] == 2 and len(set(first["nodes"])) == 2
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
@@ -99,7 +99,7 @@ def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
     assert [r["workers"] for r in train if r["step"] <= 8] == [2] * 4
     resumed = [r for r in train if r["workers"] == 1]
     assert resumed and resumed[0]["step"] == 10
-    assert json.loads(run.read_text("checkpoint_000032/muppet.json"))["world_size"] == 1
+    assert json.loads(run.read_text("checkpoint_000032/checkpoint.json"))["world_size"] == 1
     # What the docs promise: a step is the same micro-batches whatever the worker count, so the
     # optimizer's batch did not change, and no micro-batch was lost or trained twice.
     per_step = 2 * 2  # batching.grad_accum_steps x max workers
