@@ -177,6 +177,10 @@ def _write_chunks(pending, run_dir: RunDir, tokenizer, settings: ChunkSettings) 
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
         for ref in running:
             ray.cancel(ref)
+        # Wait until the cancelled writers are gone: the caller removes the run directory next,
+        # and a writer still running would put files back into it (seen under load in CI).
+        if running:
+            ray.wait(running, num_returns=len(running), timeout=120)
         raise unwrap_data_error(e) from None
 
 
