@@ -22,6 +22,7 @@ import tempfile
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import ray.train
@@ -101,8 +102,10 @@ class Worker:
         """Whether the checkpoint's ZeRO shards were written by another number of workers."""
         if checkpoint is None or self.config.deepspeed.zero_stage == 0:
             return False  # (stage 0 shards nothing)
-        with checkpoint.filesystem.open_input_stream(
-                f"{checkpoint.path}/{CHECKPOINT_STATE}") as f:
+        state = f"{checkpoint.path}/{CHECKPOINT_STATE}"
+        if checkpoint.filesystem.get_file_info(state).type == pafs.FileType.NotFound:
+            return False  # (written before checkpoints recorded their world size)
+        with checkpoint.filesystem.open_input_stream(state) as f:
             saved = json.loads(f.read())["world_size"]
         if saved != self.world and self.rank == 0:
             log.warning(f"[muppet-ray] resuming with {self.world} workers from a checkpoint of "
