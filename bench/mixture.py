@@ -101,7 +101,8 @@ def main() -> None:
     steps = -(-limit // (2 * 1))
     schedule = build_schedule([c.chunks for c in train], list(sizes), MixtureConfig(),
                               BatchingConfig(grad_accum_steps=1), 1, steps, 0)
-    order, speed = consume(data.stream(schedule, 0, 1, 0, train, tokenizer.pad_token_id),
+    order, speed = consume(data.stream(schedule, schedule.worker_positions(0, 1), train,
+                                        tokenizer.pad_token_id),
                            limit)
     results.append(("schedule (muppet-ray)", order, speed))
 

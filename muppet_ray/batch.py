@@ -29,8 +29,9 @@ Batch = dict[str, np.ndarray]
 TEXT_KEYS = {"offsets", "context", "answers"}
 
 
-def collate(features: list[Features], task_index: int, pad_id: int,
+def collate(features: list[Features], task_index: int | None, pad_id: int,
             keep_text: bool = False) -> Batch:
+    """`task_index` None: no `example_task` yet (cached chunks; see `for_task`)."""
     rows = [row for f in features for row in f.rows]
     length = max(len(r) for r in rows)
     target_length = max([1] + [len(f.decoder_labels) for f in features])
@@ -39,7 +40,6 @@ def collate(features: list[Features], task_index: int, pad_id: int,
         "attention_mask": np.zeros((len(rows), length), np.int8),
         "row_example": np.repeat(np.arange(len(features), dtype=np.int32),
                                  [len(f.rows) for f in features]),
-        "example_task": np.full(len(features), task_index, np.int32),
         "example_id": np.array([f.example_id for f in features], np.int64),
         "label": np.array([f.label for f in features], np.int64),
         "target": np.array([f.target for f in features], np.float32),
@@ -49,6 +49,8 @@ def collate(features: list[Features], task_index: int, pad_id: int,
         "context_end": np.array([f.context_end for f in features], np.int64),
         "decoder_labels": np.full((len(features), target_length), IGNORE, np.int32),
     }
+    if task_index is not None:
+        batch = for_task(batch, task_index)
     for i, row in enumerate(rows):
         batch["input_ids"][i, : len(row)] = row
         batch["attention_mask"][i, : len(row)] = 1
@@ -68,6 +70,11 @@ def collate(features: list[Features], task_index: int, pad_id: int,
     if keep_text and any(f.answers for f in features):
         batch["answers"] = np.array([ANSWER_SEPARATOR.join(f.answers) for f in features])
     return batch
+
+
+def for_task(batch: Batch, task_index: int) -> Batch:
+    """The batch with every example tagged as task `task_index` of the run."""
+    return {**batch, "example_task": np.full(num_examples(batch), task_index, np.int32)}
 
 
 def merge(batches: list[Batch], pad_id: int) -> Batch:
@@ -98,7 +105,7 @@ def merge(batches: list[Batch], pad_id: int) -> Batch:
 
 
 def num_examples(batch: Batch) -> int:
-    return len(batch["example_task"])
+    return len(batch["label"])
 
 
 def to_bytes(batch: Batch) -> bytes:

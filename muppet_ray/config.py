@@ -150,6 +150,9 @@ class BatchingConfig(Section):
     tasks_per_micro_batch: int = Field(4, ge=1)
     """For strategy=mixed: the micro-batch is made of this many single-task chunks."""
     eval_batch_size: int = Field(64, ge=1)
+    group_by_length: bool = True
+    """Chunk each task's examples by similar length (within windows of 64 micro-batches, after
+    the seeded shuffle), so micro-batches carry little padding; false: in shuffled order."""
 
     @model_validator(mode="after")
     def _mixed_chunks_divide(self) -> BatchingConfig:
@@ -198,6 +201,7 @@ class ScalingConfig(Section):
     use_gpu: bool | None = None
     """None: use GPUs when the cluster has them."""
     cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves per worker; on CPU also the worker's torch threads (at least 1)."""
     resources_per_worker: dict[str, float] = {}
     """Further Ray resources each worker holds, e.g. a custom resource that nodes advertise once
     (`ray start --resources='{"trainer": 1}'`) to place one worker per node."""

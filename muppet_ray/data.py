@@ -2,9 +2,11 @@
 
 1. `prepare` (driver, before training): every task is read, tokenized and collated into
    single-task chunks of `micro_batch_size` examples (fewer at the end of a split) by Ray Data
-   `map_batches`, and written to `<run>/data/<task>/<split>/` as Parquet, one chunk per row
-   group.
-   A chunk is a ready, padded micro-batch. Written once per run and reused after a restart.
+   `map_batches`, examples of similar length together, and written as Parquet, one chunk per
+   row group, to the chunk cache `<storage>/.chunk-cache/<fingerprint>/`. A chunk is a ready,
+   padded micro-batch. The fingerprint covers everything the chunks depend on (the task's spec
+   and data content, the tokenizer, the chunk settings), so every run under one storage root —
+   a restart, sweep points, fine-tuning runs — tokenizes a task once.
 2. `stream` (each training worker): the worker's own positions of the mixture schedule
    (mixture.py) become a Ray Data pipeline that fetches those chunks, in order, in parallel
    across the cluster, and streams them to the worker.
@@ -18,9 +20,12 @@ micro-batch instead of replaying the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +47,10 @@ from muppet_ray.tasks import Task
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
 CONCURRENT_WRITES = 4  # tasks and splits tokenized at once
-CACHE_FORMAT = 6  # bump when the chunk rows change: older caches are then rebuilt
+LENGTH_BUCKET = 8  # tokens: examples this close in length count as alike (see _chunker)
+CACHE_FORMAT = 8  # bump when the chunk rows change: older caches are then rebuilt
+CACHE_DIR = ".chunk-cache"  # below the storage root: shared by every run stored there
+DATA_RECORD = "data.json"  # in a run directory: the cache entries the run reads
 CHUNK_COLUMNS = ["num_examples", "num_tokens", "padded_tokens", "payload"]
 
 
@@ -57,6 +65,7 @@ class ChunkSettings:
     max_eval_examples: int | None = None
     data_seed: int = 0  # which validation examples a capped split keeps
     train_fraction: float = 1.0
+    group_by_length: bool = True  # order each window's examples by length before chunking
 
     @staticmethod
     def from_config(config: Config) -> ChunkSettings:
@@ -67,7 +76,7 @@ class ChunkSettings:
         return ChunkSettings(
             Limits(model.max_length, model.max_target_length, model.doc_stride), chunk_size,
             batching.eval_batch_size, config.training.seed, config.training.max_eval_examples,
-            config.tasks.data_seed, config.tasks.train_fraction)
+            config.tasks.data_seed, config.tasks.train_fraction, batching.group_by_length)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class CacheIndex:
     files: tuple[tuple[str, tuple[int, ...]], ...]  # (file name, row groups with a chunk)
     examples: int
     skipped: int = 0  # bad rows left out (tasks.skip_bad_rows)
+    cells: tuple[int, ...] = ()  # each chunk's padded tokens (rows x length): its cost
 
     @property
     def chunks(self) -> int:
@@ -95,102 +105,132 @@ class CacheIndex:
 # ------------------------------------------------------------------------------ stage 1
 
 
-def _chunker(task: Task, task_index: int, split: str, tokenizer, settings: ChunkSettings):
+def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
+    """Ray Data map function: a window of rows (`CHUNKS_PER_BLOCK` chunks' worth) becomes its
+    chunks. With `group_by_length`, the window's examples are ordered by length first, so that
+    each chunk pads to little more than its own examples' lengths (the schedule draws chunks in
+    a seeded random order, so training still sees tasks' examples in random order). Lengths
+    count in buckets of LENGTH_BUCKET tokens, keeping the shuffled order within a bucket: where
+    length goes with the label (a negation adds a word), exact sorting would fill chunks with
+    one label."""
+    size = settings.chunk_size if split == "train" else settings.eval_chunk_size
+
     def featurize(rows: list[dict[str, Any]]):
         examples = [task.source.decode(row, split) for row in rows]
         return task.task_type.featurize(task, examples, tokenizer, settings.limits)
 
-    def make_chunk(table: pa.Table) -> dict[str, list]:
-        rows, skipped = table.to_pylist(), 0
+    def make_chunks(table: pa.Table) -> dict[str, list]:
+        rows, skipped = table.to_pylist(), [0] * -(-table.num_rows // size)
         try:
             features = featurize(rows)
         except DataError:
             if not task.skip_bad_rows:
                 raise
             features = []
-            for row in rows:  # find the bad rows one by one, keep the rest
+            for i, row in enumerate(rows):  # find the bad rows one by one, keep the rest
                 try:
                     features += featurize([row])
                 except DataError:
-                    skipped += 1
-        chunk = mb.collate(features, task_index, tokenizer.pad_token_id,
-                           keep_text=split == "validation") if features else None
-        return {
-            "num_examples": [len(features)],
-            "num_tokens": [int(chunk["attention_mask"].sum()) if chunk else 0],
-            "padded_tokens": [int(chunk["attention_mask"].size) if chunk else 0],
-            "skipped": [skipped],
-            "payload": [mb.to_bytes(chunk) if chunk else b""],
-        }
+                    skipped[i // size] += 1  # (counted in the chunk the row fell in)
+        if settings.group_by_length:  # (stable: shuffled order within a bucket)
+            features.sort(key=lambda f: max(len(r) for r in f.rows) // LENGTH_BUCKET)
+        out: dict[str, list] = {k: [] for k in ("num_examples", "num_tokens", "padded_tokens",
+                                                "skipped", "payload")}
+        for i, bad in enumerate(skipped):
+            part = features[i * size:(i + 1) * size]
+            chunk = mb.collate(part, None, tokenizer.pad_token_id,
+                               keep_text=split == "validation") if part else None
+            out["num_examples"].append(len(part))
+            out["num_tokens"].append(int(chunk["attention_mask"].sum()) if chunk else 0)
+            out["padded_tokens"].append(int(chunk["attention_mask"].size) if chunk else 0)
+            out["skipped"].append(bad)
+            out["payload"].append(mb.to_bytes(chunk) if chunk else b"")
+        return out
 
-    return make_chunk
+    return make_chunks
 
 
 def _fingerprint(task: Task, split: str, tokenizer, settings: ChunkSettings) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    key = repr((CACHE_FORMAT, task, task.source, split, vocab, settings))
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """Everything a task's chunks depend on: its spec, its data's content, the split, the
+    tokenizer's vocabulary and the chunk settings. Equal fingerprints, equal chunks: runs share
+    them."""
+    vocab = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    content = task.source.fingerprint(split)
+    key = repr((CACHE_FORMAT, task, task.source, content, split, vocab, settings))
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def prepare(tasks: list[Task], run_dir: RunDir, tokenizer, settings: ChunkSettings,
+def cache_root(storage: str) -> RunDir:
+    """The chunk cache of every run under one storage root."""
+    return RunDir(f"{storage.rstrip('/')}/{CACHE_DIR}")
+
+
+def prepare(tasks: list[Task], cache: RunDir, tokenizer, settings: ChunkSettings,
             splits: tuple[str, ...] = ("train", "validation"),
             ) -> dict[str, dict[str, CacheIndex]]:
-    """Tokenize every task's splits (train and validation) into the run's chunk cache."""
-    wanted, pending = {}, []
-    for index, task in enumerate(tasks):
-        for split in splits:
-            fingerprint = _fingerprint(task, split, tokenizer, settings)
-            wanted[task.name, split] = fingerprint
-            existing = _read_index(run_dir, task.name, split)
-            if existing is None or existing[1] != fingerprint:
-                pending.append((index, task, split))
+    """Every task's splits as chunks in the shared cache `cache`: found there when another run
+    (or an earlier start of this one) made them, tokenized with Ray Data otherwise. If that
+    fails, whatever this call wrote is removed again."""
+    entries = {(task.name, split): _fingerprint(task, split, tokenizer, settings)
+               for task in tasks for split in splits}
+    pending = [(task, split, entries[task.name, split]) for task in tasks for split in splits
+               if _read_index(cache, entries[task.name, split]) is None]
     if pending:
-        _write_chunks(pending, run_dir, tokenizer, settings)
-        for _, task, split in pending:
-            _write_index(run_dir, task.name, split, wanted[task.name, split])
+        _write_chunks(pending, cache, tokenizer, settings)
     caches: dict[str, dict[str, CacheIndex]] = {}
     for task in tasks:
         for split in splits:
-            index = _read_index(run_dir, task.name, split)[0]
+            index = _read_index(cache, entries[task.name, split])
             if index.examples == 0:
                 raise DataError(f"task {task.name!r}: the {split} split has no examples")
             caches.setdefault(task.name, {})[split] = index
     return caches
 
 
-def _write_chunks(pending, run_dir: RunDir, tokenizer, settings: ChunkSettings) -> None:
+def _write_chunks(pending, cache: RunDir, tokenizer, settings: ChunkSettings) -> None:
     """One Ray Data job per task and split, a few at a time, each driven from its own Ray task
     (no CPU reserved: the job's own tasks do the work). A single job over the union of all of
     them deadlocked the streaming executor on few CPUs (many branches, all-to-all shuffles,
-    preserved order); driving them from threads of one process raced in Ray's imports."""
+    preserved order); driving them from threads of one process raced in Ray's imports.
+
+    Each job writes a fresh attempt directory below its entry and then the entry's index
+    naming it, so runs that tokenize the same task at once never mix their files."""
     write = ray.remote(num_cpus=0, max_retries=0)(_write_split)
-    waiting = [(index, task, split) for index, task, split in pending]
-    running = []
+    attempt = uuid.uuid4().hex[:12]
+    waiting, running = list(pending), []
     try:
         while waiting or running:
             while waiting and len(running) < CONCURRENT_WRITES:
-                index, task, split = waiting.pop(0)
-                running.append(write.remote(index, task, split, run_dir.root, tokenizer,
-                                            settings))
+                task, split, entry = waiting.pop(0)
+                running.append(write.remote(task, split, cache.root, f"{entry}/{attempt}",
+                                            tokenizer, settings))
             done, running = ray.wait(running, num_returns=1)
             ray.get(done)
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
         for ref in running:
             ray.cancel(ref)
-        # Wait until the cancelled writers are gone: the caller removes the run directory next,
-        # and a writer still running would put files back into it (seen under load in CI).
+        # Wait until the cancelled writers are gone before removing what they wrote: a writer
+        # still running would put files back (seen under load in CI).
         if running:
             ray.wait(running, num_returns=len(running), timeout=120)
+        for _, _, entry in pending:
+            index = _read_index(cache, entry)
+            if index is not None and index.directory.endswith(f"/{attempt}"):
+                cache.remove(entry)  # complete, but made by the start that failed
+            else:
+                cache.remove(f"{entry}/{attempt}")
+                if not cache.list(entry):
+                    cache.remove(entry)
+        if not cache.list(""):
+            cache.remove()
         raise unwrap_data_error(e) from None
 
 
-def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
+def _write_split(task: Task, split: str, cache_uri: str, directory: str, tokenizer,
                  settings: ChunkSettings) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    run_dir = RunDir(run_root)
+    cache = RunDir(cache_uri)
     size = settings.chunk_size if split == "train" else settings.eval_chunk_size
-    directory = _cache_dir(task.name, split)
-    run_dir.remove(directory)
     ds = task.source.read(split)
     if split == "train" and settings.train_fraction < 1:
         ds = _subset(ds, settings.train_fraction, settings.seed)
@@ -198,21 +238,23 @@ def _write_split(index: int, task: Task, split: str, run_root: str, tokenizer,
     if not task.source.shuffled and (split == "train" or capped):
         # (a capped validation split is a random sample too: files are often sorted by label)
         seed = settings.seed if split == "train" else settings.data_seed
-        ds = ds.random_shuffle(seed=seed * 1009 + index)
+        ds = ds.random_shuffle(seed=seed * 1009 + zlib.crc32(task.name.encode()))
     if capped:
         ds = ds.limit(settings.max_eval_examples)
-    # Chunk boundaries at exact multiples of the chunk size in a fixed row order, so the same
-    # inputs always give the same chunks (map_batches alone cuts short batches wherever Ray
-    # happens to bundle blocks).
-    ds = ds.repartition(target_num_rows_per_block=size * CHUNKS_PER_BLOCK, strict=True)
-    ds = ds.map_batches(_chunker(task, index, split, tokenizer, settings), batch_size=size,
+    # Windows of exactly CHUNKS_PER_BLOCK chunks in a fixed row order, so the same inputs always
+    # give the same chunks (map_batches alone cuts batches wherever Ray happens to bundle
+    # blocks).
+    window = size * CHUNKS_PER_BLOCK
+    ds = ds.repartition(target_num_rows_per_block=window, strict=True)
+    ds = ds.map_batches(_chunker(task, split, tokenizer, settings), batch_size=window,
                         batch_format="pyarrow")
     ds.context.execution_options.preserve_order = True
     # Ray Data logs a failing job itself; bad data should read as one line on the driver (the
     # error still propagates; anything else keeps its traceback). Set after the dataset is
     # built: Ray Data configures its logger when it first needs it.
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    ds.write_parquet(run_dir.uri(directory), row_group_size=1)
+    ds.write_parquet(cache.uri(directory), row_group_size=1)
+    _write_index(cache, directory)
 
 
 def _subset(ds, fraction: float, seed: int):
@@ -229,34 +271,51 @@ def _subset(ds, fraction: float, seed: int):
     return ds.drop_columns(["_draw"])
 
 
-def _cache_dir(task: str, split: str) -> str:
-    return f"data/{task}/{split}"
-
-
-def _write_index(run_dir: RunDir, task: str, split: str, fingerprint: str) -> None:
-    directory = _cache_dir(task, split)
-    files, examples, skipped = [], 0, 0
-    for name in sorted(run_dir.list(directory)):
+def _write_index(cache: RunDir, directory: str) -> None:
+    """`<entry>/index.json`, naming the attempt `directory` (<entry>/<attempt>) and its files."""
+    entry, attempt = directory.split("/")
+    files, examples, skipped, cells = [], 0, 0, []
+    for name in sorted(cache.list(directory)):
         if not name.endswith(".parquet"):
             continue
-        with run_dir.open_input(f"{directory}/{name}") as f:
-            counts = pq.ParquetFile(f).read(columns=["num_examples", "skipped"]).to_pydict()
-        files.append((name, [g for g, n in enumerate(counts["num_examples"]) if n]))
+        with cache.open_input(f"{directory}/{name}") as f:
+            counts = pq.ParquetFile(f).read(
+                columns=["num_examples", "skipped", "padded_tokens"]).to_pydict()
+        groups = [g for g, n in enumerate(counts["num_examples"]) if n]
+        files.append((name, groups))
+        cells += [counts["padded_tokens"][g] for g in groups]
         examples += sum(counts["num_examples"])
         skipped += sum(counts["skipped"])
-    # Written last: a cache without its index is incomplete and gets rebuilt.
-    run_dir.write_text(f"{directory}/index.json", json.dumps(
-        {"fingerprint": fingerprint, "files": files, "examples": examples, "skipped": skipped}))
+    # Written last: an entry without its index is incomplete, and is made again.
+    cache.write_text(f"{entry}/index.json", json.dumps(
+        {"attempt": attempt, "files": files, "examples": examples, "skipped": skipped,
+         "cells": cells}))
 
 
-def _read_index(run_dir: RunDir, task: str, split: str) -> tuple[CacheIndex, str] | None:
-    directory = _cache_dir(task, split)
-    if not run_dir.exists(f"{directory}/index.json"):
+def _read_index(cache: RunDir, entry: str) -> CacheIndex | None:
+    if not cache.exists(f"{entry}/index.json"):
         return None
-    raw = json.loads(run_dir.read_text(f"{directory}/index.json"))
+    raw = json.loads(cache.read_text(f"{entry}/index.json"))
     files = tuple((name, tuple(groups)) for name, groups in raw["files"])
-    index = CacheIndex(run_dir.uri(directory), files, raw["examples"], raw["skipped"])
-    return index, raw["fingerprint"]
+    return CacheIndex(cache.uri(f"{entry}/{raw['attempt']}"), files, raw["examples"],
+                      raw["skipped"], tuple(raw["cells"]))
+
+
+def write_run_caches(run_dir: RunDir, caches: dict[str, dict[str, CacheIndex]]) -> None:
+    """Record in the run directory which cache entries the run reads (`data.json`)."""
+    run_dir.write_text(DATA_RECORD, json.dumps(
+        {task: {split: dataclasses.asdict(index) for split, index in splits.items()}
+         for task, splits in caches.items()}, indent=1))
+
+
+def read_run_caches(run_dir: RunDir) -> dict[str, dict[str, CacheIndex]]:
+    raw = json.loads(run_dir.read_text(DATA_RECORD))
+    return {task: {split: CacheIndex(index["directory"],
+                                     tuple((n, tuple(g)) for n, g in index["files"]),
+                                     index["examples"], index["skipped"],
+                                     tuple(index["cells"]))
+                   for split, index in splits.items()}
+            for task, splits in raw.items()}
 
 
 # ------------------------------------------------------------------------------ stage 2
@@ -269,8 +328,11 @@ class ChunkReader:
     MAX_OPEN = 256
 
     @classmethod
-    def read(cls, cache: CacheIndex, chunk: int) -> mb.Batch:
-        return mb.from_bytes(cls.read_row(cache, chunk)["payload"])
+    def read(cls, cache: CacheIndex, chunk: int, task: int | None = None) -> mb.Batch:
+        """A chunk as a batch of task `task`: the run's index of the task (chunks are shared
+        between runs, which number their tasks differently); None: as cached, untagged."""
+        batch = mb.from_bytes(cls.read_row(cache, chunk)["payload"])
+        return batch if task is None else mb.for_task(batch, task)
 
     @classmethod
     def read_row(cls, cache: CacheIndex, chunk: int) -> dict[str, Any]:
@@ -286,57 +348,79 @@ class ChunkReader:
         return parquet.read_row_group(row_group, columns=CHUNK_COLUMNS).to_pylist()[0]
 
 
-def _fetcher(caches: list[CacheIndex], pad_id: int):
+def position_costs(schedule: Schedule, caches: list[CacheIndex]) -> np.ndarray:
+    """Each schedule position's padded tokens: what its micro-batch costs to train on."""
+    cells = [np.asarray(c.cells, dtype=np.int64) for c in caches]
+    cost = np.zeros(len(schedule), dtype=np.int64)
+    for t, task_cells in enumerate(cells):
+        mine = schedule.task == t
+        cost += np.where(mine, task_cells[np.where(mine, schedule.chunk, 0)], 0).sum(axis=1)
+    return cost
+
+
+def _fetcher(lookup_ref, caches: list[CacheIndex], pad_id: int):
+    """Ray Data map function: the micro-batches at the worker's i-th positions."""
+
     def fetch(items: dict[str, np.ndarray]) -> dict[str, Any]:
+        schedule, worker_positions = ray.get(lookup_ref)  # (in the object store, zero-copy)
+        positions = worker_positions[items["id"]]
         payloads, examples, tokens, padded = [], [], [], []
-        for tasks, chunks in zip(items["task"], items["chunk"]):
-            rows = [ChunkReader.read_row(caches[t], c) for t, c in zip(tasks, chunks)]
-            if len(rows) == 1:  # the usual case: the stored micro-batch goes out as it is
-                row = rows[0]
-                payload, tokens_padded = row["payload"], row["padded_tokens"]
-            else:  # `mixed`: one micro-batch from several chunks, re-padded
-                merged = mb.merge([mb.from_bytes(r["payload"]) for r in rows], pad_id)
-                payload, tokens_padded = mb.to_bytes(merged), merged["attention_mask"].size
-            payloads.append(payload)
+        for p in positions:
+            rows = [ChunkReader.read_row(caches[t], c)
+                    for t, c in zip(schedule.task[p], schedule.chunk[p])]
+            # One micro-batch from its chunks (one, or several for `mixed`), tagged with the
+            # run's task indices.
+            batch = mb.merge([mb.for_task(mb.from_bytes(r["payload"]), t)
+                              for r, t in zip(rows, schedule.task[p])], pad_id)
+            payloads.append(mb.to_bytes(batch))
             examples.append(sum(r["num_examples"] for r in rows))
             tokens.append(sum(r["num_tokens"] for r in rows))
-            padded.append(tokens_padded)
-        return {"position": items["position"], "task": items["task"], "chunk": items["chunk"],
-                "epoch": items["epoch"], "num_examples": np.array(examples),
-                "num_tokens": np.array(tokens), "padded_tokens": np.array(padded),
-                "payload": np.array(payloads, dtype=object)}
+            padded.append(batch["attention_mask"].size)
+        return {"position": positions, "task": schedule.task[positions],
+                "chunk": schedule.chunk[positions], "epoch": schedule.epoch[positions],
+                "num_examples": np.array(examples), "num_tokens": np.array(tokens),
+                "padded_tokens": np.array(padded), "payload": np.array(payloads, dtype=object)}
 
     return fetch
 
 
-def stream(schedule: Schedule, rank: int, world_size: int, start_step: int,
-           caches: list[CacheIndex], pad_id: int) -> Iterator[dict[str, Any]]:
-    """This worker's micro-batches from `start_step` on, in schedule order, via Ray Data."""
-    positions = schedule.worker_positions(rank, world_size, start_step)
+def stream(schedule: Schedule, positions: np.ndarray, caches: list[CacheIndex], pad_id: int
+           ) -> Iterator[dict[str, Any]]:
+    """The micro-batches at `positions` (a worker's, Schedule.worker_positions), in that order,
+    via Ray Data. Nothing per micro-batch is built up front: the pipeline counts and each fetch
+    looks its chunks up in the schedule, which lives once in the object store."""
     if not len(positions):
         return iter(())
-    items = [{"position": p, "task": schedule.task[p].tolist(),
-              "chunk": schedule.chunk[p].tolist(), "epoch": schedule.epoch[p].tolist()}
-             for p in positions]
-    num_blocks = -(-len(items) // FETCH_BLOCK)
-    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
-    ds = ds.map_batches(_fetcher(caches, pad_id), batch_size=FETCH_BLOCK, batch_format="numpy")
+    ds = ray.data.range(len(positions), override_num_blocks=-(-len(positions) // FETCH_BLOCK))
+    ds = ds.map_batches(_fetcher(ray.put((schedule, np.asarray(positions))), caches, pad_id),
+                        batch_size=FETCH_BLOCK, batch_format="numpy")
     ds.context.execution_options.preserve_order = True  # schedule order is the contract
     return iter(ds.iter_rows())
 
 
-def eval_chunks(caches: list[CacheIndex], rank: int, world_size: int
-                ) -> list[tuple[int, int, bool]]:
-    """This worker's share of every task's validation chunks as (task, chunk, counted).
+def eval_chunks(caches: list[CacheIndex], rank: int, world_size: int,
+                generating: list[bool]) -> list[tuple[int, int, bool]]:
+    """This worker's share of the validation chunks of all tasks, as (task, chunk, counted).
 
-    Every worker gets the same number of chunks per task, in the same task order (short shares
-    repeat a chunk that is not counted), so all workers run the same task type at each call: with
-    ZeRO-3 the forward passes (and generation steps) are collectives too.
+    Chunks are dealt out largest first in snake order (as Schedule.worker_positions does), so
+    workers get even work, and each gets the same number of them (a short share repeats the
+    cheapest chunk, not counted): all workers then run the same number of forward passes, which
+    under ZeRO-3 are collectives. Chunks of generation tasks (`generating`), whose passes
+    include generating, are dealt first as a group of their own, so that workers generate at
+    the same calls.
     """
     plan = []
-    for task, cache in enumerate(caches):
-        per_worker = -(-cache.chunks // world_size)
-        for i in range(per_worker):
-            chunk = i * world_size + rank
-            plan.append((task, chunk if chunk < cache.chunks else 0, chunk < cache.chunks))
+    for group in (True, False):
+        items = sorted(((cache.cells[chunk] if cache.cells else 0, task, chunk)
+                        for task, cache in enumerate(caches) if generating[task] == group
+                        for chunk in range(cache.chunks)), key=lambda item: -item[0])
+        if not items:
+            continue
+        items = [(task, chunk, True) for _, task, chunk in items]
+        cheapest = items[-1]
+        items += [(cheapest[0], cheapest[1], False)] * (-len(items) % world_size)
+        for turn, item in enumerate(items):
+            lap, seat = divmod(turn, world_size)
+            if (seat if lap % 2 == 0 else world_size - 1 - seat) == rank:
+                plan.append(item)
     return plan

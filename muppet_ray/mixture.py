@@ -62,9 +62,30 @@ class Schedule:
     def step_positions(self, step: int) -> range:
         return range(step * self.per_step, (step + 1) * self.per_step)
 
-    def worker_positions(self, rank: int, world_size: int, start_step: int = 0) -> range:
-        """The positions worker `rank` of `world_size` trains on, from `start_step` on."""
-        return range(start_step * self.per_step + rank, len(self), world_size)
+    def worker_positions(self, rank: int, world_size: int, start_step: int = 0,
+                         cost: np.ndarray | None = None) -> np.ndarray:
+        """The positions worker `rank` of `world_size` trains on from `start_step` on: per step
+        `per_step / world_size` of the step's positions, steps in order.
+
+        Workers wait for each other at every step, and single-task micro-batches differ in
+        size (a multiple-choice micro-batch holds several rows per example), so with `cost`
+        (an estimate per position, e.g. its padded tokens) each step's micro-batches are dealt
+        out largest first in snake order (workers 0..W-1, then W-1..0, ...), which evens out
+        the workers' shares. Without it, position p goes to worker p % W. Either way a step
+        trains on exactly its positions, whatever the number of workers."""
+        steps = len(self) // self.per_step
+        slots = np.arange(steps * self.per_step).reshape(steps, self.per_step)
+        if cost is None:
+            owner = slots % world_size
+        else:
+            turn = np.arange(self.per_step)
+            snake = np.where(turn // world_size % 2 == 0, turn % world_size,
+                             world_size - 1 - turn % world_size)
+            largest_first = np.argsort(-np.asarray(cost).reshape(steps, self.per_step), axis=1,
+                                       kind="stable")
+            owner = np.empty_like(slots)
+            np.put_along_axis(owner, largest_first, np.broadcast_to(snake, slots.shape), axis=1)
+        return slots[start_step:][owner[start_step:] == rank]
 
 
 def _task_chunks(num_chunks: int, count: int, rng: np.random.Generator):

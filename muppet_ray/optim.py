@@ -35,14 +35,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, config: Config):
-    """AdamW (no decay on biases and norms) and warm-up then linear decay to zero."""
+def build_optimizer(model: torch.nn.Module, config: Config, fused: bool = False):
+    """AdamW (no decay on biases and norms) and warm-up then linear decay to zero. `fused`:
+    torch's single-kernel AdamW (for GPUs: one launch instead of one per parameter)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.training.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=config.training.learning_rate)
+         {"params": no_decay, "weight_decay": 0.0}], lr=config.training.learning_rate,
+        **({"fused": True} if fused else {}))
     warmup, total = config.training.warmup_steps, config.training.max_steps
 
     def warmup_then_linear_decay(step: int) -> float:

@@ -131,8 +131,9 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
         print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
         print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
         splits = ("validation",) if evaluate_only else ("train", "validation")
-        caches = data.prepare(tasks, run_dir, tokenizer, data.ChunkSettings.from_config(config),
-                              splits)
+        caches = data.prepare(tasks, data.cache_root(storage), tokenizer,
+                              data.ChunkSettings.from_config(config), splits)
+        data.write_run_caches(run_dir, caches)
     except MuppetError:
         if not resuming:
             run_dir.remove()

@@ -20,6 +20,7 @@ File formats (local paths or s3:// / gs:// URIs; a file or a directory of files)
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import posixpath
@@ -34,6 +35,7 @@ import pyarrow.fs as pafs
 from muppet_ray import suite
 from muppet_ray.errors import DataError, unwrap_data_error
 
+HASH_LIMIT = 256 * 2**20  # local files up to this size are fingerprinted by their bytes
 FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub")
 BAD_ROW = "_muppet_bad_row"  # a row the parser could not read, with the reason
 
@@ -60,6 +62,9 @@ class BuiltinSource:
         index = int(row["_id"])
         example = suite.example(self.task, split, index, self.seed)
         return {**example, "_id": index, "_origin": self.origin, "_row": index}
+
+    def fingerprint(self, split: str) -> str:
+        return ""  # (generated: the source's fields say it all)
 
     def sample(self, split: str, n: int) -> list[dict[str, Any]]:
         count = min(n, self.num_examples(split))
@@ -244,6 +249,24 @@ class FileSource:
             example["label"] = self.label_map[str(example["label"])]
         return {**example, "_id": int(row["_id"]), "_origin": row["_origin"],
                 "_row": int(row["_row"])}
+
+    def fingerprint(self, split: str) -> str:
+        """The content of the split's files: each file's path (below the configured one) and
+        size, and a hash of its bytes (local files up to HASH_LIMIT; larger and remote files
+        by their modification time instead, to keep starts cheap)."""
+        fs, root = _filesystem(self._path(split))
+        info = fs.get_file_info(root)
+        files = ([i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                  if i.is_file] if info.type == pafs.FileType.Directory else [info])
+        digest = hashlib.sha256()
+        for file in sorted(files, key=lambda i: i.path):
+            digest.update(f"{posixpath.relpath(file.path, root)}:{file.size}:".encode())
+            if isinstance(fs, pafs.LocalFileSystem) and (file.size or 0) <= HASH_LIMIT:
+                with fs.open_input_stream(file.path) as f:
+                    digest.update(hashlib.sha256(f.read()).digest())
+            else:
+                digest.update(str(file.mtime_ns).encode())
+        return digest.hexdigest()
 
     def sample(self, split: str, n: int) -> list[dict[str, Any]]:
         """Up to n decodable rows (for the tokenizer; bad rows are reported by the cache)."""

@@ -1,9 +1,10 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 One optimizer step = N micro-batches (N = grad_accum_steps x max workers), shared by the W
-workers that run now, N / W each; DeepSpeed averages their gradients, so with heterogeneous
-batching every update mixes N single-task micro-batches. Steps, evaluations, checkpoints and
-reports happen at the same points on every worker (Ray Train and DeepSpeed both need that).
+workers that run now, N / W each (the largest spread over the workers); DeepSpeed averages their
+gradients, so with heterogeneous batching every update mixes N single-task micro-batches.
+Steps, evaluations, checkpoints and reports happen at the same points on every worker (Ray Train
+and DeepSpeed both need that).
 
 Elastic training: a run restarted with another worker count trains on the same micro-batches in
 the same steps (the schedule depends on N, not W). DeepSpeed's ZeRO checkpoint is sharded by
@@ -18,10 +19,14 @@ import json
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import psutil
 import pyarrow.fs as pafs
 import ray
 import ray.data
@@ -68,7 +73,16 @@ class Worker:
         self.per_step = micro_batches_per_step(self.config)
         self.accum = self.per_step // self.world  # (config.py checks that it divides)
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
-        self._eval_batches: list | None = None
+        if self.device.type == "cpu":
+            # One compute thread per CPU Ray gave the worker: torch would otherwise start one per
+            # core in every worker, and workers sharing a machine then fight over its cores.
+            torch.set_num_threads(max(1, int(self.config.scaling.cpus_per_worker)))
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            mode = os.environ.get("MUPPET_MALLOC", "")
+            if mode:
+                a, b = mode.split(",")
+                print("MALLOPT", libc.mallopt(-3, int(a)), libc.mallopt(-1, int(b)), flush=True)
 
     # ------------------------------------------------------------------ setup
 
@@ -92,7 +106,7 @@ class Worker:
             if missing:
                 raise RuntimeError(f"initial heads {sorted(missing)} are not heads of the model")
             model.heads.load_state_dict(self.initial_heads, strict=False)
-        optimizer, scheduler = build_optimizer(model, self.config)
+        optimizer, scheduler = build_optimizer(model, self.config, fused=on_gpu)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.config, self.world, self.accum, bf16, load_universal),
@@ -130,8 +144,7 @@ class Worker:
     def run_evaluation(self) -> None:
         """`muppet-ray evaluate`: the validation metrics of the starting model, no training."""
         self.build()
-        metrics = self.evaluate()
-        self.log_eval(0, metrics)
+        metrics = self.evaluate(0)
         ray.train.report({"step": 0, **_flatten(metrics)})
         if self.logger:
             self.logger.close()
@@ -146,30 +159,35 @@ class Worker:
             self.config.training.max_steps, self.config.training.seed,
             [s["name"] for s in self.specs],
         )
+        # This worker's micro-batches, a row per step: the step's largest go to different
+        # workers (Schedule.worker_positions), so that no worker waits long for another.
+        self.positions = self.schedule.worker_positions(
+            self.rank, self.world, cost=data.position_costs(self.schedule, self.train_caches),
+        ).reshape(-1, self.accum)
         start = self.restore(checkpoint, reshard)
         steps = self.config.training.max_steps
-        stream = data.stream(self.schedule, self.rank, self.world, start, self.train_caches,
+        stream = data.stream(self.schedule, self.positions[start:].ravel(), self.train_caches,
                              self.tokenizer.pad_token_id)
         if start == 0:
-            self.log_eval(0, self.evaluate())
+            self.evaluate(0)
         train = self.config.training
-        window = self._new_window()
+        window = Window(len(self.specs))
         for step in range(start, steps):
             self.maybe_fail(step)
             self.train_step(step, stream, window)
             done = step + 1
             if done % train.log_every == 0 or done == steps:
                 self.log_train(done, window)
-                window = self._new_window()
+                window = Window(len(self.specs))
+            paused = time.perf_counter()
             if train.eval_every and done % train.eval_every == 0 and done != steps:
-                metrics = self.evaluate()
-                self.log_eval(done, metrics)
+                metrics = self.evaluate(done)
                 # (to Ray Tune, through TuneReportCallback: what ASHA stops trials on)
                 ray.train.report({"step": done, **_flatten(metrics)})
             if done % train.checkpoint_every == 0 and done != steps:
                 self.checkpoint(done, {"step": done})
-        final = self.evaluate()
-        self.log_eval(steps, final)
+            window.start += time.perf_counter() - paused  # (rates count training time only)
+        final = self.evaluate(steps)
         if start < steps:  # (a restart after the final checkpoint only re-exports)
             self.checkpoint(steps, {"step": steps, **_flatten(final)})
         export = self.export(steps)
@@ -177,17 +195,19 @@ class Worker:
         if self.logger:
             self.logger.close()
 
-    def train_step(self, step: int, stream, window: dict) -> None:
+    def train_step(self, step: int, stream, window: Window) -> None:
         num_tasks = len(self.specs)
         # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
         # accelerator's queue full.
         losses = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=self.device)
         counts = torch.zeros(2 + self.per_step, dtype=torch.float64)
-        expected = self.schedule.step_positions(step)
+        first = step * self.per_step
         for micro in range(self.accum):
+            waiting = time.perf_counter()
             row = next(stream)
+            window.data_wait += time.perf_counter() - waiting
             position = int(row["position"])
-            if position != expected[micro * self.world + self.rank]:
+            if position != self.positions[step, micro]:
                 raise RuntimeError(f"worker {self.rank} got micro-batch {position} at step {step}")
             batch = mb.to_torch(mb.from_bytes(row["payload"]), self.device)
             out = self.engine(batch)
@@ -197,27 +217,19 @@ class Worker:
                                  out["task_examples"]]).double()
             counts[0] += int(row["num_tokens"])
             counts[1] += int(row["padded_tokens"])
-            counts[2 + micro * self.world + self.rank] = position  # every slot filled once
+            counts[2 + position - first] = position  # every slot of the step filled once
         totals = self._all_reduce(torch.cat([losses, counts.to(self.device)]))
-        window["loss"] += totals[0].item() / self.per_step
-        window["task_loss"] += totals[1:1 + num_tasks].numpy()
-        window["task_examples"] += totals[1 + num_tasks:1 + 2 * num_tasks].numpy()
-        window["tokens"] += totals[1 + 2 * num_tasks].item()
-        window["padded"] += totals[2 + 2 * num_tasks].item()
-        window["positions"].extend(int(p) for p in totals[3 + 2 * num_tasks:])
-        window["steps"] += 1
+        window.add(totals[0].item() / self.per_step, totals[1:1 + num_tasks].numpy(),
+                   totals[1 + num_tasks:1 + 2 * num_tasks].numpy(),
+                   totals[1 + 2 * num_tasks].item(), totals[2 + 2 * num_tasks].item(),
+                   [int(p) for p in totals[3 + 2 * num_tasks:]])
 
-    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum over workers; returns the result on the CPU."""
+    def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
+        """Sum (or `op`) over workers; returns the result on the CPU."""
         values = values.to(self.device)
         if self.world > 1:
-            dist.all_reduce(values)
+            dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
         return values.cpu()
-
-    @staticmethod
-    def _new_window() -> dict:
-        return {"loss": 0.0, "tokens": 0.0, "padded": 0.0, "task_loss": 0.0,
-                "task_examples": 0.0, "positions": [], "steps": 0, "start": time.perf_counter()}
 
     def maybe_fail(self, step: int) -> None:
         """Fault injection (`run.fail_at_step`): one worker dies hard, once per run.
@@ -245,25 +257,27 @@ class Worker:
 
     # ------------------------------------------------------------- evaluation
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Validation metrics of every task, computed across all workers."""
-        if self._eval_batches is None:
-            plan = data.eval_chunks(self.eval_caches, self.rank, self.world)
-            self._eval_batches = [
-                (data.ChunkReader.read(self.eval_caches[task], chunk), counted)
-                for task, chunk, counted in plan
-            ]
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, dict[str, float]]:
+        """Validation metrics of every task, computed across all workers, and logged. Batches
+        are read as they are needed: keeping them would hold every validation split in each
+        worker."""
+        began = time.perf_counter()
         self.engine.eval()
         stats = None
-        for batch, counted in self._eval_batches:
-            values = self.engine(mb.to_torch(batch, self.device), evaluate=True).double().cpu()
+        generating = [spec["type"] == "generation" for spec in self.specs]
+        for task, chunk, counted in data.eval_chunks(self.eval_caches, self.rank, self.world,
+                                                     generating):
+            batch = data.ChunkReader.read(self.eval_caches[task], chunk, task)
+            batch = mb.to_torch(batch, self.device)
+            values = self.engine(batch, evaluate=True).double().cpu()
             stats = (stats if stats is not None else torch.zeros_like(values)) + values * counted
         self.engine.train()
         stats = self._all_reduce(stats).numpy()
-        return {
-            spec["name"]: TASK_TYPES[spec["type"]].finalize(stats[i])
-            for i, spec in enumerate(self.specs)
-        }
+        metrics = {spec["name"]: TASK_TYPES[spec["type"]].finalize(stats[i])
+                   for i, spec in enumerate(self.specs)}
+        self.log_eval(step, metrics, time.perf_counter() - began)
+        return metrics
 
     # ------------------------------------------------------------ checkpoints
 
@@ -294,32 +308,45 @@ class Worker:
 
     # ---------------------------------------------------------------- logging
 
-    def log_train(self, step: int, window: dict) -> None:
-        if not self.logger or not window["steps"]:
+    def log_train(self, step: int, window: Window) -> None:
+        # (on every worker: the data wait and memory figures are the largest over workers)
+        worst = self._all_reduce(torch.tensor(
+            [window.data_wait, _resident_mb(), _peak_resident_mb(), self._gpu_peak_mb()],
+            dtype=torch.float64),
+            op=dist.ReduceOp.MAX)
+        if not self.logger or not window.steps:
             return
-        seconds = time.perf_counter() - window["start"]
-        examples = window["task_examples"]
+        seconds = time.perf_counter() - window.start
+        examples = window.task_examples
         lr = self.engine.get_lr()[0]
-        positions = sorted(window["positions"])
         record = {
-            "kind": "train", "step": step, "loss": window["loss"] / window["steps"], "lr": lr,
+            "kind": "train", "step": step, "loss": window.loss / window.steps, "lr": lr,
             "workers": self.world,
             "examples_per_s": float(examples.sum() / seconds),
-            "tokens_per_s": window["tokens"] / seconds,
-            "real_token_ratio": window["tokens"] / max(window["padded"], 1),
-            "task_loss": {s["name"]: float(window["task_loss"][i] / examples[i])
+            "tokens_per_s": window.tokens / seconds,
+            "real_token_ratio": window.tokens / max(window.padded, 1),
+            "data_wait_share": float(worst[0]) / seconds,
+            "rss_mb": float(worst[1]),
+            "peak_rss_mb": float(worst[2]),
+            **({"gpu_peak_mb": float(worst[3])} if self.device.type == "cuda" else {}),
+            "task_loss": {s["name"]: float(window.task_loss[i] / examples[i])
                           for i, s in enumerate(self.specs) if examples[i]},
-            "positions": _ranges(positions),
+            "positions": _ranges(sorted(window.positions)),
         }
         self.logger.log(record)
         log.info(f"[muppet-ray] step {step}/{self.config.training.max_steps}  "
                  f"loss {record['loss']:.4f}  lr {lr:.2e}  {record['examples_per_s']:,.0f} ex/s  "
-                 f"{record['tokens_per_s']:,.0f} tok/s")
+                 f"{record['tokens_per_s']:,.0f} tok/s  data wait "
+                 f"{record['data_wait_share']:.0%}  rss {record['rss_mb']:,.0f} MB")
 
-    def log_eval(self, step: int, metrics: dict[str, dict[str, float]]) -> None:
+    def _gpu_peak_mb(self) -> float:
+        on_gpu = self.device.type == "cuda"
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if on_gpu else 0.0
+
+    def log_eval(self, step: int, metrics: dict[str, dict[str, float]], seconds: float) -> None:
         if not self.logger:
             return
-        self.logger.log({"kind": "eval", "step": step, "metrics": metrics})
+        self.logger.log({"kind": "eval", "step": step, "seconds": seconds, "metrics": metrics})
         self.logger.flush()
         summary = "  ".join(
             f"{task} {next(iter(values.values())):.3f}" for task, values in metrics.items())
@@ -335,6 +362,44 @@ def _to_universal(directory: str, out: str) -> None:
         output_folder=os.path.join(out, CHECKPOINT_TAG),
         num_extract_workers=1, num_merge_workers=1,  # in this process: no process pools
         keep_temp_folder=False, strict=True, inject_missing_state=True))
+
+
+@dataclass
+class Window:
+    """What the steps since the last training record add up to, over all workers."""
+
+    num_tasks: int
+    steps: int = 0
+    loss: float = 0.0  # sum of the steps' mean losses
+    tokens: float = 0.0  # real tokens
+    padded: float = 0.0  # tokens computed (padding included)
+    data_wait: float = 0.0  # seconds this worker waited for its micro-batches
+    task_loss: np.ndarray = field(init=False)  # [num_tasks] summed per-example losses
+    task_examples: np.ndarray = field(init=False)  # [num_tasks] examples
+    positions: list[int] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.task_loss = np.zeros(self.num_tasks)
+        self.task_examples = np.zeros(self.num_tasks)
+
+    def add(self, loss: float, task_loss, task_examples, tokens: float, padded: float,
+            positions: list[int]) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.task_loss += task_loss
+        self.task_examples += task_examples
+        self.tokens += tokens
+        self.padded += padded
+        self.positions += positions
+
+
+def _resident_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_resident_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux)
 
 
 def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:

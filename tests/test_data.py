@@ -50,11 +50,13 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(ray_cluster, tmp_path):
     config = make_config(tmp_path, "tasks.include=[topic]")
     run_dir = RunDir(str(tmp_path / "run"))
     _, _, caches = prepare(config, run_dir)
-    index = run_dir.read_text("data/topic/train/index.json")
+    def files():
+        return sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+
+    written = files()
     before = payloads(caches["topic"]["train"])
     _, _, again = prepare(config, run_dir)
-    assert run_dir.read_text("data/topic/train/index.json") == index
-    assert again == caches
+    assert again == caches and files() == written  # found, nothing tokenized again
     changed = make_config(tmp_path, "tasks.include=[topic]", "tasks.data_seed=5")
     _, _, rebuilt = prepare(changed, run_dir)
     assert payloads(rebuilt["topic"]["train"]) != before
@@ -66,14 +68,19 @@ def test_stream_follows_the_schedule_and_resumes(ray_cluster, tmp_path):
     train = [caches[t.name]["train"] for t in tasks]
     schedule = build_schedule([c.chunks for c in train], [c.examples for c in train],
                               MixtureConfig(), BatchingConfig(grad_accum_steps=2), 4, 20, 0)
-    rows = list(data.stream(schedule, 1, 2, 0, train, tokenizer.pad_token_id))
-    assert [r["position"] for r in rows] == list(schedule.worker_positions(1, 2))
+    cost = data.position_costs(schedule, train)
+    mine = schedule.worker_positions(1, 2, cost=cost)
+    rows = list(data.stream(schedule, mine, train, tokenizer.pad_token_id))
+    assert [r["position"] for r in rows] == list(mine)
     for row in rows[:10]:
         p = row["position"]
-        chunk = data.ChunkReader.read(train[schedule.task[p, 0]], schedule.chunk[p, 0])
+        task = schedule.task[p, 0]
+        chunk = data.ChunkReader.read(train[task], schedule.chunk[p, 0], task)
         assert mb.to_bytes(mb.from_bytes(row["payload"])) == mb.to_bytes(chunk)
-    resumed = list(data.stream(schedule, 1, 2, 12, train, tokenizer.pad_token_id))
-    assert [r["position"] for r in resumed] == [r["position"] for r in rows][12 * 2:]
+    resumed = schedule.worker_positions(1, 2, start_step=12, cost=cost)
+    assert list(resumed) == list(mine)[12 * 2:]
+    rows = list(data.stream(schedule, resumed, train, tokenizer.pad_token_id))
+    assert [r["position"] for r in rows] == list(resumed)
 
 
 def write_jsonl(path, rows):
@@ -154,13 +161,78 @@ def test_mixed_micro_batches_merge_chunks_of_several_tasks(ray_cluster, tmp_path
     schedule = build_schedule([c.chunks for c in train], [c.examples for c in train],
                               MixtureConfig(rule="uniform"), batching, 1, 30, 0)
     mixed = 0
-    for row in data.stream(schedule, 0, 1, 0, train, tokenizer.pad_token_id):
+    for row in data.stream(schedule, schedule.worker_positions(0, 1), train,
+                           tokenizer.pad_token_id):
         batch = mb.from_bytes(row["payload"])
         p = row["position"]
-        parts = [data.ChunkReader.read(train[t], c)
+        parts = [data.ChunkReader.read(train[t], c, t)
                  for t, c in zip(schedule.task[p], schedule.chunk[p])]
         assert row["num_examples"] == mb.num_examples(batch) == sum(map(mb.num_examples, parts))
         assert list(batch["example_task"]) == [t for part in parts for t in part["example_task"]]
         assert row["num_tokens"] == batch["attention_mask"].sum()
         mixed += len(set(batch["example_task"])) > 1
     assert mixed > 15  # most of the 30 micro-batches hold two tasks
+
+
+def test_runs_share_the_cache_and_changed_data_is_tokenized_anew(ray_cluster, tmp_path):
+    cache = RunDir(str(tmp_path / "cache"))
+    alone = make_config(tmp_path, "tasks.include=[topic]")
+    _, _, first = prepare(alone, cache)
+    # another run, its tasks in another order: topic's chunks are found, not made again
+    both = make_config(tmp_path, "tasks.include=[needs, topic]")
+    _, _, second = prepare(both, cache)
+    assert second["topic"] == first["topic"]
+    # chunks carry no task index: a run tags them with its own
+    assert set(data.ChunkReader.read(second["topic"]["train"], 0, 1)["example_task"]) == {1}
+
+    config = custom(tmp_path, GOOD, fields={"text": "sentence", "label": "gold"})
+    _, _, before = prepare(config, cache)
+    write_jsonl(tmp_path / "mine.jsonl", [*GOOD[:-1], {"sentence": "changed", "gold": "no"}])
+    _, _, after = prepare(config, cache)  # same path, other content
+    assert after["mine"]["train"].directory != before["mine"]["train"].directory
+
+
+def test_examples_of_similar_length_share_a_chunk(ray_cluster, tmp_path):
+    def padding_efficiency(grouped):
+        config = make_config(tmp_path, "tasks.include=[entailment, what_has]",
+                             f"batching.group_by_length={str(grouped).lower()}")
+        tasks = resolve_tasks(config)
+        settings = data.ChunkSettings.from_config(config)
+        caches = data.prepare(tasks, RunDir(str(tmp_path / "cache")),
+                              build_tokenizer(config, tasks), settings, ("train",))
+        real = padded = 0
+        for task in tasks:
+            cache = caches[task.name]["train"]
+            for i in range(cache.chunks):
+                row = data.ChunkReader.read_row(cache, i)
+                real, padded = real + row["num_tokens"], padded + row["padded_tokens"]
+            assert sum(cache.cells) == sum(data.ChunkReader.read_row(cache, i)["padded_tokens"]
+                                           for i in range(cache.chunks))
+        return real / padded
+
+    shuffled, grouped = padding_efficiency(False), padding_efficiency(True)
+    assert grouped > 0.95 and grouped > shuffled + 0.05, (shuffled, grouped)
+
+
+def test_workers_share_validation_chunks_evenly():
+    def cache(cells):
+        return data.CacheIndex("unused", (("f", tuple(range(len(cells)))),), len(cells) * 4, 0,
+                               tuple(cells))
+
+    caches = [cache([5, 5, 1]), cache([40]), cache([3, 3]), cache([9, 2])]
+    generating = [False, False, True, False]
+    for world in (1, 2, 3, 4):
+        plans = [data.eval_chunks(caches, rank, world, generating) for rank in range(world)]
+        assert len({len(p) for p in plans}) == 1  # the same number of forward passes each
+        counted = sorted((t, c) for p in plans for t, c, counted in p if counted)
+        assert counted == [(t, c) for t, x in enumerate(caches) for c in range(x.chunks)]
+        for plan in plans:  # generation first, at the same calls on every worker
+            assert [generating[t] for t, _, _ in plan[:1]] == [True]
+    two = [data.eval_chunks(caches, rank, 2, generating) for rank in range(2)]
+    work = [sum(caches[t].cells[c] for t, c, _ in plan) for plan in two]
+    # Task by task (as before), both workers would run the 40-token chunk (one of them
+    # uncounted) and the busier would do 58.
+    assert max(work) <= 50
+    four = [data.eval_chunks(caches, rank, 4, generating) for rank in range(4)]
+    fillers = [(t, c) for plan in four for t, c, counted in plan if not counted]
+    assert sorted(fillers) == [(0, 2), (0, 2), (2, 1), (2, 1)]  # each group's cheapest

@@ -2,7 +2,6 @@
 DeepSpeed on CPU. Nothing is mocked."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,18 +31,12 @@ def assert_loss_falls(run_dir):
 
 
 def schedule_of(result, config):
-    train = [data.CacheIndex(**_cache(result.run_dir, t.name)) for t in result.tasks]
+    caches = data.read_run_caches(RunDir(result.run_dir))
+    train = [caches[t.name]["train"] for t in result.tasks]
     return train, build_schedule(
         [c.chunks for c in train], [c.examples for c in train], config.mixture, config.batching,
         micro_batches_per_step(config), config.training.max_steps, config.training.seed,
         [t.name for t in result.tasks])
-
-
-def _cache(run_dir, task):
-    directory = f"{run_dir}/data/{task}/train"
-    raw = json.loads(Path(directory, "index.json").read_text())
-    return {"directory": directory, "files": tuple(map(tuple, raw["files"])),
-            "examples": raw["examples"]}
 
 
 def test_zero2_heterogeneous_run_learns_and_exports(ray_cluster, tmp_path):

@@ -42,13 +42,32 @@ def test_schedule_length_and_worker_positions():
     assert len(s) == 50 * 3 * 2
     owned = sorted(p for r in range(3) for p in s.worker_positions(r, 3))
     assert owned == list(range(len(s)))
-    assert list(s.worker_positions(1, 3, start_step=10))[:3] == [61, 64, 67]
+    assert list(s.worker_positions(1, 3, start_step=10))[:3] == [61, 64, 67]  # (p % 3 == 1)
     assert list(s.step_positions(10)) == list(range(60, 66))
     # Elastic: restarted with 2 workers at step 10, they share the same positions from 60 on
     # (the schedule does not depend on the worker count: 6 micro-batches a step either way).
     assert schedule(workers=2, accum=3, steps=50).task.tolist() == s.task.tolist()
     rest = sorted(p for r in range(2) for p in s.worker_positions(r, 2, start_step=10))
     assert rest == list(range(60, len(s)))
+
+
+def test_a_steps_largest_micro_batches_go_to_different_workers():
+    s = schedule(workers=2, accum=4, steps=100)  # 8 micro-batches a step
+    rng = np.random.default_rng(0)
+    cost = np.where(rng.random(len(s)) < 0.2, 30.0, 1.0) * rng.uniform(1, 2, len(s))
+    for world in (1, 2, 4, 8):
+        shares = [s.worker_positions(r, world, cost=cost).reshape(100, -1) for r in range(world)]
+        # every step's positions, once each, per_step / world per worker, whatever the count
+        steps = np.sort(np.concatenate(shares, axis=1), axis=1)
+        assert (steps == np.arange(len(s)).reshape(100, 8)).all()
+    balanced = np.stack([cost[s.worker_positions(r, 2, cost=cost)].reshape(100, -1).sum(1)
+                         for r in range(2)])
+    round_robin = np.stack([cost[s.worker_positions(r, 2)].reshape(100, -1).sum(1)
+                            for r in range(2)])
+    # A step lasts as long as its busiest worker: dealt out p % W, steps here take 1.48x their
+    # work spread evenly; balanced, 1.27x (as even as 4 micro-batches a worker allow).
+    assert balanced.max(0).sum() < 0.9 * round_robin.max(0).sum()
+    assert balanced.max(0).sum() < 1.3 * balanced.mean(0).sum()
 
 
 def test_heterogeneous_micro_batches_are_single_task_and_steps_mix_tasks():
