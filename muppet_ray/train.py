@@ -77,12 +77,6 @@ class Worker:
             # One compute thread per CPU Ray gave the worker: torch would otherwise start one per
             # core in every worker, and workers sharing a machine then fight over its cores.
             torch.set_num_threads(max(1, int(self.config.scaling.cpus_per_worker)))
-            import ctypes
-            libc = ctypes.CDLL("libc.so.6")
-            mode = os.environ.get("MUPPET_MALLOC", "")
-            if mode:
-                a, b = mode.split(",")
-                print("MALLOPT", libc.mallopt(-3, int(a)), libc.mallopt(-1, int(b)), flush=True)
 
     # ------------------------------------------------------------------ setup
 
