@@ -3,7 +3,8 @@
 Layout of `<storage_path>/<run name>/`:
     config.yaml          the resolved config
     tokenizer/           the tokenizer the run trained with
-    data/<task>/<split>/  the tokenized chunk cache (data.py)
+    data.json            the entries of the chunk cache the run reads (data.py; the cache is
+                         <storage>/.chunk-cache/, shared by the runs stored there)
     metrics.jsonl        one JSON record per logged step and per evaluation
     tensorboard/         TensorBoard event files
     checkpoint_*/        Ray Train checkpoints (DeepSpeed's sharded files)
