@@ -116,6 +116,8 @@ def main() -> None:
     model_path = str(shared / "models/all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tasks = load_tasks(shared)
+    if not tasks:
+        raise SystemExit(f"naive: --shared {shared}: no data/bigbench/*/task.json below it")
     model = Model(model_path, tasks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
     before = evaluate(model, tokenizer, tasks, args.eval_examples, args.max_length)

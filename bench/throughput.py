@@ -53,6 +53,9 @@ def task_config(shared: Path, steps: int, eval_examples: int) -> dict:
             continue
         tasks.append({"name": "_".join(relative.parts), "format": "bigbench",
                       "train": str(path)})
+    if not tasks or not (shared / "models/all-MiniLM-L6-v2").is_dir():
+        sys.exit(f"bench: --shared {shared}: expected data/bigbench/*/task.json and "
+                 "models/all-MiniLM-L6-v2 below it")
     return {
         "model": {"pretrained": str(shared / "models/all-MiniLM-L6-v2"), "max_length": 128},
         "tasks": {"include": [t["name"] for t in tasks], "custom": tasks},
@@ -173,10 +176,11 @@ def main() -> None:
     if args.quick:
         args.repeats, args.steps, args.eval_examples = 1, 20, 16
     shared, code = Path(args.shared).resolve(), Path(args.code).resolve()
+    config = task_config(shared, args.steps, args.eval_examples)  # (checked before writing)
     out = Path(args.out or tempfile.mkdtemp(prefix="muppet-bench-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(task_config(shared, args.steps, args.eval_examples)))
+    config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     one_worker = ["scaling.num_workers=1", "scaling.cpus_per_worker=2",
                   "batching.grad_accum_steps=2"]
