@@ -27,6 +27,7 @@ from muppet_ray.task_types.span import ANSWER_SEPARATOR
 
 Batch = dict[str, np.ndarray]
 TEXT_KEYS = {"offsets", "context", "answers"}
+ROW_KEYS = {"input_ids", "attention_mask", "token_type_ids", "row_example"}
 
 
 def collate(features: list[Features], task_index: int | None, pad_id: int,
@@ -102,6 +103,38 @@ def merge(batches: list[Batch], pad_id: int) -> Batch:
     merged["row_example"] = np.concatenate(
         [b["row_example"] + o for b, o in zip(batches, offsets)]).astype(np.int32)
     return merged
+
+
+def split(batch: Batch, count: int) -> list[tuple[Batch, float]]:
+    """The batch as `count` pieces of whole examples, each with its share of the examples (the
+    shares add up to 1, so the pieces' mean losses, weighted by share, add up to the batch's).
+    Each piece is padded to its own longest row. Pieces beyond the number of examples repeat the
+    first example with share 0 (ZeRO-3 needs the same number of passes on every worker)."""
+    total = num_examples(batch)
+    if count <= 1:
+        return [(batch, 1.0)]
+    pieces = []
+    for examples in np.array_split(np.arange(total), count):
+        share = len(examples) / total
+        pieces.append((select(batch, examples if len(examples) else np.arange(1)), share))
+    return pieces
+
+
+def select(batch: Batch, examples: np.ndarray) -> Batch:
+    """The sub-batch of `examples` (consecutive indices), its rows re-padded to their longest."""
+    rows = np.flatnonzero((batch["row_example"] >= examples[0])
+                          & (batch["row_example"] <= examples[-1]))
+    length = int(batch["attention_mask"][rows].sum(axis=1).max())
+    out: Batch = {}
+    for key, value in batch.items():
+        if key in ROW_KEYS:
+            value = value[rows]
+            out[key] = value[:, :length] if value.ndim == 2 else value
+        else:
+            value = value[examples]
+            out[key] = value[:, :length] if key == "offsets" else value
+    out["row_example"] = out["row_example"] - examples[0]
+    return out
 
 
 def num_examples(batch: Batch) -> int:

@@ -150,6 +150,11 @@ class BatchingConfig(Section):
     tasks_per_micro_batch: int = Field(4, ge=1)
     """For strategy=mixed: the micro-batch is made of this many single-task chunks."""
     eval_batch_size: int = Field(64, ge=1)
+    max_tokens_per_pass: int = Field(8192, ge=0)
+    """A micro-batch (training or validation) with more padded tokens than this runs through
+    the model in several passes of whole examples, whose gradients add up to the same update:
+    it bounds activation memory (a multiple-choice micro-batch holds a row per choice). 0: one
+    pass per micro-batch."""
     group_by_length: bool = True
     """Chunk each task's examples by similar length (within windows of 64 micro-batches, after
     the seeded shuffle), so micro-batches carry little padding; false: in shuffled order."""

@@ -399,8 +399,10 @@ def stream(schedule: Schedule, positions: np.ndarray, caches: list[CacheIndex], 
 
 
 def eval_chunks(caches: list[CacheIndex], rank: int, world_size: int,
-                generating: list[bool]) -> list[tuple[int, int, bool]]:
-    """This worker's share of the validation chunks of all tasks, as (task, chunk, counted).
+                generating: list[bool]) -> list[tuple[int, int, bool, int]]:
+    """This worker's share of the validation chunks of all tasks, as (task, chunk, counted,
+    turn_cost): turn_cost is the largest padded size among the chunks dealt in the same turn,
+    on which ZeRO-3 bases the number of passes every worker makes (train.py).
 
     Chunks are dealt out largest first in snake order (as Schedule.worker_positions does), so
     workers get even work, and each gets the same number of them (a short share repeats the
@@ -419,8 +421,10 @@ def eval_chunks(caches: list[CacheIndex], rank: int, world_size: int,
         items = [(task, chunk, True) for _, task, chunk in items]
         cheapest = items[-1]
         items += [(cheapest[0], cheapest[1], False)] * (-len(items) % world_size)
+        cost = [caches[task].cells[chunk] if caches[task].cells else 0
+                for task, chunk, _ in items]
         for turn, item in enumerate(items):
             lap, seat = divmod(turn, world_size)
             if (seat if lap % 2 == 0 else world_size - 1 - seat) == rank:
-                plan.append(item)
+                plan.append((*item, max(cost[lap * world_size:(lap + 1) * world_size])))
     return plan

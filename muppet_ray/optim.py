@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 
-from muppet_ray.config import Config
+from muppet_ray.config import Config, micro_batches_per_step
 
 
-def deepspeed_config(config: Config, world_size: int, grad_accum: int, bf16: bool,
+def deepspeed_config(config: Config, world_size: int, bf16: bool,
                      load_universal: bool = False) -> dict[str, Any]:
-    """`grad_accum`: micro-batches per worker per step at this world size (elastic runs
-    accumulate more with fewer workers; train.py)."""
+    """DeepSpeed sees one micro-step per optimizer step: each worker accumulates its share of
+    the step's micro-batches itself (train.py), so that it can run a large one in several passes
+    and have the gradients reduced once per step."""
+    examples_per_step = micro_batches_per_step(config) * config.batching.micro_batch_size
     ds = {
-        "train_micro_batch_size_per_gpu": config.batching.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": config.batching.micro_batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": examples_per_step // world_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": examples_per_step // world_size * world_size,
         "gradient_clipping": config.training.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
         "bf16": {"enabled": bf16},

@@ -1,8 +1,11 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 One optimizer step = N micro-batches (N = grad_accum_steps x max workers), shared by the W
-workers that run now, N / W each (the largest spread over the workers); DeepSpeed averages their
-gradients, so with heterogeneous batching every update mixes N single-task micro-batches.
+workers that run now, N / W each (the largest spread over the workers); each worker adds up the
+gradients of its share and DeepSpeed averages them over the workers once per step, so with
+heterogeneous batching every update mixes N single-task micro-batches. A micro-batch larger than
+`batching.max_tokens_per_pass` goes through the model in several passes (`passes`), which bounds
+activation memory without changing the update.
 Steps, evaluations, checkpoints and reports happen at the same points on every worker (Ray Train
 and DeepSpeed both need that).
 
@@ -15,6 +18,7 @@ under another world size), which each worker reshards as it loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -38,6 +42,7 @@ import torch.distributed as dist
 from muppet_ray import batch as mb
 from muppet_ray import data
 from muppet_ray.config import Config, micro_batches_per_step
+from muppet_ray.errors import ConfigError
 from muppet_ray.export import write_export
 from muppet_ray.metrics import MetricsLogger
 from muppet_ray.mixture import build_schedule
@@ -103,8 +108,14 @@ class Worker:
         optimizer, scheduler = build_optimizer(model, self.config, fused=on_gpu)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.config, self.world, self.accum, bf16, load_universal),
+            config=deepspeed_config(self.config, self.world, bf16, load_universal),
         )
+        if self.config.deepspeed.zero_stage and not hasattr(self.engine.optimizer,
+                                                            "_coalesce_grad_reduction"):
+            raise ConfigError(
+                f"deepspeed.config: DeepSpeed wraps the optimizer in "
+                f"{type(self.engine.optimizer).__name__}, which cannot reduce gradients once per "
+                "step (remove data_types.grad_accum_dtype, or use another zero_stage)")
 
     def needs_resharding(self, checkpoint: ray.train.Checkpoint | None) -> bool:
         """Whether the checkpoint's ZeRO shards were written by another number of workers."""
@@ -153,11 +164,15 @@ class Worker:
             self.config.training.max_steps, self.config.training.seed,
             [s["name"] for s in self.specs],
         )
-        # This worker's micro-batches, a row per step: the step's largest go to different
+        # Each worker's micro-batches, a row per step: the step's largest go to different
         # workers (Schedule.worker_positions), so that no worker waits long for another.
-        self.positions = self.schedule.worker_positions(
-            self.rank, self.world, cost=data.position_costs(self.schedule, self.train_caches),
-        ).reshape(-1, self.accum)
+        cost = data.position_costs(self.schedule, self.train_caches)
+        every = np.stack([self.schedule.worker_positions(rank, self.world, cost=cost)
+                          for rank in range(self.world)]).reshape(self.world, -1, self.accum)
+        self.positions = every[self.rank]
+        # What each micro-batch's number of passes is based on: its own size, or under ZeRO-3
+        # (whose passes gather parameters from all workers) the largest of the same micro-step.
+        self.pass_cost = cost[every].max(axis=0) if self.zero3 else cost[self.positions]
         start = self.restore(checkpoint, reshard)
         steps = self.config.training.max_steps
         stream = data.stream(self.schedule, self.positions[start:].ravel(), self.train_caches,
@@ -189,6 +204,18 @@ class Worker:
         if self.logger:
             self.logger.close()
 
+    @property
+    def zero3(self) -> bool:
+        return self.config.deepspeed.zero_stage == 3
+
+    def passes(self, batch: mb.Batch, cost: int) -> list[tuple[mb.Batch, float]]:
+        """The micro-batch as pieces to run one at a time, with each one's share of its
+        examples: as many as `cost` (padded tokens) needs at `batching.max_tokens_per_pass`,
+        at most one per example, except under ZeRO-3, whose workers all make the same number."""
+        budget = self.config.batching.max_tokens_per_pass
+        count = -(-int(cost) // budget) if budget else 1
+        return mb.split(batch, count if self.zero3 else min(count, mb.num_examples(batch)))
+
     def train_step(self, step: int, stream, window: Window) -> None:
         num_tasks = len(self.specs)
         # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
@@ -196,22 +223,27 @@ class Worker:
         losses = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=self.device)
         counts = torch.zeros(2 + self.per_step, dtype=torch.float64)
         first = step * self.per_step
-        for micro in range(self.accum):
-            waiting = time.perf_counter()
-            row = next(stream)
-            window.data_wait += time.perf_counter() - waiting
-            position = int(row["position"])
-            if position != self.positions[step, micro]:
-                raise RuntimeError(f"worker {self.rank} got micro-batch {position} at step {step}")
-            batch = mb.to_torch(mb.from_bytes(row["payload"]), self.device)
-            out = self.engine(batch)
-            self.engine.backward(out["loss"])
-            self.engine.step()
-            losses += torch.cat([out["loss"].detach()[None], out["task_loss_sum"],
-                                 out["task_examples"]]).double()
-            counts[0] += int(row["num_tokens"])
-            counts[1] += int(row["padded_tokens"])
-            counts[2 + position - first] = position  # every slot of the step filled once
+        with one_reduction(self.engine, self.config.deepspeed.zero_stage):
+            for micro in range(self.accum):
+                waiting = time.perf_counter()
+                row = next(stream)
+                window.data_wait += time.perf_counter() - waiting
+                position = int(row["position"])
+                if position != self.positions[step, micro]:
+                    raise RuntimeError(
+                        f"worker {self.rank} got micro-batch {position} at step {step}")
+                for piece, share in self.passes(mb.from_bytes(row["payload"]),
+                                                self.pass_cost[step, micro]):
+                    out = self.engine(mb.to_torch(piece, self.device))
+                    # the step's loss: the mean over its micro-batches of each one's mean loss
+                    self.engine.backward(out["loss"] * (share / self.accum))
+                    if share:  # (a share-0 piece only keeps ZeRO-3's passes in step)
+                        losses += torch.cat([out["loss"].detach()[None] * share,
+                                             out["task_loss_sum"], out["task_examples"]]).double()
+                counts[0] += int(row["num_tokens"])
+                counts[1] += int(row["padded_tokens"])
+                counts[2 + position - first] = position  # every slot of the step filled once
+        self.engine.step()
         totals = self._all_reduce(torch.cat([losses, counts.to(self.device)]))
         window.add(totals[0].item() / self.per_step, totals[1:1 + num_tasks].numpy(),
                    totals[1 + num_tasks:1 + 2 * num_tasks].numpy(),
@@ -260,12 +292,14 @@ class Worker:
         self.engine.eval()
         stats = None
         generating = [spec["type"] == "generation" for spec in self.specs]
-        for task, chunk, counted in data.eval_chunks(self.eval_caches, self.rank, self.world,
-                                                     generating):
+        for task, chunk, counted, turn_cost in data.eval_chunks(
+                self.eval_caches, self.rank, self.world, generating):
             batch = data.ChunkReader.read(self.eval_caches[task], chunk, task)
-            batch = mb.to_torch(batch, self.device)
-            values = self.engine(batch, evaluate=True).double().cpu()
-            stats = (stats if stats is not None else torch.zeros_like(values)) + values * counted
+            own_cost = batch["attention_mask"].size
+            for piece, share in self.passes(batch, turn_cost if self.zero3 else own_cost):
+                values = self.engine(mb.to_torch(piece, self.device), evaluate=True)
+                values = values.double().cpu() * (counted and share > 0)
+                stats = values if stats is None else stats + values
         self.engine.train()
         stats = self._all_reduce(stats).numpy()
         metrics = {spec["name"]: TASK_TYPES[spec["type"]].finalize(stats[i])
@@ -345,6 +379,19 @@ class Worker:
         summary = "  ".join(
             f"{task} {next(iter(values.values())):.3f}" for task, values in metrics.items())
         log.info(f"[muppet-ray] eval @ step {step}: {summary}")
+
+
+@contextlib.contextmanager
+def one_reduction(engine, zero_stage: int):
+    """Backward passes inside add up their gradients on each worker; DeepSpeed averages them over
+    the workers once, on leaving (left to itself, ZeRO-2 reduces at every backward)."""
+    if zero_stage == 0:
+        with engine.no_sync():
+            yield
+        engine.allreduce_gradients()
+    else:
+        with engine.coalesce_grad_reduction():
+            yield
 
 
 def _to_universal(directory: str, out: str) -> None:

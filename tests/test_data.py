@@ -224,15 +224,20 @@ def test_workers_share_validation_chunks_evenly():
     for world in (1, 2, 3, 4):
         plans = [data.eval_chunks(caches, rank, world, generating) for rank in range(world)]
         assert len({len(p) for p in plans}) == 1  # the same number of forward passes each
-        counted = sorted((t, c) for p in plans for t, c, counted in p if counted)
+        counted = sorted((t, c) for p in plans for t, c, counted, _ in p if counted)
         assert counted == [(t, c) for t, x in enumerate(caches) for c in range(x.chunks)]
         for plan in plans:  # generation first, at the same calls on every worker
-            assert [generating[t] for t, _, _ in plan[:1]] == [True]
+            assert [generating[t] for t, _, _, _ in plan[:1]] == [True]
+        # every worker sees the same cost at the same call (ZeRO-3 bases its passes on it),
+        # the largest of the chunks dealt at that call
+        for calls in zip(*plans):
+            assert len({cost for *_, cost in calls}) == 1
+            assert calls[0][3] == max(caches[t].cells[c] for t, c, _, _ in calls)
     two = [data.eval_chunks(caches, rank, 2, generating) for rank in range(2)]
-    work = [sum(caches[t].cells[c] for t, c, _ in plan) for plan in two]
+    work = [sum(caches[t].cells[c] for t, c, _, _ in plan) for plan in two]
     # Task by task (as before), both workers would run the 40-token chunk (one of them
     # uncounted) and the busier would do 58.
     assert max(work) <= 50
     four = [data.eval_chunks(caches, rank, 4, generating) for rank in range(4)]
-    fillers = [(t, c) for plan in four for t, c, counted in plan if not counted]
+    fillers = [(t, c) for plan in four for t, c, counted, _ in plan if not counted]
     assert sorted(fillers) == [(0, 2), (0, 2), (2, 1), (2, 1)]  # each group's cheapest

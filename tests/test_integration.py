@@ -73,15 +73,16 @@ def test_zero2_heterogeneous_run_learns_and_exports(ray_cluster, tmp_path):
 
 
 def test_zero3_run_learns(ray_cluster, tmp_path):
+    # (small passes: micro-batches run in several, as many on both workers at each call)
     result = prefinetune(make_config(tmp_path, "deepspeed.zero_stage=3",
-                                     "training.max_steps=20"))
+                                     "training.max_steps=20", "batching.max_tokens_per_pass=256"))
     assert_loss_falls(result.run_dir)
     assert AutoModel.from_pretrained(result.export_dir) is not None
 
 
 def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     config = make_config(tmp_path, "run.fail_at_step=12", "training.checkpoint_every=8",
-                         "run.max_failures=2")
+                         "run.max_failures=2", "batching.max_tokens_per_pass=256")
     result = prefinetune(config)
     run_dir = RunDir(result.run_dir)
     assert run_dir.exists(FAULT_MARKER)  # the worker did die

@@ -21,11 +21,12 @@ def test_warmup_then_linear_decay():
 
 def test_deepspeed_config():
     config = load_config(None, ["batching.micro_batch_size=8", "batching.grad_accum_steps=3",
-                                "deepspeed.zero_stage=3",
+                                "deepspeed.zero_stage=3", "scaling.num_workers=4",
                                 "deepspeed.config={zero_optimization: {overlap_comm: true}}"])
-    ds = deepspeed_config(config, world_size=4, grad_accum=3, bf16=True)
-    assert ds["train_batch_size"] == 8 * 3 * 4
+    ds = deepspeed_config(config, world_size=4, bf16=True)
+    # one DeepSpeed micro-step per optimizer step: the workers accumulate (train.py)
+    assert ds["train_batch_size"] == 8 * 3 * 4 and ds["gradient_accumulation_steps"] == 1
     assert ds["checkpoint"] == {"load_universal": False}
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert ds["bf16"] == {"enabled": True}
-    assert deepspeed_config(Config(), 2, 2, False)["bf16"] == {"enabled": False}
+    assert deepspeed_config(Config(), 2, False)["bf16"] == {"enabled": False}
