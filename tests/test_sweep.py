@@ -113,7 +113,7 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
             assert f"include:\n  - {order[0]}\n  - {order[1]}\n" in config
     assert (root / "results.csv").read_text().count("\n") == 5
     assert (root / "plots" / "tasks_curve.png").stat().st_size > 1000
-    assert "| review | 2 |" in (root / "summary.md").read_text()
+    assert "| review | 1 |" in (root / "summary.md").read_text()
 
 
 def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):
