@@ -331,9 +331,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return validate(expand_variables(raw))
 
 
+# Text after expansion -> the text as written: saved configs (config.yaml, the export's
+# manifest, Tune's state) keep the references, so a token passed as ${VAR} is never written.
+_WRITTEN_AS: dict[str, str] = {}
+
+
 def expand_variables(value: Any, where: str = "") -> Any:
     """Replace `${NAME}` in every text value by the environment variable NAME (so configs name
-    data locations without hard-coding them); an unset variable is an error."""
+    data locations and credentials without hard-coding them); an unset variable is an error."""
     if isinstance(value, dict):
         return {k: expand_variables(v, f"{where}.{k}" if where else str(k))
                 for k, v in value.items()}
@@ -346,8 +351,24 @@ def expand_variables(value: Any, where: str = "") -> Any:
                 raise ConfigError(f"{where}: environment variable {name} is not set")
             return os.environ[name]
 
-        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, value)
+        expanded = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", substitute, value)
+        if expanded != value:
+            _WRITTEN_AS[expanded] = value
+        return expanded
     return value
+
+
+def _as_written(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _as_written(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_written(v) for v in value]
+    return _WRITTEN_AS.get(value, value) if isinstance(value, str) else value
+
+
+def parse_config(text: str) -> Config:
+    """A config saved by `to_yaml`, its `${VAR}` references expanded from this environment."""
+    return validate(expand_variables(yaml.safe_load(text) or {}))
 
 
 def validate(raw: dict[str, Any]) -> Config:
@@ -358,4 +379,5 @@ def validate(raw: dict[str, Any]) -> Config:
 
 
 def to_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config to save: values that came from `${VAR}` references as those references."""
+    return yaml.safe_dump(_as_written(config.model_dump(mode="json")), sort_keys=False)

@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from muppet_ray.config import Config, ModelConfig, validate
+from muppet_ray.config import Config, ModelConfig, expand_variables, parse_config, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import MANIFEST, to_transformers, write_export
 from muppet_ray.storage import RunDir, normalize
@@ -114,7 +114,7 @@ def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
     if out.exists(f"from-{name}/{MANIFEST}"):
         return out.uri(f"from-{name}")
     config_yaml = run.read_text("config.yaml")
-    config = validate(yaml.safe_load(config_yaml))
+    config = parse_config(config_yaml)
     tokenizer = load_tokenizer(run.uri("tokenizer"))
     specs = json.loads(run.read_text("tasks.json"))
     model = MuppetModel(build_backbone(config.model, tokenizer), specs, config.model.dropout,
@@ -227,7 +227,7 @@ def finetune_config(base: Config, source: Source, task: str, fraction: float, se
     raw = base.model_dump(mode="json")
     manifest = (like or source).manifest
     if manifest:
-        trained = yaml.safe_load(manifest["config"]).get("model", {})
+        trained = expand_variables(yaml.safe_load(manifest["config"])).get("model", {})
         for key in ModelConfig.model_fields.keys() - base.model.model_fields_set:
             if key in trained:
                 raw["model"][key] = trained[key]
@@ -290,7 +290,7 @@ def baseline_source(source: Source, work_dir: str) -> Source:
     if source.manifest is None:
         raise ConfigError(f"--baseline auto: {source.given!r} is not a muppet-ray export, so "
                           "its starting backbone is unknown; name it (--baseline MODEL)")
-    config = validate(yaml.safe_load(source.manifest["config"]))
+    config = parse_config(source.manifest["config"])
     if config.model.pretrained is not None:
         return resolve_source(config.model.pretrained, work_dir)
     from muppet_ray.tokenizer import load_tokenizer

@@ -20,7 +20,13 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from muppet_ray import data, suite
-from muppet_ray.config import Config, micro_batches_per_step, to_yaml, validate
+from muppet_ray.config import (
+    Config,
+    expand_variables,
+    micro_batches_per_step,
+    to_yaml,
+    validate,
+)
 from muppet_ray.errors import ConfigError, MuppetError
 from muppet_ray.metrics import read_log
 from muppet_ray.model import is_encoder_decoder
@@ -192,7 +198,7 @@ def training_settings(config_yaml: str) -> dict:
     existed compares equal with that setting's default."""
     raw = yaml.safe_load(config_yaml) or {}
     try:
-        config = validate(raw)
+        config = validate(expand_variables(raw))
     except ConfigError:
         settings = raw  # (a setting that no longer exists: never equal to a current config)
     else:

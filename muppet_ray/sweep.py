@@ -28,10 +28,9 @@ import statistics
 from dataclasses import asdict
 
 import ray
-import yaml
 from ray import tune
 
-from muppet_ray.config import Config, to_yaml, validate
+from muppet_ray.config import Config, parse_config, to_yaml, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import (
     Source,
@@ -141,7 +140,7 @@ def _point_trial(params: dict) -> None:
 
     from muppet_ray.prefinetune import prefinetune
 
-    base, point = validate(yaml.safe_load(params["base"])), params["point"]
+    base, point = parse_config(params["base"]), params["point"]
     root, slug = RunDir(params["root"]), _slug(point["label"])
     if point["tasks"]:
         config = _with(base, tasks__include=point["tasks"], run__storage_path=root.root,
@@ -402,7 +401,7 @@ def _finetune_trial(params: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     settings = {k.replace(".", "__"): v for k, v in params["space"].items()}
-    base = _with(validate(yaml.safe_load(params["base"])), **settings)
+    base = _with(parse_config(params["base"]), **settings)
     source = Source(**params["source"])
     trial = tune.get_context().get_trial_id()
     config = finetune_config(base, source, params["task"], base.tasks.train_fraction,

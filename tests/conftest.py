@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from muppet_ray.config import Config, apply_override, validate
+from muppet_ray.config import Config, apply_override, expand_variables, validate
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,4 +45,4 @@ def make_config(storage, *overrides: str) -> Config:
         "model.hidden_size=64", "model.ffn_size=128", *overrides,
     ):
         apply_override(raw, assignment)
-    return validate(raw)
+    return validate(expand_variables(raw))

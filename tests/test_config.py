@@ -1,6 +1,6 @@
 import pytest
 
-from muppet_ray.config import Config, load_config
+from muppet_ray.config import Config, load_config, validate
 from muppet_ray.errors import ConfigError
 
 
@@ -87,3 +87,23 @@ def test_environment_variables_in_values(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="model.pretrained: environment variable "
                                           "MUPPET_TEST_ROOT is not set"):
         load_config(path)
+
+
+def test_variables_are_expanded_for_use_and_saved_as_written(monkeypatch):
+    from muppet_ray.config import parse_config, to_yaml
+
+    monkeypatch.setenv("MUPPET_TEST_DATA", "/data/tok-5ecret")
+    config = load_config(None, ["tasks.custom=[{name: x, type: classification, "
+                                "labels: [a, b], train: '${MUPPET_TEST_DATA}/x.jsonl'}]",
+                                "tasks.include=[x]"])
+    assert config.tasks.custom[0].train == "/data/tok-5ecret/x.jsonl"
+    saved = to_yaml(config)
+    assert "5ecret" not in saved and "${MUPPET_TEST_DATA}/x.jsonl" in saved
+    # configs derived from it (fine-tuning runs, sweep points) are saved the same way
+    derived = validate({**config.model_dump(mode="json"), "training": {"max_steps": 3}})
+    assert "5ecret" not in to_yaml(derived)
+    assert parse_config(saved) == config
+    monkeypatch.delenv("MUPPET_TEST_DATA")
+    with pytest.raises(ConfigError, match="tasks.custom.0.train: environment variable "
+                                          "MUPPET_TEST_DATA is not set"):
+        parse_config(saved)

@@ -39,9 +39,20 @@ def schedule_of(result, config):
         [t.name for t in result.tasks])
 
 
-def test_zero2_heterogeneous_run_learns_and_exports(ray_cluster, tmp_path):
-    config = make_config(tmp_path, "deepspeed.zero_stage=2")
+def test_zero2_heterogeneous_run_learns_and_exports(ray_cluster, tmp_path, monkeypatch, capfd):
+    # A credential passed as ${VAR} (here into DeepSpeed's config) is used but never written.
+    monkeypatch.setenv("MUPPET_TEST_TOKEN", "tok-5ecret-91f3")
+    config = make_config(tmp_path, "deepspeed.zero_stage=2", "deepspeed.config={tensorboard: "
+                         "{enabled: false, job_name: 'run-${MUPPET_TEST_TOKEN}'}}")
+    assert config.deepspeed.config["tensorboard"]["job_name"] == "run-tok-5ecret-91f3"
     result = prefinetune(config)
+    console = capfd.readouterr()
+    assert "5ecret" not in console.out + console.err
+    for path in tmp_path.rglob("*"):
+        # (DeepSpeed pickles the config it was given into its own checkpoint files: README)
+        if path.is_file() and path.suffix != ".pt":
+            assert b"5ecret" not in path.read_bytes(), path
+    assert "${MUPPET_TEST_TOKEN}" in (tmp_path / "run" / "config.yaml").read_text()
     assert_loss_falls(result.run_dir)
     assert set(result.before) == set(result.after) == {t.name for t in result.tasks}
 
