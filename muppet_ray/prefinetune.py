@@ -90,6 +90,11 @@ def start_ray(config: Config) -> None:
     # cores, so declare enough logical CPUs for both (the OS shares the real ones). "local":
     # a new one, even where `ray start` left a cluster that plain ray.init() would join.
     needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
+    # One machine: listen on the loopback address only, not on the machine's routable one
+    # (Ray does that for single-machine clusters on macOS and Windows; this switch, read by the
+    # driver here and by the cluster's processes from the environment, does it on Linux too).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
              logging_level=logging.WARNING, include_dashboard=False)
 

@@ -74,3 +74,23 @@ def test_resuming_a_run_with_another_config_is_refused(tmp_path):
     assert done.returncode == 2
     assert "exists with a different config" in done.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in (storage / "old").iterdir()) == ["config.yaml"]
+
+
+def test_a_local_cluster_listens_on_loopback_only():
+    probe = """
+import psutil, ray
+from muppet_ray.config import Config
+from muppet_ray.prefinetune import start_ray
+start_ray(Config())
+ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+print(ray.get_runtime_context().gcs_address)
+for c in psutil.net_connections(kind="inet"):
+    if c.status == "LISTEN" and c.pid in ours:
+        print(c.laddr.ip)
+ray.shutdown()
+"""
+    done = run_cli("-c", probe, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    gcs, *addresses = done.stdout.split()
+    assert gcs.startswith("127.0.0.1:") and len(addresses) >= 3
+    assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
