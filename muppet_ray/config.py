@@ -20,7 +20,8 @@ TaskTypeName = Literal["classification", "regression", "multiple_choice", "span"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # (inf and nan are never a setting: `learning_rate: .inf` would train to nan)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -268,6 +269,9 @@ class Config(Section):
             raise ValueError("mixture.weights: rule=explicit needs a weight per task")
         if any(w < 0 for w in self.mixture.weights.values()):
             raise ValueError("mixture.weights: weights must be >= 0")
+        if self.mixture.weights and not any(self.mixture.weights.values()):
+            raise ValueError("mixture.weights: all weights are 0; at least one task needs a "
+                             "weight above 0")
         per_step = micro_batches_per_step(self)
         uneven = [w for w in range(self.scaling.min_workers, self.scaling.max_workers + 1)
                   if per_step % w]
@@ -293,7 +297,8 @@ def _format(error: ValidationError) -> str:
         return f"{where}: unknown setting"
     if first["type"] == "value_error" or not where:
         return message
-    return f"{where}: {message} (got {first.get('input')!r})"
+    # (a value from a ${VAR} reference is shown as the reference: errors never echo a secret)
+    return f"{where}: {message} (got {_as_written(first.get('input'))!r})"
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -315,9 +320,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"config file {str(path)!r}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r}: not UTF-8 text (byte "
+                              f"0x{e.object[e.start]:02x} at offset {e.start})") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

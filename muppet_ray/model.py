@@ -46,6 +46,28 @@ def is_encoder_decoder(config: ModelConfig) -> bool:
                           ) from None
 
 
+# Models whose position ids start after the padding index: 2 of their positions are unusable.
+OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+
+
+def check_positions(config: ModelConfig) -> None:
+    """model.max_length must fit the pretrained model's position embeddings (beyond them its
+    inputs would index past the table, or be cut unannounced)."""
+    if config.pretrained is None:
+        return  # (built to fit)
+    try:
+        pretrained = AutoConfig.from_pretrained(config.pretrained)
+    except (OSError, ValueError):
+        return  # (reported where the model is loaded)
+    positions = getattr(pretrained, "max_position_embeddings", None)
+    if positions is None:
+        return
+    usable = positions - OFFSET_POSITIONS.get(pretrained.model_type, 0)
+    if config.max_length > usable:
+        raise ConfigError(f"model.max_length: {config.max_length} is more than "
+                          f"{config.pretrained!r} takes ({usable} positions)")
+
+
 def build_backbone(config: ModelConfig, tokenizer) -> nn.Module:
     """A pretrained backbone (hub id or directory), or a small one built from `config`."""
     if config.pretrained is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from muppet_ray.config import (
 )
 from muppet_ray.errors import ConfigError, MuppetError
 from muppet_ray.metrics import read_log
-from muppet_ray.model import is_encoder_decoder
+from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
-from muppet_ray.storage import RunDir, check_shared, normalize
+from muppet_ray.storage import RunDir, check_shared, check_writable, normalize
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
@@ -76,6 +77,12 @@ def check(config: Config) -> list[Task]:
     for task in tasks:
         if isinstance(task.source, FileSource):
             task.source.check_exists(task.name)
+    check_positions(config.model)
+    check_writable(normalize(config.run.storage_path))
+    if config.training.warmup_steps >= config.training.max_steps:
+        print(f"[muppet-ray] warning: training.warmup_steps ({config.training.warmup_steps}) is "
+              f"not below training.max_steps ({config.training.max_steps}): the learning rate "
+              "never reaches training.learning_rate", file=sys.stderr, flush=True)
     return tasks
 
 

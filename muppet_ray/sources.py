@@ -8,7 +8,7 @@ driver. Every canonical example carries `_id` (stable within its split), `_origi
 File formats (local paths or s3:// / gs:// URIs; a file or a directory of files):
     jsonl     one JSON object per line
     json      a JSON array of objects (or {"data": [...]})
-    csv       a header row, then one row per example (undecodable bytes are replaced)
+    csv       a header row, then one row per example
     parquet   one row per example
     squad     the SQuAD v1.1/v2 JSON format: one example per question
     bigbench  the BIG-bench JSON task format: classification when every example has the same
@@ -74,17 +74,28 @@ class BuiltinSource:
 # ------------------------------------------------------------------------ parsers
 
 
+def _text(data: bytes, path: str, first_line: int = 1) -> str:
+    """The bytes as UTF-8 text (a byte-order mark is dropped); other bytes are an error naming
+    the line, never silently replaced."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = first_line + data[:e.start].count(b"\n")
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
+                        ) from None
+
+
 def _jsonl(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(data.splitlines(), 1):
         if line.strip():
             try:
-                yield number, _loads(line, path, number)
+                yield number, _loads(_text(line, path, number), path, number)
             except DataError as e:  # one bad line: reported (or skipped) when decoded
                 yield number, {BAD_ROW: str(e)}
 
 
 def _json(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    records = _loads(data.decode("utf-8", errors="replace"), path, None)
+    records = _loads(_text(data, path), path, None)
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]
     if not isinstance(records, list):
@@ -93,7 +104,7 @@ def _json(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    text = data.decode("utf-8", errors="replace")
+    text = _text(data, path)
     yield from enumerate(csv.DictReader(io.StringIO(text)), 2)  # line 1 is the header
 
 
@@ -104,7 +115,7 @@ def _parquet(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _squad(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    document = _loads(data.decode("utf-8"), path, None)
+    document = _loads(_text(data, path), path, None)
     number = 0
     for article in document.get("data", []):
         for paragraph in article.get("paragraphs", []):
@@ -135,7 +146,7 @@ def bigbench_kind(document: dict) -> tuple[str, tuple[str, ...]]:
 
 
 def _bigbench(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    document = _loads(data.decode("utf-8"), path, None)
+    document = _loads(_text(data, path), path, None)
     kind, _ = bigbench_kind(document)
     for number, example in enumerate(document.get("examples", []), 1):
         text = str(example.get("input", "")).strip()

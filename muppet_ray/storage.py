@@ -89,6 +89,23 @@ class RunDir:
                         destination_filesystem=pafs.LocalFileSystem())
 
 
+def check_writable(storage: str) -> None:
+    """A local storage path must be, or be creatable as, a writable directory (checked before
+    anything starts, so the error names the path instead of a traceback from deep inside)."""
+    from muppet_ray.errors import ConfigError
+
+    if "://" in storage:
+        return
+    existing = Path(storage)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run.storage_path: {storage!r} is below {str(existing)!r}, which is a "
+                          "file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.storage_path: {str(existing)!r} is not writable")
+
+
 def check_shared(storage: str) -> None:
     """A multi-node run needs a storage path every node sees: the workers of one run write their
     checkpoint shards there from different nodes, and a restarted worker reads them back from

@@ -16,6 +16,7 @@ from muppet_ray.errors import ConfigError, DataError
 from muppet_ray.sources import (
     BuiltinSource,
     FileSource,
+    _text,
     bigbench_kind,
     hub_path,
     read_small_file,
@@ -81,10 +82,12 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
 
 def _inspect_bigbench(spec: TaskSpec) -> tuple[str, tuple[str, ...]]:
     try:
-        document = json.loads(read_small_file(spec.train))
+        document = json.loads(_text(read_small_file(spec.train), spec.train))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"task {spec.name!r}: cannot read BIG-bench task {spec.train!r} "
                         f"({e})") from None
+    except DataError as e:
+        raise DataError(f"task {spec.name!r}, {e}") from None
     kind, labels = bigbench_kind(document)
     if kind == "unknown":
         raise DataError(f"task {spec.name!r}: {spec.train!r} has neither `target_scores` nor "

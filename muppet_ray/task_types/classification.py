@@ -7,6 +7,8 @@ Metrics: accuracy; Pearson correlation for regression.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -126,8 +128,11 @@ class Regression(TaskType):
                 if isinstance(value, bool):
                     raise ValueError
                 features.target = float(value)  # numbers, or numeric text (CSV)
+                if not math.isfinite(features.target):
+                    raise ValueError
             except (TypeError, ValueError):
-                raise data_error(task, row, f"label should be a number, got {value!r}") from None
+                raise data_error(task, row, f"label should be a finite number, got {value!r}"
+                                 ) from None
             return features
 
         return _featurize(task, rows, tokenizer, limits, to_target)

@@ -101,6 +101,9 @@ class Span(TaskType):
         if not answer:  # no answer text: an unanswerable question, as in SQuAD v2
             return "", -1
         start = self.field(task, row, "answer_start", int)
+        if not 0 <= start < len(context):
+            raise data_error(task, row, f"answer_start {start} is outside its context "
+                             f"(0 to {len(context) - 1})")
         if context[start:start + len(answer)] == answer:
             return answer, start
         # Some real datasets have offsets a few characters off: take the nearest occurrence.
