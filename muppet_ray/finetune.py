@@ -119,7 +119,10 @@ def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
     specs = json.loads(run.read_text("tasks.json"))
     model = MuppetModel(build_backbone(config.model, tokenizer), specs, config.model.dropout,
                         config.training.loss_scaling, config.model.max_target_length, tokenizer)
-    model.load_state_dict(_checkpoint_weights(checkpoint_dir), strict=False)
+    missing, unexpected = model.load_state_dict(_checkpoint_weights(checkpoint_dir), strict=False)
+    if missing or unexpected:  # (strict, but as a one-line error)
+        raise ConfigError(f"--from {checkpoint_dir!r}: the checkpoint does not match the run's "
+                          f"model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     step = int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else 0
     return write_export(model, tokenizer, out, step, config_yaml, relative=f"from-{name}")
 
@@ -135,7 +138,7 @@ def _checkpoint_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     path = os.path.join(checkpoint_dir, CHECKPOINT_TAG, "mp_rank_00_model_states.pt")
     if not os.path.exists(path):
         raise ConfigError(f"--from {checkpoint_dir!r}: no DeepSpeed checkpoint in it")
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
 
 
 def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str = "--head reuse"
