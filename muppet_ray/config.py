@@ -188,6 +188,9 @@ class TrainingConfig(Section):
     """Validation examples per task at most (None: all)."""
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    max_bad_steps: int = Field(10, ge=0)
+    """A step whose loss or gradients are not finite is skipped on every worker (no update;
+    logged with its tasks); after more than this many in a row the run stops with an error."""
 
 
 class DeepSpeedConfig(Section):

@@ -12,6 +12,10 @@ class ConfigError(MuppetError):
     """An invalid configuration value, found before Ray starts."""
 
 
+class TrainingError(MuppetError):
+    """A run that stopped itself (non-finite steps): names the step, the tasks and the setting."""
+
+
 class DataError(MuppetError):
     """Task data that cannot be turned into features: names task, file and row."""
 

@@ -43,7 +43,7 @@ class MetricsLogger:
                 self._tensorboard.add_scalar(f"train/{key}", record[key], step)
             for task, loss in record["task_loss"].items():
                 self._tensorboard.add_scalar(f"task_loss/{task}", loss, step)
-        else:
+        elif record["kind"] == "eval":
             for task, metrics in record["metrics"].items():
                 for name, value in metrics.items():
                     self._tensorboard.add_scalar(f"eval/{task}/{name}", value, step)

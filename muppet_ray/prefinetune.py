@@ -28,7 +28,7 @@ from muppet_ray.config import (
     to_yaml,
     validate,
 )
-from muppet_ray.errors import ConfigError, MuppetError
+from muppet_ray.errors import ConfigError, MuppetError, TrainingError
 from muppet_ray.metrics import read_log
 from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
@@ -190,6 +190,9 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
                 num_to_keep=config.run.keep_checkpoints)),
     )
     trainer.fit()
+    stopped = [r["reason"] for r in read_log(run_dir) if r["kind"] == "stopped"]
+    if stopped:
+        raise TrainingError(f"run {run_dir.root!r} stopped: {stopped[-1]}")
     evaluations = [r for r in read_log(run_dir) if r["kind"] == "eval"]
     before = next((r["metrics"] for r in evaluations if r["step"] == 0), {})
     after = evaluations[-1]["metrics"] if evaluations else {}

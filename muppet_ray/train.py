@@ -181,9 +181,17 @@ class Worker:
             self.evaluate(0)
         train = self.config.training
         window = Window(len(self.specs))
+        bad_in_a_row = 0
         for step in range(start, steps):
             self.maybe_fail(step)
-            self.train_step(step, stream, window)
+            applied = self.train_step(step, stream, window)
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
+            if bad_in_a_row > train.max_bad_steps:
+                self.stop(step + 1, f"{bad_in_a_row} steps in a row (the last {step + 1}) had a "
+                          "non-finite loss or gradients, more than training.max_bad_steps "
+                          f"({train.max_bad_steps}); no checkpoint or export was written after "
+                          "them (lower training.learning_rate, or check the tasks' data)")
+                return
             done = step + 1
             if done % train.log_every == 0 or done == steps:
                 self.log_train(done, window)
@@ -194,8 +202,12 @@ class Worker:
                 # (to Ray Tune, through TuneReportCallback: what ASHA stops trials on)
                 ray.train.report({"step": done, **_flatten(metrics)})
             if done % train.checkpoint_every == 0 and done != steps:
+                if not self.weights_finite(done):
+                    return
                 self.checkpoint(done, {"step": done})
             window.start += time.perf_counter() - paused  # (rates count training time only)
+        if not self.weights_finite(steps):
+            return
         final = self.evaluate(steps)
         if start < steps:  # (a restart after the final checkpoint only re-exports)
             self.checkpoint(steps, {"step": steps, **_flatten(final)})
@@ -216,7 +228,8 @@ class Worker:
         count = -(-int(cost) // budget) if budget else 1
         return mb.split(batch, count if self.zero3 else min(count, mb.num_examples(batch)))
 
-    def train_step(self, step: int, stream, window: Window) -> None:
+    def train_step(self, step: int, stream, window: Window) -> bool:
+        """One optimizer step; False if it was skipped (a non-finite loss or gradients)."""
         num_tasks = len(self.specs)
         # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
         # accelerator's queue full.
@@ -243,12 +256,26 @@ class Worker:
                 counts[0] += int(row["num_tokens"])
                 counts[1] += int(row["padded_tokens"])
                 counts[2 + position - first] = position  # every slot of the step filled once
-        self.engine.step()
+        # (every worker then has the same totals, so all take the same decision)
         totals = self._all_reduce(torch.cat([losses, counts.to(self.device)]))
+        positions = [int(p) for p in totals[3 + 2 * num_tasks:]]
+        finite = math.isfinite(totals[0].item())
+        if finite or self.config.deepspeed.zero_stage:
+            # ZeRO's optimizers skip a step whose gradient norm is not finite by themselves
+            # (weights, moments and learning-rate schedule untouched); ZeRO-0's does not.
+            self.engine.step()
+        else:
+            self.engine.optimizer.zero_grad(set_to_none=True)
+        if not (finite and self.engine.was_step_applied()):
+            task_loss = totals[1:1 + num_tasks].numpy()
+            self.log_skipped(step + 1, [s["name"] for s, loss in zip(self.specs, task_loss)
+                                        if not math.isfinite(loss)], positions)
+            return False
         window.add(totals[0].item() / self.per_step, totals[1:1 + num_tasks].numpy(),
                    totals[1 + num_tasks:1 + 2 * num_tasks].numpy(),
                    totals[1 + 2 * num_tasks].item(), totals[2 + 2 * num_tasks].item(),
-                   [int(p) for p in totals[3 + 2 * num_tasks:]])
+                   positions)
+        return True
 
     def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
         """Sum (or `op`) over workers; returns the result on the CPU."""
@@ -366,6 +393,33 @@ class Worker:
                  f"loss {record['loss']:.4f}  lr {lr:.2e}  {record['examples_per_s']:,.0f} ex/s  "
                  f"{record['tokens_per_s']:,.0f} tok/s  data wait "
                  f"{record['data_wait_share']:.0%}  rss {record['rss_mb']:,.0f} MB")
+
+    def log_skipped(self, step: int, tasks: list[str], positions: list[int]) -> None:
+        if not self.logger:
+            return
+        # (the positions keep the audit whole: every micro-batch is in a train or skip record)
+        self.logger.log({"kind": "skipped", "step": step, "tasks": tasks,
+                         "positions": _ranges(sorted(positions))})
+        log.warning(f"[muppet-ray] step {step} skipped: non-finite loss or gradients "
+                    f"(tasks {tasks or 'unknown: the loss was finite'})")
+
+    def weights_finite(self, step: int) -> bool:
+        """Whether every weight is finite on every worker (else the run stops: no checkpoint or
+        export ever holds a non-finite weight). Under ZeRO-3 each checks its own shards."""
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
+                    for p in self.engine.module.parameters())
+        bad = self._all_reduce(torch.tensor([0.0 if local else 1.0]), op=dist.ReduceOp.MAX)
+        if bad.item():
+            self.stop(step, f"weights became non-finite by step {step}; nothing was saved from "
+                      "then on (lower training.learning_rate, or check the tasks' data)")
+        return not bad.item()
+
+    def stop(self, step: int, reason: str) -> None:
+        """End the run on every worker (they all decide at the same step); the driver raises
+        `reason` as a TrainingError."""
+        if self.logger:
+            self.logger.log({"kind": "stopped", "step": step, "reason": reason})
+            self.logger.close()
 
     def _gpu_peak_mb(self) -> float:
         on_gpu = self.device.type == "cuda"

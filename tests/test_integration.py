@@ -122,3 +122,33 @@ def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
         assert not set(ids) & seen.get(key, set()), key
         seen.setdefault(key, set()).update(ids)
 
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(ray_cluster, tmp_path):
+    # Regression targets so large that their squared error overflows to inf: the steps that
+    # hold them are skipped on both workers alike, and the run goes on.
+    rows = [{"text": f"value {i}", "label": 1e30 if i % 50 == 5 else i / 200}
+            for i in range(200)]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"name": "huge", "type": "regression", "train": str(path), "validation": str(path)}
+    settings = [f"tasks.custom=[{json.dumps(task)}]", "tasks.include=[huge, sentiment]",
+                "mixture.rule=uniform", "model.arch=roberta", "training.max_steps=10",
+                "training.checkpoint_every=10"]
+    result = prefinetune(make_config(tmp_path, *settings))
+    records = read_log(RunDir(result.run_dir))
+    skipped = [r for r in records if r["kind"] == "skipped"]
+    assert skipped and all(r["tasks"] == ["huge"] for r in skipped)
+    # every micro-batch is accounted for, trained or skipped
+    positions = sorted(p for r in records if r["kind"] in ("train", "skipped")
+                       for a, b in r["positions"] for p in range(a, b))
+    assert positions == list(range(10 * 4))
+    model, _, _ = load_exported(result.export_dir)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # Allowed none in a row: the run stops at the first, in one line, and saves nothing after.
+    from muppet_ray.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"more than training.max_bad_steps \(0\)"):
+        prefinetune(make_config(tmp_path, *settings, "training.max_bad_steps=0", "run.name=stop"))
+    assert not (tmp_path / "stop" / "export").exists()
