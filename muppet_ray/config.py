@@ -85,6 +85,9 @@ class TaskSpec(Section):
     """Rewrites label values before use, e.g. answer letters to choice indices {A: 0, B: 1}."""
     skip_bad_rows: bool | None = None
     """Overrides tasks.skip_bad_rows for this task."""
+    decode_errors: Literal["strict", "replace"] = "strict"
+    """Bytes that are not UTF-8: strict, an error naming file and line; replace, read as U+FFFD
+    (for files known to hold a few mis-encoded bytes)."""
 
     @model_validator(mode="after")
     def _labels_match_type(self) -> TaskSpec:

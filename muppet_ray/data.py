@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import posixpath
 import uuid
 import zlib
 from collections import OrderedDict
@@ -40,6 +41,7 @@ from muppet_ray import batch as mb
 from muppet_ray.config import Config
 from muppet_ray.errors import DataError, unwrap_data_error
 from muppet_ray.mixture import Schedule
+from muppet_ray.sources import FileSource
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
 from muppet_ray.tasks import Task
@@ -306,6 +308,24 @@ def write_run_caches(run_dir: RunDir, caches: dict[str, dict[str, CacheIndex]]) 
     run_dir.write_text(DATA_RECORD, json.dumps(
         {task: {split: dataclasses.asdict(index) for split, index in splits.items()}
          for task, splits in caches.items()}, indent=1))
+
+
+def check_unchanged(tasks: list[Task], recorded: dict[str, dict[str, CacheIndex]],
+                    caches: dict[str, dict[str, CacheIndex]]) -> None:
+    """A resumed run must read the data it started with: another content (or chunk settings)
+    would mean other micro-batches behind the same schedule positions."""
+    def fingerprint(index: CacheIndex) -> str:
+        return posixpath.basename(posixpath.dirname(index.directory.rstrip("/")))
+
+    for task in tasks:
+        for split, index in caches[task.name].items():
+            before = recorded.get(task.name, {}).get(split)
+            if before is not None and fingerprint(before) != fingerprint(index):
+                where = (task.source._path(split) if isinstance(task.source, FileSource)
+                         else task.source.origin)
+                raise DataError(f"task {task.name!r}: its {split} data ({where}) changed since "
+                                "the run started; resuming would train on other examples than "
+                                "its checkpoints did (restore the data, or start a new run.name)")
 
 
 def read_run_caches(run_dir: RunDir) -> dict[str, dict[str, CacheIndex]]:

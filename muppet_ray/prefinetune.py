@@ -144,13 +144,19 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
         # (with the config: what a checkpoint needs to become a model again, finetune.py)
         run_dir.write_text("tasks.json", json.dumps([t.spec() for t in tasks]))
     try:
-        tokenizer = build_tokenizer(config, tasks)
-        _save_tokenizer(tokenizer, run_dir)
+        if resuming and run_dir.exists("tokenizer"):
+            # (a tokenizer trained again could differ, and with it every token id)
+            tokenizer = load_tokenizer(run_dir.uri("tokenizer"))
+        else:
+            tokenizer = build_tokenizer(config, tasks)
+            _save_tokenizer(tokenizer, run_dir)
         print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
         print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
         splits = ("validation",) if evaluate_only else ("train", "validation")
         caches = data.prepare(tasks, data.cache_root(storage), tokenizer,
                               data.ChunkSettings.from_config(config), splits)
+        if resuming and run_dir.exists(data.DATA_RECORD):
+            data.check_unchanged(tasks, data.read_run_caches(run_dir), caches)
         data.write_run_caches(run_dir, caches)
     except MuppetError:
         if not resuming:

@@ -74,28 +74,28 @@ class BuiltinSource:
 # ------------------------------------------------------------------------ parsers
 
 
-def _text(data: bytes, path: str, first_line: int = 1) -> str:
-    """The bytes as UTF-8 text (a byte-order mark is dropped); other bytes are an error naming
-    the line, never silently replaced."""
+def _text(data: bytes, path: str, first_line: int = 1, errors: str = "strict") -> str:
+    """The bytes as UTF-8 text (a byte-order mark is dropped). Other bytes are an error naming
+    the line, or with errors="replace" (a task's `decode_errors`, asked for explicitly) U+FFFD."""
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig", errors=errors)
     except UnicodeDecodeError as e:
         line = first_line + data[:e.start].count(b"\n")
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
                         ) from None
 
 
-def _jsonl(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+def _jsonl(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(data.splitlines(), 1):
         if line.strip():
             try:
-                yield number, _loads(_text(line, path, number), path, number)
+                yield number, _loads(_text(line, path, number, errors), path, number)
             except DataError as e:  # one bad line: reported (or skipped) when decoded
                 yield number, {BAD_ROW: str(e)}
 
 
-def _json(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    records = _loads(_text(data, path), path, None)
+def _json(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    records = _loads(_text(data, path, errors=errors), path, None)
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]
     if not isinstance(records, list):
@@ -103,19 +103,19 @@ def _json(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(records, 1)
 
 
-def _csv(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    text = _text(data, path)
+def _csv(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    text = _text(data, path, errors=errors)
     yield from enumerate(csv.DictReader(io.StringIO(text)), 2)  # line 1 is the header
 
 
-def _parquet(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
+def _parquet(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     yield from enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1)
 
 
-def _squad(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    document = _loads(_text(data, path), path, None)
+def _squad(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    document = _loads(_text(data, path, errors=errors), path, None)
     number = 0
     for article in document.get("data", []):
         for paragraph in article.get("paragraphs", []):
@@ -145,8 +145,8 @@ def bigbench_kind(document: dict) -> tuple[str, tuple[str, ...]]:
     return "unknown", ()
 
 
-def _bigbench(data: bytes, path: str) -> Iterator[tuple[int, Any]]:
-    document = _loads(_text(data, path), path, None)
+def _bigbench(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    document = _loads(_text(data, path, errors=errors), path, None)
     kind, _ = bigbench_kind(document)
     for number, example in enumerate(document.get("examples", []), 1):
         text = str(example.get("input", "")).strip()
@@ -210,6 +210,7 @@ class FileSource:
     fields: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     label_map: dict[str, Any] = field(default_factory=dict)
+    decode_errors: str = "strict"
     shuffled: bool = False
 
     def _path(self, split: str) -> str:
@@ -221,6 +222,7 @@ class FileSource:
         parse = PARSERS[self.format]
         held_out = None if self.validation else (split == "validation")
         fraction, seed, task = self.validation_fraction, self.seed, self.task
+        errors = self.decode_errors
 
         filesystem, root = _filesystem(self._path(split))
 
@@ -232,7 +234,7 @@ class FileSource:
             file_key = zlib.crc32(key.encode()) & 0xFFFF
             out = []
             try:
-                parsed = list(parse(file["bytes"], path))
+                parsed = list(parse(file["bytes"], path, errors))
             except DataError as e:
                 raise DataError(f"task {task!r}, {e}") from None
             for number, record in parsed:

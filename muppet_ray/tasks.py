@@ -75,14 +75,16 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
         validation = spec.validation and hub_path(spec.hub, spec.hub_config, spec.validation,
                                                   mirror)
     source = FileSource(spec.name, train, validation, spec.validation_fraction, spec.format,
-                        dict(spec.fields), config.tasks.data_seed, dict(spec.label_map))
+                        dict(spec.fields), config.tasks.data_seed, dict(spec.label_map),
+                        spec.decode_errors)
     skip = config.tasks.skip_bad_rows if spec.skip_bad_rows is None else spec.skip_bad_rows
     return Task(spec.name, kind, source, labels, skip_bad_rows=skip)
 
 
 def _inspect_bigbench(spec: TaskSpec) -> tuple[str, tuple[str, ...]]:
     try:
-        document = json.loads(_text(read_small_file(spec.train), spec.train))
+        document = json.loads(_text(read_small_file(spec.train), spec.train,
+                                    errors=spec.decode_errors))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"task {spec.name!r}: cannot read BIG-bench task {spec.train!r} "
                         f"({e})") from None

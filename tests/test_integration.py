@@ -10,6 +10,7 @@ from transformers import AutoModel
 
 from muppet_ray import data
 from muppet_ray.config import micro_batches_per_step
+from muppet_ray.errors import DataError
 from muppet_ray.export import load_exported
 from muppet_ray.metrics import LOG, read_log
 from muppet_ray.mixture import build_schedule
@@ -152,3 +153,24 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(ray_cluster, tmp
     with pytest.raises(TrainingError, match=r"more than training.max_bad_steps \(0\)"):
         prefinetune(make_config(tmp_path, *settings, "training.max_bad_steps=0", "run.name=stop"))
     assert not (tmp_path / "stop" / "export").exists()
+
+
+def test_a_resumed_run_keeps_its_tokenizer_and_refuses_changed_data(ray_cluster, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": "yes" if i % 3 else "no"})
+                            + "\n" for i in range(60)))
+    task = {"name": "mine", "type": "classification", "train": str(path), "labels": ["no", "yes"]}
+    config = make_config(tmp_path, f"tasks.custom=[{json.dumps(task)}]", "tasks.include=[mine]",
+                         "model.arch=roberta", "training.max_steps=4",
+                         "training.checkpoint_every=4")
+    prefinetune(config)
+    tokenizer = {p.name: p.read_bytes() for p in (tmp_path / "run" / "tokenizer").iterdir()}
+    # The data changes (and with it the tokenizer a fresh start would train): the same command
+    # is refused, naming the file, and the run's tokenizer and data record are left as they were.
+    path.write_text(path.read_text().replace("row 1", "line 1"))
+    record = (tmp_path / "run" / "data.json").read_text()
+    with pytest.raises(DataError, match=rf"task 'mine': its train data \({path}\) changed since "
+                                        "the run started"):
+        prefinetune(config)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "tokenizer").iterdir()} == tokenizer
+    assert (tmp_path / "run" / "data.json").read_text() == record

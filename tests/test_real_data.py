@@ -93,10 +93,13 @@ def test_squad_spans_recover_the_answers(ray_cluster, tokenizer):
 
 
 def test_csv_with_field_mapping(ray_cluster, tokenizer):
-    t = task(format="csv", type="classification", train=f"{DATA}/tweets/sentiment.csv",
-             fields={"text": "text", "label": "sentiment"},
-             labels=["negative", "neutral", "positive"])
-    rows, features = features_of(t, tokenizer)
+    spec = dict(format="csv", type="classification", train=f"{DATA}/tweets/sentiment.csv",
+                fields={"text": "text", "label": "sentiment"},
+                labels=["negative", "neutral", "positive"])
+    # the file holds a few bytes that are not UTF-8: an error naming them, unless asked to replace
+    with pytest.raises(DataError, match=r"sentiment.csv, line 2: not UTF-8 text \(byte 0xd1\)"):
+        features_of(task(**spec), tokenizer)
+    rows, features = features_of(task(**spec, decode_errors="replace"), tokenizer)
     assert {f.label for f in features} <= {0, 1, 2}
     assert all(r["_origin"].endswith("sentiment.csv") and r["_row"] >= 2 for r in rows)
 
@@ -131,7 +134,7 @@ def test_the_held_out_rows_do_not_depend_on_where_the_data_lives(ray_cluster, tm
         shutil.copy(f"{DATA}/tweets/sentiment.csv", tmp_path / place / "sentiment.csv")
         t = task(format="csv", type="classification", train=str(tmp_path / place),
                  fields={"text": "text", "label": "sentiment"},
-                 labels=["negative", "neutral", "positive"])
+                 labels=["negative", "neutral", "positive"], decode_errors="replace")
         rows = t.source.read("validation").take_all()
         held_out.append(sorted((r["_id"], r["_row"]) for r in rows))
     assert held_out[0] == held_out[1] and len(held_out[0]) > 10
@@ -155,7 +158,7 @@ def test_a_capped_validation_split_is_a_random_sample(ray_cluster, tmp_path):
 
     t = task(name="tweets", format="csv", type="classification",
              train=f"{DATA}/tweets/sentiment.csv", fields={"text": "text", "label": "sentiment"},
-             labels=["negative", "neutral", "positive"])
+             labels=["negative", "neutral", "positive"], decode_errors="replace")
     tokenizer = load_tokenizer(MINILM)
     settings = data.ChunkSettings(LIMITS, 16, 64, seed=0, max_eval_examples=300)
     caches = data.prepare([t], RunDir(str(tmp_path / "run")), tokenizer, settings)
@@ -175,7 +178,7 @@ def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
     specs = [
         {"name": "tweets", "type": "classification", "format": "csv",
          "train": f"{DATA}/tweets/sentiment.csv", "fields": {"text": "text", "label": "sentiment"},
-         "labels": ["negative", "neutral", "positive"]},
+         "labels": ["negative", "neutral", "positive"], "decode_errors": "replace"},
         {"name": "siqa", "format": "bigbench", "train": f"{DATA}/bigbench/social_iqa/task.json"},
         {"name": "squad", "type": "span", "format": "squad",
          "train": f"{DATA}/squad/squaddev_v1.1.json", "validation_fraction": 0.02},
