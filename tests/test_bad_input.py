@@ -120,6 +120,14 @@ case("finetune-from-missing", ["--from", "{tmp}/nothing", "--task", "sentiment"]
      "{tmp}/nothing", command="finetune")
 case("finetune-fraction", ["--from", "{tmp}/nothing", "--task", "sentiment", "--fractions", "2"],
      "--fractions", command="finetune")
+case("finetune-no-such-directory", ["--from", "/nonexistent/run", "--task", "review"],
+     "--from '/nonexistent/run': no such directory", command="finetune")
+case("finetune-from-empty", ["--from", "{tmp}/empty", "--task", "review"],
+     "not an export, run, checkpoint or model directory", command="finetune")
+case("finetune-fraction-text", ["--from", "{tmp}", "--task", "review", "--fractions", "half"],
+     "--fractions: expected comma-separated float values", command="finetune")
+case("finetune-fraction-range", ["--from", "{tmp}", "--task", "review", "--fractions", "0.5,1.5"],
+     "--fractions: each fraction must be in (0, 1], got 1.5", command="finetune")
 case("evaluate-from-missing", ["--from", "{tmp}/nothing", "--tasks", "sentiment"],
      "{tmp}/nothing", command="evaluate")
 
@@ -192,6 +200,7 @@ data_case("bigbench-not-utf8", {}, json.dumps(bigbench).encode().replace(b"is 3"
 @pytest.fixture
 def workspace(tmp_path):
     (tmp_path / "afile").write_text("not a directory\n")
+    (tmp_path / "empty").mkdir()
     (tmp_path / "bad.yaml").write_text("training:\n  max_steps: [1\n")
     (tmp_path / "list.yaml").write_text("- training\n")
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00training")
