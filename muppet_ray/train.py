@@ -181,6 +181,12 @@ class Worker:
             self.evaluate(0)
         train = self.config.training
         window = Window(len(self.specs))
+        if start % train.log_every:
+            # Resumed inside a logging window: its steps up to the checkpoint were trained before
+            # it, and the record that now closes the window replaces the earlier one, so it lists
+            # their positions too (its loss and rates cover the steps trained now).
+            first = start // train.log_every * train.log_every
+            window.positions = list(range(first * self.per_step, start * self.per_step))
         bad_in_a_row = 0
         for step in range(start, steps):
             self.maybe_fail(step)

@@ -93,7 +93,8 @@ def test_zero3_run_learns(ray_cluster, tmp_path):
 
 
 def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
-    config = make_config(tmp_path, "run.fail_at_step=12", "training.checkpoint_every=8",
+    # (checkpoints at 9 and 18: the restart resumes inside a logging window of 2 steps)
+    config = make_config(tmp_path, "run.fail_at_step=12", "training.checkpoint_every=9",
                          "run.max_failures=2", "batching.max_tokens_per_pass=256")
     result = prefinetune(config)
     run_dir = RunDir(result.run_dir)
@@ -102,10 +103,10 @@ def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
 
     raw = [json.loads(line) for line in run_dir.read_text(LOG).splitlines()]
     logged = [(r["kind"], r["step"]) for r in raw]
-    # Resumed from the step-8 checkpoint: steps 2..8 trained once, 10 and 12 twice (before and
+    # Resumed from the step-9 checkpoint: steps 2..8 logged once, 10 and 12 twice (before and
     # after the failure), and the run did not start over (one evaluation before training).
     assert logged.count(("eval", 0)) == 1
-    assert logged.count(("train", 6)) == 1 and logged.count(("train", 10)) == 2
+    assert logged.count(("train", 8)) == 1 and logged.count(("train", 10)) == 2
     assert max(r["step"] for r in raw) == steps
 
     # Data guarantee: in the run that counts, every micro-batch position was trained exactly
