@@ -37,6 +37,7 @@ def main() -> None:
     if args.steps < 1000:
         sys.exit("bench: --steps: at least 1000 (memory is compared from step 500 on)")
     out = Path(args.out or tempfile.mkdtemp(prefix="muppet-soak-"))
+    out.mkdir(parents=True, exist_ok=True)
     run = out / "soak"
     argv = [sys.executable, "-m", "muppet_ray", "prefinetune",
             "--set", f"training.max_steps={args.steps}",
@@ -89,7 +90,7 @@ def main() -> None:
         if rates:
             print(f"  steps {first + 1:>5}-{min(first + 500, args.steps):<5} "
                   f"{statistics.mean(rates):>10,.0f}")
-    kept = sorted(p.name for p in run.glob("checkpoint_*"))
+    kept = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
     config = (run / "config.yaml").read_text()
     keep = next(int(line.split(":")[1]) for line in config.splitlines()
                 if line.strip().startswith("keep_checkpoints:"))
