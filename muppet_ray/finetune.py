@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from muppet_ray.config import Config, ModelConfig, expand_variables, parse_config, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import MANIFEST, to_transformers, write_export
-from muppet_ray.storage import RunDir, normalize
+from muppet_ray.storage import CHECKPOINT_SNAPSHOT, RunDir, normalize
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 
@@ -72,9 +72,10 @@ def resolve_source(given: str, work_dir: str) -> Source:
             return _export_source(given, path)
         if os.path.exists(os.path.join(path, "export", MANIFEST)):
             return _export_source(given, os.path.join(path, "export"))
-        checkpoints = registered_checkpoints(path)
+        checkpoints = RunDir(path).registered_checkpoints()
         if os.path.exists(os.path.join(path, "config.yaml")) and checkpoints:
-            return _export_source(given, checkpoint_to_export(checkpoints[-1], work_dir))
+            return _export_source(given, checkpoint_to_export(
+                os.path.join(path, checkpoints[-1]), work_dir))
         if os.path.isdir(os.path.join(path, "deepspeed")):
             return _export_source(given, checkpoint_to_export(path, work_dir))
         if os.path.exists(os.path.join(path, "config.json")):
@@ -99,19 +100,6 @@ def _export_source(given: str, export_dir: str) -> Source:
         return Source(given, os.path.abspath(export_dir), json.load(f))
 
 
-def registered_checkpoints(run_path: str) -> list[str]:
-    """A run's checkpoints that Ray Train registered, oldest first. Ray Train registers one once
-    every worker's shards are in it, so a directory it has not (a start killed while writing) is
-    never read."""
-    snapshot = os.path.join(run_path, "checkpoint_manager_snapshot.json")
-    if not os.path.exists(snapshot):
-        return []
-    with open(snapshot) as f:
-        names = [r["checkpoint_dir_name"] for r in json.load(f).get("checkpoint_results", [])]
-    found = [os.path.join(run_path, n) for n in names if os.path.isdir(os.path.join(run_path, n))]
-    return sorted(found, key=os.path.basename)
-
-
 def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
     """A Ray Train checkpoint of a run (DeepSpeed's sharded files) as an export directory."""
     from muppet_ray.model import MuppetModel, build_backbone
@@ -123,8 +111,7 @@ def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
     if not (run.exists("config.yaml") and run.exists("tasks.json") and run.exists("tokenizer")):
         raise ConfigError(f"--from {checkpoint_dir!r}: a checkpoint must sit in its run "
                           "directory (next to config.yaml, tasks.json and tokenizer/)")
-    if os.path.exists(os.path.join(run.root, "checkpoint_manager_snapshot.json")) and (
-            checkpoint_dir not in registered_checkpoints(run.root)):
+    if run.exists(CHECKPOINT_SNAPSHOT) and name not in run.registered_checkpoints():
         raise ConfigError(f"--from {checkpoint_dir!r}: Ray Train did not register it (written in "
                           "part, by a run that stopped while saving it?); use an earlier one")
     out = RunDir(work_dir)

@@ -13,10 +13,13 @@ Layout of `<storage_path>/<run name>/`:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 
 
 def normalize(uri: str) -> str:
@@ -44,6 +47,17 @@ class RunDir:
     def list(self, relative: str) -> list[str]:
         selector = pafs.FileSelector(self._p(relative), allow_not_found=True)
         return [info.base_name for info in self.fs.get_file_info(selector)]
+
+    def registered_checkpoints(self) -> list[str]:
+        """The run's checkpoint directories that Ray Train registered (its
+        checkpoint_manager_snapshot.json), oldest first. Ray Train registers one once every
+        worker's shards are in it: a directory it has not (a run killed while writing it) is
+        never to be read."""
+        if not self.exists(CHECKPOINT_SNAPSHOT):
+            return []
+        results = json.loads(self.read_text(CHECKPOINT_SNAPSHOT)).get("checkpoint_results", [])
+        return sorted(r["checkpoint_dir_name"] for r in results
+                      if self.exists(r["checkpoint_dir_name"]))
 
     def read_text(self, relative: str) -> str:
         with self.fs.open_input_stream(self._p(relative)) as f:

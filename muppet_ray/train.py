@@ -310,9 +310,7 @@ class Worker:
         os._exit(1)
 
     def _registered(self, step: int) -> bool:
-        snapshot = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
-        return (self.run_dir.exists(snapshot)
-                and f"checkpoint_{step:06d}" in self.run_dir.read_text(snapshot))
+        return f"checkpoint_{step:06d}" in self.run_dir.registered_checkpoints()
 
     # ------------------------------------------------------------- evaluation
 
