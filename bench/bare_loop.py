@@ -6,7 +6,8 @@ Reads the micro-batches that steps [from, from + steps) of a muppet-ray run trai
 from the run's chunk cache into memory (the same schedule, the same padded arrays), then trains on
 them in one process with nothing else: the run's backbone, only each micro-batch's own task head,
 loss / log(n), backward, AdamW once per step. No Ray, no DeepSpeed, no data loading in the loop.
-Prints one JSON line: steady real tokens/s (the first steps are warm-up and not counted).
+Prints one JSON line: steady real and padded tokens/s (the first steps are warm-up and not
+counted) and peak memory.
 """
 
 from __future__ import annotations
@@ -127,16 +128,17 @@ def main() -> None:
     batches = [{k: (torch.from_numpy(v).long() if v.dtype.kind in "iu" else
                     torch.from_numpy(v)).to(device)
                 for k, v in b.items() if k not in mb.TEXT_KEYS} for b in micro_batches]
-    tokens, seconds = 0, 0.0
+    tokens, padded, seconds = 0, 0, 0.0
     for step in range(args.steps):
         start = time.perf_counter()
-        step_tokens = 0
+        step_tokens = step_padded = 0
         for batch in batches[step * per_step:(step + 1) * per_step]:
             spec = specs[int(batch["example_task"][0])]
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 loss = model.loss(batch, spec)
             (loss / per_step).backward()
             step_tokens += int(batch["attention_mask"].sum())
+            step_padded += batch["attention_mask"].numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,10 +146,13 @@ def main() -> None:
             torch.cuda.synchronize()
         if step >= WARMUP_STEPS:
             tokens += step_tokens
+            padded += step_padded
             seconds += time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     print(json.dumps({"steps": args.steps - WARMUP_STEPS, "tokens_per_s": tokens / seconds,
-                      "peak_rss_mb": peak_mb}))
+                      "padded_tokens_per_s": padded / seconds, "peak_rss_mb": peak_mb,
+                      "gpu_peak_mb": gpu_mb}))
 
 
 if __name__ == "__main__":
