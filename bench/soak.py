@@ -1,6 +1,6 @@
 """A long run: does memory stay flat, does speed hold, do old checkpoints go?
 
-    python bench/soak.py [--steps 3000] [--checkpoint-every 100] [--out DIR]
+    python bench/soak.py [--steps 3000] [--checkpoint-every 100] [--out DIR] [--code DIR]
 
 The main job (`muppet-ray prefinetune`: built-in suite, small BART, 2 CPU workers, ZeRO-2) for
 `--steps` steps with a checkpoint every `--checkpoint-every`. Printed: the driver's and the
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--out", default=None, help="where the run goes (default: a temp dir)")
+    parser.add_argument("--code", default=str(ROOT), help="checkout whose muppet-ray is run")
     args = parser.parse_args()
     if args.steps < 1000:
         sys.exit("bench: --steps: at least 1000 (memory is compared from step 500 on)")
@@ -43,11 +44,12 @@ def main() -> None:
             "--set", f"training.max_steps={args.steps}",
             "--set", f"training.checkpoint_every={args.checkpoint_every}",
             "--set", f"run.storage_path={out}", "--set", "run.name=soak"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    code = Path(args.code).resolve()
+    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
     driver: list[tuple[int, float]] = []  # (latest logged step, driver resident MB)
     started = time.perf_counter()
     with open(out / "soak.log", "w") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=code)
         done = threading.Event()
 
         def sample() -> None:

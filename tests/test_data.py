@@ -62,7 +62,8 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(ray_cluster, tmp_path):
     assert payloads(rebuilt["topic"]["train"]) != before
 
 
-def test_stream_follows_the_schedule_and_resumes(ray_cluster, tmp_path):
+def test_stream_follows_the_schedule_and_resumes(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "STREAM_SEGMENT", 7)  # several Ray Data executions, chained
     config = make_config(tmp_path, "tasks.include=[sentiment, needs, summarize]")
     tasks, tokenizer, caches = prepare(config, RunDir(str(tmp_path / "run")))
     train = [caches[t.name]["train"] for t in tasks]
@@ -81,6 +82,14 @@ def test_stream_follows_the_schedule_and_resumes(ray_cluster, tmp_path):
     assert list(resumed) == list(mine)[12 * 2:]
     rows = list(data.stream(schedule, resumed, train, tokenizer.pad_token_id))
     assert [r["position"] for r in rows] == list(resumed)
+
+
+def test_stream_segments_bound_micro_batches_and_tokens(monkeypatch):
+    monkeypatch.setattr(data, "STREAM_SEGMENT", 3)
+    monkeypatch.setattr(data, "STREAM_SEGMENT_TOKENS", 100)
+    costs = np.array([10, 10, 10, 10, 60, 50, 200, 1])
+    # 3 micro-batches; 70 tokens (+50 is over); 50 (+200 is over); one over the bound alone; 1
+    assert data._segment_starts(costs) == [0, 3, 5, 6, 7]
 
 
 def write_jsonl(path, rows):
