@@ -27,10 +27,12 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 
+import pyarrow.fs as pafs
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from muppet_ray.checkpoint import damage
 from muppet_ray.config import Config, ModelConfig, expand_variables, parse_config, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import MANIFEST, to_transformers, write_export
@@ -74,8 +76,10 @@ def resolve_source(given: str, work_dir: str) -> Source:
             return _export_source(given, os.path.join(path, "export"))
         checkpoints = RunDir(path).registered_checkpoints()
         if os.path.exists(os.path.join(path, "config.yaml")) and checkpoints:
+            intact = (n for n in reversed(checkpoints)
+                      if damage(pafs.LocalFileSystem(), os.path.join(path, n)) is None)
             return _export_source(given, checkpoint_to_export(
-                os.path.join(path, checkpoints[-1]), work_dir))
+                os.path.join(path, next(intact, checkpoints[-1])), work_dir))
         if os.path.isdir(os.path.join(path, "deepspeed")):
             return _export_source(given, checkpoint_to_export(path, work_dir))
         if os.path.exists(os.path.join(path, "config.json")):
@@ -114,6 +118,10 @@ def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
     if run.exists(CHECKPOINT_SNAPSHOT) and name not in run.registered_checkpoints():
         raise ConfigError(f"--from {checkpoint_dir!r}: Ray Train did not register it (written in "
                           "part, by a run that stopped while saving it?); use an earlier one")
+    problem = damage(pafs.LocalFileSystem(), checkpoint_dir)
+    if problem:
+        raise ConfigError(f"--from {checkpoint_dir!r}: the checkpoint is damaged ({problem}); "
+                          "use an earlier one")
     out = RunDir(work_dir)
     if out.exists(f"from-{name}/{MANIFEST}"):
         return out.uri(f"from-{name}")

@@ -40,7 +40,9 @@ import torch
 import torch.distributed as dist
 
 from muppet_ray import batch as mb
+from muppet_ray import checkpoint as integrity
 from muppet_ray import data
+from muppet_ray.checkpoint import CHECKPOINT_STATE
 from muppet_ray.config import Config, micro_batches_per_step
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import write_export
@@ -56,7 +58,6 @@ from muppet_ray.task_types import TASK_TYPES
 log = logging.getLogger("muppet_ray")
 FAULT_MARKER = ".fault_injected"
 CHECKPOINT_TAG = "deepspeed"
-CHECKPOINT_STATE = "checkpoint.json"  # beside DeepSpeed's files: the step and the world size
 
 
 class Worker:
@@ -66,6 +67,7 @@ class Worker:
         self.config = Config.model_validate(setup["config"])
         self.config_yaml = setup["config_yaml"]
         self.run_dir = RunDir(setup["run_dir"])
+        self.existing_checkpoints: set[str] = set()  # (see checkpoint_name)
         self.tokenizer = setup["tokenizer"]
         self.specs = setup["task_specs"]
         self.train_caches = setup["train_caches"]
@@ -132,6 +134,29 @@ class Worker:
                         "micro-batches")
         return saved != self.world
 
+    def intact(self, latest: ray.train.Checkpoint | None) -> ray.train.Checkpoint | None:
+        """The newest registered checkpoint up to `latest` whose manifests verify (rank 0 reads
+        them, every worker takes its choice); None if none does."""
+        if latest is None:
+            return None
+        parent, newest = latest.path.rsplit("/", 1)
+        choice = [None]
+        if self.rank == 0:
+            candidates = [n for n in self.run_dir.registered_checkpoints() if n <= newest]
+            for name in reversed(candidates or [newest]):
+                problem = integrity.damage(latest.filesystem, f"{parent}/{name}")
+                if problem is None:
+                    choice = [name]
+                    break
+                log.warning(f"[muppet-ray] {name} is damaged ({problem}): not resuming from it")
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        if choice[0] != newest:
+            log.warning(f"[muppet-ray] resuming from {choice[0]}, the newest intact checkpoint")
+        return ray.train.Checkpoint(f"{parent}/{choice[0]}", filesystem=latest.filesystem)
+
     def restore(self, checkpoint: ray.train.Checkpoint | None, reshard: bool) -> int:
         """Load the latest checkpoint, if any; returns the number of steps already done."""
         if checkpoint is None:
@@ -155,9 +180,17 @@ class Worker:
             self.logger.close()
 
     def run(self) -> None:
-        checkpoint = ray.train.get_checkpoint()
+        # (listed before any worker can save: names taken now are not reused, see checkpoint())
+        self.existing_checkpoints = set(self.run_dir.list(""))
+        latest = ray.train.get_checkpoint()
+        checkpoint = self.intact(latest)
         reshard = self.needs_resharding(checkpoint)
         self.build(load_universal=reshard)
+        if latest is not None and checkpoint is None:
+            self.stop(0, f"no checkpoint of {self.run_dir.root!r} is intact (each failed its "
+                      "manifest, see the warnings above); remove the damaged ones or start a "
+                      "new run")
+            return
         self.schedule = build_schedule(
             [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
             self.config.mixture, self.config.batching, self.per_step,
@@ -354,8 +387,18 @@ class Worker:
             if self.rank == 0:
                 with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
                     json.dump({"step": step, "world_size": self.world, "nodes": nodes}, f)
+            integrity.write_manifest(directory, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_{step:06d}")
+                             checkpoint_dir_name=self.checkpoint_name(step))
+
+    def checkpoint_name(self, step: int) -> str:
+        """checkpoint_<step>, or with a suffix where that directory was there when this attempt
+        began (one half-written before a kill, or a damaged one passed over): Ray Train would
+        upload into it, mixing old files with new, and later delete it as the old entry."""
+        name, attempt = f"checkpoint_{step:06d}", 1
+        while name in self.existing_checkpoints:
+            name, attempt = f"checkpoint_{step:06d}_{attempt}", attempt + 1
+        return name
 
     def export(self, step: int) -> str | None:
         module = self.engine.module

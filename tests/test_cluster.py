@@ -3,8 +3,10 @@ sent with `ray job submit`; an elastic run on two Ray nodes that loses one of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def ray_head():
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          f"--dashboard-agent-grpc-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
         env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
@@ -57,7 +59,10 @@ def ray_head():
             time.sleep(1)
         yield address
     finally:
-        head.terminate()  # `--block`: ending this process stops the head's processes
+        # The head's processes (GCS, raylet, dashboard, workers) share its process group: killed
+        # at once (`ray start --block` stops them one by one on SIGTERM: 30 s of the suite).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
 
 

@@ -92,7 +92,7 @@ def test_zero3_run_learns(ray_cluster, tmp_path):
     assert AutoModel.from_pretrained(result.export_dir) is not None
 
 
-def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path, capfd):
     # (checkpoints at 9 and 18: the restart resumes inside a logging window of 2 steps)
     config = make_config(tmp_path, "run.fail_at_step=12", "training.checkpoint_every=9",
                          "run.max_failures=2", "batching.max_tokens_per_pass=256")
@@ -123,6 +123,28 @@ def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path):
         key = (task, epoch)
         assert not set(ids) & seen.get(key, set()), key
         seen.setdefault(key, set()).update(ids)
+
+    # A checkpoint damaged in storage after it was registered (a byte of its model states
+    # altered): the same command re-run passes over it with a warning, resumes from the one
+    # before, and saves the retrained step beside it, under a new name.
+    registered = run_dir.registered_checkpoints()
+    latest, previous = registered[-1], registered[-2]
+    states = next((tmp_path / "run" / latest / "deepspeed").glob("*model_states.pt"))
+    damaged = bytearray(states.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    states.write_bytes(bytes(damaged))
+    capfd.readouterr()
+    prefinetune(config)
+    console = capfd.readouterr()
+    assert f"{latest} is damaged ({states.relative_to(tmp_path / 'run' / latest)} does not " \
+           "match its manifest's SHA-256)" in console.out + console.err
+    assert f"resuming from {previous}" in console.out + console.err
+    assert run_dir.registered_checkpoints()[-1] == f"{latest}_1"
+    logged = [(r["kind"], r["step"]) for r in map(json.loads, run_dir.read_text(LOG).splitlines())]
+    assert logged.count(("train", steps)) == 2 and logged.count(("eval", 0)) == 1
+    positions = [p for r in train_records(result.run_dir) for a, b in r["positions"]
+                 for p in range(a, b)]
+    assert positions == list(range(steps * span))
 
 
 
