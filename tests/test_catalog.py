@@ -5,13 +5,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muppet_ray import suite
+from muppet_ray import cli, suite
 from muppet_ray.catalog import catalog, families
 from muppet_ray.config import load_config
 from muppet_ray.task_types import TASK_TYPES, Limits
 from muppet_ray.tasks import resolve_tasks
 from muppet_ray.tokenizer import texts_of, train_tokenizer
-from tests.conftest import run_cli
 
 
 def test_every_entry_is_consistent():
@@ -45,12 +44,12 @@ def test_families_expand_in_include():
     assert resolve_tasks(config)[0].source.train == "hf://datasets/nyu-mll/glue@~parquet/cola/train"
 
 
-def test_tasks_list_command():
-    done = run_cli("-m", "muppet_ray", "tasks", "list", timeout=60)
-    assert done.returncode == 0
-    assert all(name in done.stdout for name in catalog())
-    done = run_cli("-m", "muppet_ray", "tasks", "list", "--family", "poetry", timeout=60)
-    assert done.returncode == 2 and "unknown family 'poetry'" in done.stderr
+def test_tasks_list_command(capsys):
+    assert cli.main(["tasks", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in catalog())
+    assert cli.main(["tasks", "list", "--family", "poetry"]) == 2
+    assert "unknown family 'poetry'" in capsys.readouterr().err
 
 
 def write_split(mirror, dataset, config, split, rows):

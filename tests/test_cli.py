@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from muppet_ray import cli
 from tests.conftest import ROOT, run_cli
 
 
@@ -39,14 +40,14 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and "prefinetune" in done.stdout
 
 
-def test_resuming_a_run_with_another_config_is_refused(tmp_path):
+def test_resuming_a_run_with_another_config_is_refused(tmp_path, capsys):
     storage = tmp_path / "runs"
     (storage / "old").mkdir(parents=True)
     (storage / "old" / "config.yaml").write_text("training: {max_steps: 5}\nrun: {name: old}\n")
-    done = run_cli("-m", "muppet_ray", "prefinetune", "--set", f"run.storage_path={storage}",
-                   "--set", "run.name=old", timeout=120)
-    assert done.returncode == 2
-    assert "exists with a different config" in done.stderr.strip().splitlines()[-1]
+    code = cli.main(["prefinetune", "--set", f"run.storage_path={storage}", "--set",
+                     "run.name=old"])
+    assert code == 2
+    assert "exists with a different config" in capsys.readouterr().err.strip().splitlines()[-1]
     assert sorted(p.name for p in (storage / "old").iterdir()) == ["config.yaml"]
 
 

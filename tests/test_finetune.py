@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMultipleChoice
 
-from muppet_ray import data
+from muppet_ray import cli, data
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import load_exported
 from muppet_ray.finetune import compare, evaluate, initial_heads, resolve_source
@@ -20,7 +20,7 @@ from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
 from muppet_ray.tasks import resolve_tasks
 from muppet_ray.tokenizer import texts_of, train_tokenizer
-from tests.conftest import make_config, run_cli
+from tests.conftest import make_config
 
 SOURCE_TASKS = "tasks.include=[sentiment, topic, needs, what_has]"
 
@@ -167,7 +167,7 @@ def test_a_checkpoint_is_a_source(source_run, tmp_path):
 # ------------------------------------------------------------------------- bad input
 
 
-def test_a_missing_head_is_refused(tmp_path):
+def test_a_missing_head_is_refused(tmp_path, capsys):
     """Tasks whose head the source never trained: one line, exit 2, before Ray starts."""
     from muppet_ray.config import ModelConfig
     from muppet_ray.export import write_export
@@ -188,11 +188,12 @@ def test_a_missing_head_is_refused(tmp_path):
         (["export", "--task", "what_has", "--out", str(tmp_path / "hf")],
          "task 'what_has' is not in the export"),
     ]:
-        done = run_cli("-m", "muppet_ray", args[0], "--from", export, *args[1:],
-                       *(["--set", f"run.storage_path={tmp_path / 'runs'}"]
-                         if args[0] != "export" else []), timeout=120)
-        assert done.returncode == 2, done.stderr[-2000:]
-        line = done.stderr.strip().splitlines()[-1]
+        code = cli.main([args[0], "--from", export, *args[1:],
+                         *(["--set", f"run.storage_path={tmp_path / 'runs'}"]
+                           if args[0] != "export" else [])])
+        err = capsys.readouterr().err
+        assert code == 2, err[-2000:]
+        line = err.strip().splitlines()[-1]
         assert line == f"muppet-ray: error: {expected}" or expected in line, line
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
         assert not (tmp_path / "hf").exists()
