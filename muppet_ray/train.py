@@ -153,7 +153,7 @@ class Worker:
             dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
             return None
-        if choice[0] != newest:
+        if choice[0] != newest and self.rank == 0:
             log.warning(f"[muppet-ray] resuming from {choice[0]}, the newest intact checkpoint")
         return ray.train.Checkpoint(f"{parent}/{choice[0]}", filesystem=latest.filesystem)
 
