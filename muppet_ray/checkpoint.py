@@ -63,6 +63,18 @@ def damage(fs: pafs.FileSystem, path: str) -> str | None:
     return None
 
 
+def newest_intact(fs: pafs.FileSystem, parent: str, names: list[str], warn=None) -> str | None:
+    """The last of `names` (checkpoint directories in `parent`, oldest first) that `damage`
+    finds nothing wrong with; `warn(message)` for each one passed over."""
+    for name in reversed(names):
+        problem = damage(fs, f"{parent}/{name}")
+        if problem is None:
+            return name
+        if warn:
+            warn(f"{name} is damaged ({problem}): not resuming from it")
+    return None
+
+
 def _sha256(stream) -> str:
     digest = hashlib.sha256()
     while chunk := stream.read(_READ):

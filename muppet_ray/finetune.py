@@ -32,7 +32,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from muppet_ray.checkpoint import damage
+from muppet_ray.checkpoint import damage, newest_intact
 from muppet_ray.config import Config, ModelConfig, expand_variables, parse_config, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import MANIFEST, to_transformers, write_export
@@ -76,10 +76,9 @@ def resolve_source(given: str, work_dir: str) -> Source:
             return _export_source(given, os.path.join(path, "export"))
         checkpoints = RunDir(path).registered_checkpoints()
         if os.path.exists(os.path.join(path, "config.yaml")) and checkpoints:
-            intact = (n for n in reversed(checkpoints)
-                      if damage(pafs.LocalFileSystem(), os.path.join(path, n)) is None)
+            intact = newest_intact(pafs.LocalFileSystem(), path, checkpoints)
             return _export_source(given, checkpoint_to_export(
-                os.path.join(path, next(intact, checkpoints[-1])), work_dir))
+                os.path.join(path, intact or checkpoints[-1]), work_dir, verified=bool(intact)))
         if os.path.isdir(os.path.join(path, "deepspeed")):
             return _export_source(given, checkpoint_to_export(path, work_dir))
         if os.path.exists(os.path.join(path, "config.json")):
@@ -104,8 +103,9 @@ def _export_source(given: str, export_dir: str) -> Source:
         return Source(given, os.path.abspath(export_dir), json.load(f))
 
 
-def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
-    """A Ray Train checkpoint of a run (DeepSpeed's sharded files) as an export directory."""
+def checkpoint_to_export(checkpoint_dir: str, work_dir: str, verified: bool = False) -> str:
+    """A Ray Train checkpoint of a run (DeepSpeed's sharded files) as an export directory.
+    `verified`: its manifests were checked already (they are not read twice)."""
     from muppet_ray.model import MuppetModel, build_backbone
     from muppet_ray.tokenizer import load_tokenizer
 
@@ -118,7 +118,7 @@ def checkpoint_to_export(checkpoint_dir: str, work_dir: str) -> str:
     if run.exists(CHECKPOINT_SNAPSHOT) and name not in run.registered_checkpoints():
         raise ConfigError(f"--from {checkpoint_dir!r}: Ray Train did not register it (written in "
                           "part, by a run that stopped while saving it?); use an earlier one")
-    problem = damage(pafs.LocalFileSystem(), checkpoint_dir)
+    problem = None if verified else damage(pafs.LocalFileSystem(), checkpoint_dir)
     if problem:
         raise ConfigError(f"--from {checkpoint_dir!r}: the checkpoint is damaged ({problem}); "
                           "use an earlier one")

@@ -143,12 +143,8 @@ class Worker:
         choice = [None]
         if self.rank == 0:
             candidates = [n for n in self.run_dir.registered_checkpoints() if n <= newest]
-            for name in reversed(candidates or [newest]):
-                problem = integrity.damage(latest.filesystem, f"{parent}/{name}")
-                if problem is None:
-                    choice = [name]
-                    break
-                log.warning(f"[muppet-ray] {name} is damaged ({problem}): not resuming from it")
+            choice = [integrity.newest_intact(latest.filesystem, parent, candidates or [newest],
+                                              lambda m: log.warning(f"[muppet-ray] {m}"))]
         if self.world > 1:
             dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
