@@ -252,7 +252,10 @@ class RunConfig(Section):
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
     keep_checkpoints: int = Field(2, ge=1)
     fail_at_step: int | None = Field(None, ge=1)
-    """Fault injection for tests: worker 1 (or 0 alone) dies once when it reaches this step."""
+    """Fault injection for tests: worker `fail_rank` is SIGKILLed once when it reaches this step
+    (at a checkpoint step: halfway through uploading that checkpoint)."""
+    fail_rank: int = Field(1, ge=0)
+    """The worker that `fail_at_step` kills (the last one where there are fewer)."""
 
 
 class Config(Section):

@@ -64,12 +64,15 @@ class RunDir:
             return f.read().decode()
 
     def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode())
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
         parent = os.path.dirname(self._p(relative))
         self.fs.create_dir(parent, recursive=True)
         # Write then rename, so a reader never sees half a file (object stores are atomic).
         temporary = self._p(relative) + ".tmp" if self.is_local else self._p(relative)
         with self.fs.open_output_stream(temporary) as f:
-            f.write(text.encode())
+            f.write(data)
         if temporary != self._p(relative):
             self.fs.move(temporary, self._p(relative))
 

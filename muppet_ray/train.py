@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -319,24 +320,46 @@ class Worker:
             dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
         return values.cpu()
 
-    def maybe_fail(self, step: int) -> None:
-        """Fault injection (`run.fail_at_step`): one worker dies hard, once per run.
+    # ------------------------------------------------------------ fault injection (tests)
 
-        It first waits (up to a minute) until Ray Train has registered the latest checkpoint,
-        which it does on its next poll of the workers, so that the restart resumes from it.
-        """
-        if step != self.config.run.fail_at_step or self.rank != min(1, self.world - 1):
-            return
-        if self.run_dir.exists(FAULT_MARKER):
-            return
+    def fault_due(self, step: int) -> bool:
+        """`run.fail_at_step`: worker `run.fail_rank` dies when it reaches this step, once per
+        run; at a checkpoint step, halfway through uploading that checkpoint."""
+        run = self.config.run
+        return (step == run.fail_at_step and self.rank == min(run.fail_rank, self.world - 1)
+                and not self.run_dir.exists(FAULT_MARKER))
+
+    def maybe_fail(self, step: int) -> None:
+        if self.fault_due(step):
+            self.die(step, "")
+
+    def upload_part_then_die(self, step: int):
+        """A `checkpoint_upload_fn` for Ray Train: uploads half of this worker's files, then
+        the first half of the next one's bytes, and dies."""
+        def upload(checkpoint: ray.train.Checkpoint, name: str):
+            files = sorted(os.path.relpath(os.path.join(root, f), checkpoint.path)
+                           for root, _, names in os.walk(checkpoint.path) for f in names)
+            cut = files[len(files) // 2]
+            for relative in files[:len(files) // 2] + [cut]:
+                with open(os.path.join(checkpoint.path, relative), "rb") as f:
+                    data = f.read()
+                self.run_dir.write_bytes(f"{name}/{relative}",
+                                         data[:len(data) // 2] if relative == cut else data)
+            self.die(step, f" while uploading {name} ({relative} cut short)")
+        return upload
+
+    def die(self, step: int, how: str) -> None:
+        """SIGKILL. It first waits (up to a minute) until Ray Train has registered the latest
+        checkpoint before this step, which it does on its next poll of the workers, so that the
+        restart resumes from it."""
         every = self.config.training.checkpoint_every
-        latest = step // every * every
+        latest = (step - 1) // every * every
         deadline = time.monotonic() + 60
         while latest and time.monotonic() < deadline and not self._registered(latest):
             time.sleep(0.5)
-        self.run_dir.write_text(FAULT_MARKER, f"worker {self.rank} killed at step {step}\n")
-        log.warning(f"[muppet-ray] fault injection: worker {self.rank} exits at step {step}")
-        os._exit(1)
+        self.run_dir.write_text(FAULT_MARKER, f"worker {self.rank} killed at step {step}{how}\n")
+        log.warning(f"[muppet-ray] fault injection: worker {self.rank} killed at step {step}{how}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _registered(self, step: int) -> bool:
         return f"checkpoint_{step:06d}" in self.run_dir.registered_checkpoints()
@@ -385,7 +408,9 @@ class Worker:
                     json.dump({"step": step, "world_size": self.world, "nodes": nodes}, f)
             integrity.write_manifest(directory, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=self.checkpoint_name(step))
+                             checkpoint_dir_name=self.checkpoint_name(step),
+                             checkpoint_upload_fn=(self.upload_part_then_die(step)
+                                                   if self.fault_due(step) else None))
 
     def checkpoint_name(self, step: int) -> str:
         """checkpoint_<step>, or with a suffix where that directory was there when this attempt

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel
 
 from muppet_ray import data
+from muppet_ray.checkpoint import damage
 from muppet_ray.config import micro_batches_per_step
 from muppet_ray.errors import DataError
 from muppet_ray.export import load_exported
@@ -93,20 +94,27 @@ def test_zero3_run_learns(ray_cluster, tmp_path):
 
 
 def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path, capfd):
-    # (checkpoints at 9 and 18: the restart resumes inside a logging window of 2 steps)
-    config = make_config(tmp_path, "run.fail_at_step=12", "training.checkpoint_every=9",
-                         "run.max_failures=2", "batching.max_tokens_per_pass=256")
+    # Rank 0 (which writes the run's log) is SIGKILLed halfway through uploading the step-18
+    # checkpoint; checkpoints at 9 and 18: the restart resumes inside a logging window of 2 steps.
+    config = make_config(tmp_path, "run.fail_at_step=18", "run.fail_rank=0",
+                         "training.checkpoint_every=9", "run.max_failures=2",
+                         "batching.max_tokens_per_pass=256")
     result = prefinetune(config)
     run_dir = RunDir(result.run_dir)
-    assert run_dir.exists(FAULT_MARKER)  # the worker did die
+    assert run_dir.read_text(FAULT_MARKER).startswith("worker 0 killed at step 18 while uploading")
     steps, span = config.training.max_steps, micro_batches_per_step(config)
+    # The half-written checkpoint was never registered, nor written into again: step 18 was
+    # saved beside it.
+    assert damage(run_dir.fs, f"{run_dir.path}/checkpoint_000018") is not None
+    assert run_dir.registered_checkpoints() == ["checkpoint_000018_1", f"checkpoint_{steps:06d}"]
 
     raw = [json.loads(line) for line in run_dir.read_text(LOG).splitlines()]
     logged = [(r["kind"], r["step"]) for r in raw]
-    # Resumed from the step-9 checkpoint: steps 2..8 logged once, 10 and 12 twice (before and
+    # Resumed from the step-9 checkpoint: steps 2..8 logged once, 10..18 twice (before and
     # after the failure), and the run did not start over (one evaluation before training).
     assert logged.count(("eval", 0)) == 1
     assert logged.count(("train", 8)) == 1 and logged.count(("train", 10)) == 2
+    assert logged.count(("train", 18)) == 2 and logged.count(("train", 20)) == 1
     assert max(r["step"] for r in raw) == steps
 
     # Data guarantee: in the run that counts, every micro-batch position was trained exactly
