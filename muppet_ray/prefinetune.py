@@ -7,6 +7,7 @@ data turns out to be bad, so a failed start leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from muppet_ray.config import (
     to_yaml,
     validate,
 )
-from muppet_ray.errors import ConfigError, MuppetError, TrainingError
+from muppet_ray.errors import ConfigError, MuppetError, TrainingError, storage_faults
 from muppet_ray.metrics import read_log
 from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
@@ -139,28 +140,30 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
     start_ray(config)
     check_shared(storage)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if not resuming:
-        run_dir.write_text("config.yaml", config_yaml)
-        # (with the config: what a checkpoint needs to become a model again, finetune.py)
-        run_dir.write_text("tasks.json", json.dumps([t.spec() for t in tasks]))
     try:
-        if resuming and run_dir.exists("tokenizer"):
-            # (a tokenizer trained again could differ, and with it every token id)
-            tokenizer = load_tokenizer(run_dir.uri("tokenizer"))
-        else:
-            tokenizer = build_tokenizer(config, tasks)
-            _save_tokenizer(tokenizer, run_dir)
-        print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
-        print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
-        splits = ("validation",) if evaluate_only else ("train", "validation")
-        caches = data.prepare(tasks, data.cache_root(storage), tokenizer,
-                              data.ChunkSettings.from_config(config), splits)
-        if resuming and run_dir.exists(data.DATA_RECORD):
-            data.check_unchanged(tasks, data.read_run_caches(run_dir), caches)
-        data.write_run_caches(run_dir, caches)
+        with storage_faults(run_dir.root):  # (a full or read-only storage: one line)
+            if not resuming:
+                run_dir.write_text("config.yaml", config_yaml)
+                # (with the config: what a checkpoint needs to become a model again)
+                run_dir.write_text("tasks.json", json.dumps([t.spec() for t in tasks]))
+            if resuming and run_dir.exists("tokenizer"):
+                # (a tokenizer trained again could differ, and with it every token id)
+                tokenizer = load_tokenizer(run_dir.uri("tokenizer"))
+            else:
+                tokenizer = build_tokenizer(config, tasks)
+                _save_tokenizer(tokenizer, run_dir)
+            print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
+            print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
+            splits = ("validation",) if evaluate_only else ("train", "validation")
+            caches = data.prepare(tasks, data.cache_root(storage), tokenizer,
+                                  data.ChunkSettings.from_config(config), splits)
+            if resuming and run_dir.exists(data.DATA_RECORD):
+                data.check_unchanged(tasks, data.read_run_caches(run_dir), caches)
+            data.write_run_caches(run_dir, caches)
     except MuppetError:
-        if not resuming:
-            run_dir.remove()
+        if not resuming:  # (no half-made run directory left behind to "resume")
+            with contextlib.suppress(OSError):
+                run_dir.remove()
         raise
     if not evaluate_only:
         _describe(config, tasks, caches)
@@ -195,7 +198,8 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints)),
     )
-    trainer.fit()
+    with storage_faults(run_dir.root):
+        trainer.fit()
     stopped = [r["reason"] for r in read_log(run_dir) if r["kind"] == "stopped"]
     if stopped:
         raise TrainingError(f"run {run_dir.root!r} stopped: {stopped[-1]}")

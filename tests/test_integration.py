@@ -2,6 +2,9 @@
 DeepSpeed on CPU. Nothing is mocked."""
 
 import json
+import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from transformers import AutoModel
 from muppet_ray import data
 from muppet_ray.checkpoint import damage
 from muppet_ray.config import micro_batches_per_step
-from muppet_ray.errors import DataError
+from muppet_ray.errors import DataError, StorageError
 from muppet_ray.export import load_exported
 from muppet_ray.metrics import LOG, read_log
 from muppet_ray.mixture import build_schedule
@@ -205,3 +208,37 @@ def test_a_resumed_run_keeps_its_tokenizer_and_refuses_changed_data(ray_cluster,
         prefinetune(config)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "tokenizer").iterdir()} == tokenizer
     assert (tmp_path / "run" / "data.json").read_text() == record
+
+
+def test_storage_that_fills_up_mid_run_stops_it_in_one_line(ray_cluster, tmp_path):
+    # A real small file system (tmpfs), filled to the last byte once training has begun.
+    storage = tmp_path / "small"
+    storage.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(storage)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"a tmpfs to fill cannot be mounted here: {mounted.stderr.decode()[:200]}")
+
+    def fill_once_training() -> None:
+        log = storage / "run" / LOG
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and '"train"' not in (log.read_text()
+                                                                 if log.exists() else ""):
+            time.sleep(0.2)
+        with open(storage / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+
+    filler = threading.Thread(target=fill_once_training, daemon=True)
+    try:
+        filler.start()
+        with pytest.raises(StorageError, match=r"^cannot write \S+: No space left on device "
+                                               r"\(errno 28\); free space"):
+            prefinetune(make_config(storage, "run.max_failures=0"))
+        assert not filler.is_alive()
+    finally:
+        subprocess.run(["umount", "-l", str(storage)], check=False)
