@@ -29,6 +29,7 @@ class MetricsLogger:
                 with open(os.path.join(self.local, LOG), "w") as f:
                     f.write(run_dir.read_text(LOG))
         os.makedirs(self.local, exist_ok=True)
+        _drop_torn_line(os.path.join(self.local, LOG))
         self._file = open(os.path.join(self.local, LOG), "a")  # noqa: SIM115 (closed in close)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -67,8 +68,20 @@ def read_log(run_dir: RunDir) -> list[dict]:
     if not run_dir.exists(LOG):
         return []
     latest: dict[tuple[str, int], dict] = {}
-    for line in run_dir.read_text(LOG).splitlines():
+    lines = run_dir.read_text(LOG).split("\n")
+    for line in lines[:-1]:  # (the last: empty, or one cut short by a crash or a full disk)
         if line.strip():
             record = json.loads(line)
             latest[record["kind"], record["step"]] = record
     return sorted(latest.values(), key=lambda r: (r["step"], r["kind"]))
+
+
+def _drop_torn_line(path: str) -> None:
+    """A line cut short (the worker killed, or the storage full, mid-write) is cut off before
+    appending: the next record would otherwise continue it, and neither would parse."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)

@@ -92,7 +92,8 @@ def start_ray(config: Config) -> None:
         return
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.ERROR)
+        _keep_ray_off_the_console()
         return
     # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
     # cores, so declare enough logical CPUs for both (the OS shares the real ones). "local":
@@ -104,7 +105,27 @@ def start_ray(config: Config) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
-             logging_level=logging.WARNING, include_dashboard=False)
+             logging_level=logging.ERROR, include_dashboard=False)
+    _keep_ray_off_the_console()
+
+
+def _keep_ray_off_the_console() -> None:
+    """Ray forwards every line its processes print (its own logs, Ray Train's, DeepSpeed's and
+    transformers') to this console: ~100 lines a run. Only muppet-ray's own lines stay; the rest
+    are in Ray's session logs, where Ray writes them anyway. (A worker's error still reaches
+    this process, as the exception `fit()` raises.)"""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as forwarded
+
+    def ours(batch: dict) -> None:
+        for line in batch["lines"]:
+            if "[muppet-ray]" in line:
+                print(line, file=sys.stderr if batch["is_err"] else sys.stdout, flush=True)
+
+    forwarded.remove_handler("ray_print_logs")  # (Ray's printer, added by ray.init)
+    forwarded.add_handler("muppet_ray_lines", ours)
+    node = ray._private.worker._global_node  # (None for a Ray Client connection)
+    if node is not None:
+        print(f"[muppet-ray] Ray's own log lines: {node.get_logs_dir_path()}", flush=True)
 
 
 def build_tokenizer(config: Config, tasks: list[Task]):

@@ -35,14 +35,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+def small_run(storage, *overrides: str) -> list[str]:
+    """A small, fast run of the default job, stored under `storage`, as `--set` settings."""
+    return [f"run.storage_path={storage}", "run.name=run", "tasks.suite_scale=0.25",
+            "training.max_steps=24", "training.warmup_steps=4", "training.log_every=2",
+            "training.checkpoint_every=8", "training.max_eval_examples=64",
+            "model.hidden_size=64", "model.ffn_size=128", *overrides]
+
+
 def make_config(storage, *overrides: str) -> Config:
-    """A small, fast run of the default job, stored under `storage`."""
     raw: dict = {}
-    for assignment in (
-        f"run.storage_path={storage}", "run.name=run", "tasks.suite_scale=0.25",
-        "training.max_steps=24", "training.warmup_steps=4", "training.log_every=2",
-        "training.checkpoint_every=8", "training.max_eval_examples=64",
-        "model.hidden_size=64", "model.ffn_size=128", *overrides,
-    ):
+    for assignment in small_run(storage, *overrides):
         apply_override(raw, assignment)
     return validate(expand_variables(raw))

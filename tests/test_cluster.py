@@ -78,6 +78,9 @@ def test_ray_job_submit_runs_the_prefinetuning_job(ray_head, tmp_path):
     status = ray_cli("job", "status", "muppet-test", f"--address={ray_head}")
     assert "Job 'muppet-test' succeeded" in status.stdout, submit.stdout[-3000:]  # SUCCEEDED
     assert "what_has" in submit.stdout and "summarize" not in submit.stdout
+    # The job's log holds muppet-ray's lines, none forwarded from Ray's processes ("(… pid=…)")
+    assert "[muppet-ray] step 6/6" in submit.stdout
+    assert not [line for line in submit.stdout.splitlines() if " pid=" in line]
     export = tmp_path / "job" / "export"
     assert type(AutoModel.from_pretrained(export)).__name__ == "RobertaModel"
     model, tokenizer, manifest = load_exported(str(export))

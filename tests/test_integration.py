@@ -1,8 +1,12 @@
 """End-to-end runs on a real local Ray cluster: real Ray Data, 2 real Ray Train workers and real
 DeepSpeed on CPU. Nothing is mocked."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -21,7 +25,7 @@ from muppet_ray.mixture import build_schedule
 from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
 from muppet_ray.train import FAULT_MARKER
-from tests.conftest import make_config
+from tests.conftest import ROOT, make_config, small_run
 
 pytestmark = pytest.mark.integration
 
@@ -86,14 +90,6 @@ def test_zero2_heterogeneous_run_learns_and_exports(ray_cluster, tmp_path, monke
     exported_heads, _, _ = load_exported(result.export_dir)
     for name, tensor in exported_heads.heads.state_dict().items():
         assert torch.allclose(tensor, state[f"heads.{name}"], atol=1e-6), name
-
-
-def test_zero3_run_learns(ray_cluster, tmp_path):
-    # (small passes: micro-batches run in several, as many on both workers at each call)
-    result = prefinetune(make_config(tmp_path, "deepspeed.zero_stage=3",
-                                     "training.max_steps=20", "batching.max_tokens_per_pass=256"))
-    assert_loss_falls(result.run_dir)
-    assert AutoModel.from_pretrained(result.export_dir) is not None
 
 
 def test_worker_failure_resumes_from_its_checkpoint(ray_cluster, tmp_path, capfd):
@@ -210,35 +206,77 @@ def test_a_resumed_run_keeps_its_tokenizer_and_refuses_changed_data(ray_cluster,
     assert (tmp_path / "run" / "data.json").read_text() == record
 
 
-def test_storage_that_fills_up_mid_run_stops_it_in_one_line(ray_cluster, tmp_path):
-    # A real small file system (tmpfs), filled to the last byte once training has begun.
-    storage = tmp_path / "small"
-    storage.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(storage)],
-                             capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"a tmpfs to fill cannot be mounted here: {mounted.stderr.decode()[:200]}")
+@pytest.fixture
+def small_storage(tmp_path):
+    """A real small file system (tmpfs) that a test can fill up, where this machine lets it
+    mount one (root); else a plain directory, and `None` for the file system."""
+    path = tmp_path / "small"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    yield path, path if mounted else None
+    if mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
-    def fill_once_training() -> None:
-        log = storage / "run" / LOG
+
+def fill_once_logged(storage, log, lines: int) -> threading.Thread:
+    """Fills `storage` to the last byte once the run's log has more than `lines` lines."""
+    def fill() -> None:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and '"train"' not in (log.read_text()
-                                                                 if log.exists() else ""):
+        while time.monotonic() < deadline and (
+                len(log.read_text().splitlines()) if log.exists() else 0) <= lines:
             time.sleep(0.2)
-        with open(storage / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(bytes(1 << 20))
-                    f.flush()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError), open(storage / "filler", "wb") as f:
+            while True:  # (until the file system is full: the write raises, and so may close)
+                f.write(bytes(1 << 20))
+                f.flush()
 
-    filler = threading.Thread(target=fill_once_training, daemon=True)
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_run_resumes_after_its_driver_is_killed_and_after_its_storage_fills(
+        ray_cluster, small_storage):
+    # ZeRO-3, micro-batches run in passes of 256 tokens, as many on both workers at each call.
+    storage, tmpfs = small_storage
+    zero3 = ["deepspeed.zero_stage=3", "batching.max_tokens_per_pass=256"]
+    run_dir = RunDir(str(storage / "run"))
+    log = storage / "run" / LOG
+
+    # 1. The driver and its local Ray cluster are SIGKILLed once the step-8 checkpoint is in.
+    command = [sys.executable, "-m", "muppet_ray", "prefinetune",
+               *[a for s in small_run(storage, *zero3) for a in ("--set", s)]]
+    driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        filler.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None and \
+                "checkpoint_000008" not in run_dir.registered_checkpoints():
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert "checkpoint_000008" in run_dir.registered_checkpoints()
+    assert not run_dir.exists("export")
+    config = make_config(storage, *zero3)  # the same command, from here on in this process
+
+    # 2. It resumes; its storage fills up once it has logged a step: one line names the path.
+    if tmpfs is not None:
+        filler = fill_once_logged(tmpfs, log, len(log.read_text().splitlines()))
         with pytest.raises(StorageError, match=r"^cannot write \S+: No space left on device "
                                                r"\(errno 28\); free space"):
-            prefinetune(make_config(storage, "run.max_failures=0"))
-        assert not filler.is_alive()
-    finally:
-        subprocess.run(["umount", "-l", str(storage)], check=False)
+            prefinetune(make_config(storage, *zero3, "run.max_failures=0"))  # (no retries)
+        filler.join(timeout=60)
+        (tmpfs / "filler").unlink()
+
+    # 3. Once there is room, it resumes again and finishes: never started over, every
+    # micro-batch trained once, and it learned.
+    result = prefinetune(config)
+    logged = [(r["kind"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
+    assert logged.count(("eval", 0)) == 1 and logged.count(("train", 2)) == 1
+    positions = [p for r in train_records(result.run_dir) for a, b in r["positions"]
+                 for p in range(a, b)]
+    assert positions == list(range(24 * micro_batches_per_step(config)))
+    assert_loss_falls(result.run_dir)
+    assert AutoModel.from_pretrained(result.export_dir) is not None
