@@ -123,6 +123,13 @@ def _keep_ray_off_the_console() -> None:
 
     forwarded.remove_handler("ray_print_logs")  # (Ray's printer, added by ray.init)
     forwarded.add_handler("muppet_ray_lines", ours)
+    # Ray Data, in this process, prints each execution's plan and tips at INFO (its log file
+    # keeps them): errors only.
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.ERROR)
     node = ray._private.worker._global_node  # (None for a Ray Client connection)
     if node is not None:
         print(f"[muppet-ray] Ray's own log lines: {node.get_logs_dir_path()}", flush=True)

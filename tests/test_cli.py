@@ -68,6 +68,7 @@ ray.shutdown()
 """
     done = run_cli("-c", probe, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    gcs, *addresses = done.stdout.split()
+    gcs, *addresses = [line for line in done.stdout.splitlines()
+                       if not line.startswith("[muppet-ray]")]
     assert gcs.startswith("127.0.0.1:") and len(addresses) >= 3
     assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
