@@ -28,6 +28,8 @@ class MetricsLogger:
             if run_dir.exists(LOG):
                 with open(os.path.join(self.local, LOG), "w") as f:
                     f.write(run_dir.read_text(LOG))
+            if run_dir.exists("tensorboard"):  # (flush replaces the folder with the local one)
+                run_dir.download("tensorboard", os.path.join(self.local, "tensorboard"))
         os.makedirs(self.local, exist_ok=True)
         _drop_torn_line(os.path.join(self.local, LOG))
         self._file = open(os.path.join(self.local, LOG), "a")  # noqa: SIM115 (closed in close)
