@@ -99,14 +99,26 @@ def start_ray(config: Config) -> None:
     # cores, so declare enough logical CPUs for both (the OS shares the real ones). "local":
     # a new one, even where `ray start` left a cluster that plain ray.init() would join.
     needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
-    # One machine: listen on the loopback address only, not on the machine's routable one
-    # (Ray does that for single-machine clusters on macOS and Windows; this switch, read by the
-    # driver here and by the cluster's processes from the environment, does it on Linux too).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    prepare_local_cluster()
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
              logging_level=logging.ERROR, include_dashboard=False)
     _keep_ray_off_the_console()
+
+
+def prepare_local_cluster() -> None:
+    """Settings for a local cluster, read by this process and, from the environment, by the
+    cluster's processes that `ray.init` then starts."""
+    # One machine: listen on the loopback address only, not on the machine's routable one
+    # (Ray does that for single-machine clusters on macOS and Windows; this does it on Linux).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray Train's PlacementGroupCleaner asks Ray's state API every 2 s whether the run's
+    # controller is alive. With no address it asks the newest cluster on the machine: once a
+    # `ray start --head` runs beside this one, that cluster, which does not know the controller,
+    # and the cleaner removes the run's placement group, killing its workers mid-run. This
+    # cluster has no dashboard to answer anyway: an address nothing listens on makes every
+    # question fail, which the cleaner takes as "unknown, keep waiting".
+    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:0"
 
 
 def _keep_ray_off_the_console() -> None:

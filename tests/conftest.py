@@ -27,7 +27,11 @@ def run_cli(*args, cwd=ROOT, timeout=600):
 def ray_cluster():
     import ray
 
-    # More logical CPUs than cores: 2 training workers plus the Ray Data tasks feeding them.
+    from muppet_ray.prefinetune import prepare_local_cluster
+
+    # As muppet-ray starts a local cluster, with more logical CPUs than cores: 2 training
+    # workers plus the Ray Data tasks feeding them.
+    prepare_local_cluster()
     ray.init(address="local", num_cpus=6, include_dashboard=False,
              logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,5 +1,6 @@
 """Cluster conventions, on this machine: a real Ray head started with `ray start --head` and a job
-sent with `ray job submit`; an elastic run on two Ray nodes that loses one of them."""
+sent with `ray job submit`, beside a local run that must not notice; an elastic run on two Ray
+nodes that loses one of them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +19,10 @@ import pytest
 from transformers import AutoModel
 
 from muppet_ray.export import load_exported
+from muppet_ray.metrics import LOG
+from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, make_config, run_cli
 
 pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -30,23 +34,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def other_cluster_env() -> dict:
+    """The environment of a cluster of one's own (this process prepared a local cluster's), with
+    token authentication, as Ray sets it up for a new cluster (the token is in ~/.ray)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
+    return {**env, "RAY_AUTH_MODE": "token"}
+
+
 def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    # Token authentication, as Ray sets it up for a new cluster (the token is in ~/.ray).
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    return subprocess.run([RAY, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([RAY, *args], cwd=ROOT, env=other_cluster_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def ray_head():
-    """A Ray head in its own process tree, loopback only; yields the job server's address."""
+    """A Ray head, with its dashboard, in its own process tree, loopback only; yields the job
+    server's address."""
     port, dashboard = free_port(), free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          f"--dashboard-agent-grpc-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE,
+        env=other_cluster_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -66,16 +76,39 @@ def ray_head():
         head.wait(timeout=60)
 
 
-def test_ray_job_submit_runs_the_prefinetuning_job(ray_head, tmp_path):
-    submit = ray_cli(
-        "job", "submit", f"--address={ray_head}", "--submission-id=muppet-test",
-        "--working-dir", ".", "--", "python", "jobs/prefinetune.py",
-        "--config", "jobs/configs/encoder-only.yaml",
-        "--set", f"run.storage_path={tmp_path}", "--set", "run.name=job",
-        "--set", "training.max_steps=6", "--set", "tasks.suite_scale=0.1",
-        "--set", "training.max_eval_examples=32", "--set", "model.num_layers=1",
-        timeout=600)  # (waits for the job, printing its logs)
-    status = ray_cli("job", "status", "muppet-test", f"--address={ray_head}")
+def test_ray_job_submit_runs_the_prefinetuning_job_beside_a_running_run(ray_cluster, tmp_path):
+    # A run goes on in this process's local cluster (no dashboard, as muppet-ray starts one)
+    # while a second cluster, `ray start --head` with its dashboard, starts beside it on the same
+    # machine and runs a muppet-ray job: neither disturbs the other.
+    beside: dict = {}
+
+    def run_beside() -> None:
+        try:
+            beside["result"] = prefinetune(make_config(
+                tmp_path / "beside", "training.max_steps=80", "training.log_every=10",
+                "training.checkpoint_every=80"))
+        except Exception as error:  # (reported below, on the test's thread)
+            beside["error"] = error
+
+    thread = threading.Thread(target=run_beside, daemon=True)
+    thread.start()
+    log = tmp_path / "beside" / "run" / LOG
+    deadline = time.monotonic() + 300
+    while '"train"' not in (log.read_text() if log.exists() else "") and thread.is_alive():
+        assert time.monotonic() < deadline, "the run beside never trained"
+        time.sleep(0.5)
+
+    with ray_head() as address:
+        submit = ray_cli(
+            "job", "submit", f"--address={address}", "--submission-id=muppet-test",
+            "--working-dir", ".", "--", "python", "jobs/prefinetune.py",
+            "--config", "jobs/configs/encoder-only.yaml",
+            "--set", f"run.storage_path={tmp_path}", "--set", "run.name=job",
+            "--set", "training.max_steps=6", "--set", "tasks.suite_scale=0.1",
+            "--set", "training.max_eval_examples=32", "--set", "model.num_layers=1",
+            timeout=600)  # (waits for the job, printing its logs)
+        status = ray_cli("job", "status", "muppet-test", f"--address={address}")
+        thread.join(timeout=600)
     assert "Job 'muppet-test' succeeded" in status.stdout, submit.stdout[-3000:]  # SUCCEEDED
     assert "what_has" in submit.stdout and "summarize" not in submit.stdout
     # The job's log holds muppet-ray's lines, none forwarded from Ray's processes ("(… pid=…)")
@@ -86,6 +119,11 @@ def test_ray_job_submit_runs_the_prefinetuning_job(ray_head, tmp_path):
     model, tokenizer, manifest = load_exported(str(export))
     assert manifest["step"] == 6 and not manifest["encoder_decoder"]
     assert len(model.heads) > 0 and len(manifest["tasks"]) == 7
+
+    # The run beside finished in one go: no worker lost, nothing trained twice.
+    assert "error" not in beside, beside.get("error")
+    logged = [(r["kind"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
+    assert logged == [("eval", 0), *[("train", s) for s in range(10, 81, 10)], ("eval", 80)]
 
 
 def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
