@@ -64,9 +64,8 @@ def storage_faults(where: str):
             raise
         code, path = found
         raise StorageError(f"cannot write {path or where}: {os.strerror(code)} (errno {code}); "
-                           "free space "
-                           "or fix its permissions, then run the same command again to resume "
-                           "from the last checkpoint") from error
+                           "free space or fix its permissions, then run the same command again "
+                           "to resume from the last checkpoint") from error
 
 
 def _storage_failure(error: BaseException) -> tuple[int, str | None] | None:

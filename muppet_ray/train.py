@@ -345,7 +345,7 @@ class Worker:
                     data = f.read()
                 self.run_dir.write_bytes(f"{name}/{relative}",
                                          data[:len(data) // 2] if relative == cut else data)
-            self.die(step, f" while uploading {name} ({relative} cut short)")
+            self.die(step, f" while uploading {name} ({cut} cut short)")
         return upload
 
     def die(self, step: int, how: str) -> None:
