@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModel
 
 from muppet_ray.export import load_exported
@@ -23,6 +24,7 @@ from muppet_ray.metrics import LOG
 from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
 from tests.conftest import ROOT, make_config, run_cli
+from tests.test_integration import assert_loss_falls, schedule_of
 
 pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -76,17 +78,24 @@ def ray_head():
         head.wait(timeout=60)
 
 
-def test_ray_job_submit_runs_the_prefinetuning_job_beside_a_running_run(ray_cluster, tmp_path):
-    # A run goes on in this process's local cluster (no dashboard, as muppet-ray starts one)
-    # while a second cluster, `ray start --head` with its dashboard, starts beside it on the same
-    # machine and runs a muppet-ray job: neither disturbs the other.
+def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
+        ray_cluster, tmp_path, monkeypatch, capfd):
+    # A ZeRO-2 run goes on in this process's local cluster (no dashboard, as muppet-ray starts
+    # one) while a second cluster, `ray start --head` with its dashboard, starts beside it on the
+    # same machine and runs a muppet-ray job sent with `ray job submit`: neither disturbs the
+    # other. A credential passed as ${VAR} (here into DeepSpeed's config) is used but never
+    # written.
+    monkeypatch.setenv("MUPPET_TEST_TOKEN", "tok-5ecret-91f3")
+    config = make_config(tmp_path / "beside", "deepspeed.zero_stage=2",
+                         "deepspeed.config={tensorboard: {enabled: false, job_name: "
+                         "'run-${MUPPET_TEST_TOKEN}'}}", "training.max_steps=80",
+                         "training.log_every=10", "training.checkpoint_every=80")
+    assert config.deepspeed.config["tensorboard"]["job_name"] == "run-tok-5ecret-91f3"
     beside: dict = {}
 
     def run_beside() -> None:
         try:
-            beside["result"] = prefinetune(make_config(
-                tmp_path / "beside", "training.max_steps=80", "training.log_every=10",
-                "training.checkpoint_every=80"))
+            beside["result"] = prefinetune(config)
         except Exception as error:  # (reported below, on the test's thread)
             beside["error"] = error
 
@@ -124,6 +133,45 @@ def test_ray_job_submit_runs_the_prefinetuning_job_beside_a_running_run(ray_clus
     assert "error" not in beside, beside.get("error")
     logged = [(r["kind"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
     assert logged == [("eval", 0), *[("train", s) for s in range(10, 81, 10)], ("eval", 80)]
+    check_zero2_run(beside["result"], config, tmp_path / "beside", capfd)
+
+
+def check_zero2_run(result, config, storage, capfd) -> None:
+    console = capfd.readouterr()
+    assert "5ecret" not in console.out + console.err
+    for path in storage.rglob("*"):
+        # (DeepSpeed pickles the config it was given into its own checkpoint files: README)
+        if path.is_file() and path.suffix != ".pt":
+            assert b"5ecret" not in path.read_bytes(), path
+    assert "${MUPPET_TEST_TOKEN}" in (storage / "run" / "config.yaml").read_text()
+    assert_loss_falls(result.run_dir)
+    assert set(result.before) == set(result.after) == {t.name for t in result.tasks}
+
+    # The two workers held different tasks at the same micro-step (heterogeneous batches).
+    _, schedule = schedule_of(result, config)
+    pairs = schedule.task[:, 0].reshape(-1, 2)
+    assert (pairs[:, 0] != pairs[:, 1]).mean() > 0.5
+
+    # The export loads with plain transformers and matches the final checkpoint.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    steps = config.training.max_steps
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        f"{result.run_dir}/checkpoint_{steps:06d}", tag="deepspeed")
+    model, tokenizer, manifest = load_exported(result.export_dir)
+    assert manifest["step"] == steps
+    assert [t["name"] for t in manifest["tasks"]] == [t.name for t in result.tasks]
+    model.load_state_dict(state, strict=False)
+    reloaded = AutoModel.from_pretrained(result.export_dir).eval()
+    inputs = tokenizer(["alice has a red ball .", "bob told carol about the rain"],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model.backbone.eval().get_encoder()(**inputs).last_hidden_state
+        got = reloaded.get_encoder()(**inputs).last_hidden_state
+    assert torch.allclose(expected, got, atol=1e-5)
+    exported_heads, _, _ = load_exported(result.export_dir)
+    for name, tensor in exported_heads.heads.state_dict().items():
+        assert torch.allclose(tensor, state[f"heads.{name}"], atol=1e-6), name
 
 
 def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
