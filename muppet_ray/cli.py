@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from muppet_ray.config import load_config
@@ -72,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--seeds", default="0")
         command.add_argument("--max-concurrent", type=int, help="trials at once (default: as "
                              "many as the cluster's CPUs hold)")
+        command.add_argument("--report", metavar="FILE.md", help="also write the summary, "
+                             "dated, with the commit and this command, to this markdown file "
+                             "(its plot beside it), e.g. docs/results.md")
     search = sweep.add_parser("finetune", help="fine-tuning hyperparameter search with ASHA")
     _config_options(search)
     search.add_argument("--from", dest="source", required=True, metavar="MODEL")
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             common = dict(eval_tasks=_numbers("--eval-tasks", args.eval_tasks, str),
                           fractions=_numbers("--fractions", args.fractions, float),
                           seeds=_numbers("--seeds", args.seeds, int),
-                          max_concurrent=args.max_concurrent)
+                          max_concurrent=args.max_concurrent, report=args.report,
+                          command=shlex.join(["muppet-ray", *(argv or sys.argv[1:])]))
             if args.sweep == "tasks":
                 sweep.sweep_points(config, "tasks", counts=_numbers("--counts", args.counts, int),
                                    task_seed=args.task_seed, **common)

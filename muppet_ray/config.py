@@ -126,6 +126,9 @@ class TasksConfig(Section):
     train_fraction: float = Field(1.0, gt=0, le=1)
     """Train on this fraction of every task's training examples: a subset drawn with
     training.seed, nested across fractions (the 10% subset lies inside the 20% one)."""
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    """Also hold out this seeded fraction of every file task's training rows as a test split,
+    never trained on (the fine-tuning protocol scores on it); built-in tasks generate one."""
     skip_bad_rows: bool = False
     """Leave out rows that cannot become features (counted and reported) instead of stopping."""
     hub_mirror: str | None = None
@@ -258,6 +261,19 @@ class RunConfig(Section):
     """The worker that `fail_at_step` kills (the last one where there are fewer)."""
 
 
+class ProtocolConfig(Section):
+    """How sweeps score a model on their eval tasks (protocol.py): short fine-tuning runs on a
+    fixed train / validation / test split of each task, the learning rate chosen on validation,
+    scores reported on test."""
+
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Each eval task's test split: this seeded fraction of its rows (tasks.data_seed)."""
+    learning_rates: list[float] = Field([3e-5, 1e-4], min_length=1)
+    """Fine-tuning learning rates tried; each model and task keeps the best on validation."""
+    epochs: int = Field(3, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     tasks: TasksConfig = TasksConfig()
@@ -267,6 +283,7 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

@@ -148,7 +148,7 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
         for i, bad in enumerate(skipped):
             part = features[i * size:(i + 1) * size]
             chunk = mb.collate(part, None, tokenizer.pad_token_id,
-                               keep_text=split == "validation") if part else None
+                               keep_text=split != "train") if part else None
             out["num_examples"].append(len(part))
             out["num_tokens"].append(int(chunk["attention_mask"].sum()) if chunk else 0)
             out["padded_tokens"].append(int(chunk["attention_mask"].size) if chunk else 0)
@@ -165,6 +165,8 @@ def _fingerprint(task: Task, split: str, tokenizer, settings: ChunkSettings) -> 
     them."""
     vocab = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     content = task.source.fingerprint(split)
+    if split != "train":  # (the training order and subset do not shape the other splits)
+        settings = dataclasses.replace(settings, chunk_size=0, seed=0, train_fraction=1.0)
     key = repr((CACHE_FORMAT, task, task.source, content, split, vocab, settings))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -243,7 +245,7 @@ def _write_split(task: Task, split: str, cache_uri: str, directory: str, tokeniz
     ds = task.source.read(split)
     if split == "train" and settings.train_fraction < 1:
         ds = _subset(ds, settings.train_fraction, settings.seed)
-    capped = split == "validation" and settings.max_eval_examples is not None
+    capped = split != "train" and settings.max_eval_examples is not None
     if not task.source.shuffled and (split == "train" or capped):
         # (a capped validation split is a random sample too: files are often sorted by label)
         seed = settings.seed if split == "train" else settings.data_seed

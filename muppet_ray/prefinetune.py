@@ -258,7 +258,8 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
 
 def training_settings(config_yaml: str) -> dict:
     """What decides the data and updates of a run: every section but `run` (where the run lives,
-    how it is supervised) and `scaling` (a run may resume on more or fewer workers), plus the
+    how it is supervised), `scaling` (a run may resume on more or fewer workers) and `protocol`
+    (how sweeps score it afterwards), plus the
     micro-batches per step. Read through today's Config, so a run written before a setting
     existed compares equal with that setting's default."""
     raw = yaml.safe_load(config_yaml) or {}
@@ -269,8 +270,8 @@ def training_settings(config_yaml: str) -> dict:
     else:
         settings = config.model_dump(mode="json")
         settings["micro_batches_per_step"] = micro_batches_per_step(config)
-    settings.pop("run", None)
-    settings.pop("scaling", None)
+    for section in ("run", "scaling", "protocol"):
+        settings.pop(section, None)
     return settings
 
 

@@ -200,7 +200,8 @@ def resolve_field(record: dict[str, Any], path: str | list[str]) -> Any:
 class FileSource:
     """A task read from files. Rows keep their raw record (as JSON text) until `decode`, so
     loosely typed files don't trip Arrow's schema inference and errors can name file and row.
-    Without a validation file, a seeded `validation_fraction` of the rows is held out."""
+    Without a validation file, a seeded `validation_fraction` of the rows is held out; a
+    seeded `test_fraction` of the train file's rows is held out as the test split."""
 
     task: str
     train: str
@@ -212,16 +213,26 @@ class FileSource:
     label_map: dict[str, Any] = field(default_factory=dict)
     decode_errors: str = "strict"
     shuffled: bool = False
+    test_fraction: float = 0.0
 
     def _path(self, split: str) -> str:
         return self.validation if split == "validation" and self.validation else self.train
+
+    def _band(self, split: str) -> tuple[float, float] | None:
+        """The rows of the train file this split keeps: those whose seeded draw in [0, 1) falls
+        in [low, high); None: every row of its own file."""
+        if split == "validation" and self.validation:
+            return None
+        validation = 0.0 if self.validation else self.validation_fraction
+        return {"validation": (0.0, validation),
+                "test": (validation, validation + self.test_fraction),
+                "train": (validation + self.test_fraction, 1.0)}[split]
 
     def read(self, split: str):
         import ray.data
 
         parse = PARSERS[self.format]
-        held_out = None if self.validation else (split == "validation")
-        fraction, seed, task = self.validation_fraction, self.seed, self.task
+        band, seed, task = self._band(split), self.seed, self.task
         errors = self.decode_errors
 
         filesystem, root = _filesystem(self._path(split))
@@ -238,9 +249,9 @@ class FileSource:
             except DataError as e:
                 raise DataError(f"task {task!r}, {e}") from None
             for number, record in parsed:
-                if held_out is not None:
+                if band is not None:
                     draw = zlib.crc32(f"{seed}/{key}/{number}".encode()) / 2**32
-                    if (draw < fraction) != held_out:
+                    if not band[0] <= draw < band[1]:
                         continue
                 out.append({"_id": (file_key << 32) | number, "_origin": path, "_row": number,
                             "_json": json.dumps(record, default=str)})

@@ -168,6 +168,7 @@ def example(task: str, split: str, index: int, seed: int) -> dict[str, Any]:
 
 
 def size(task: str, split: str, scale: float) -> int:
+    """Examples in a split; the test split is as large as the validation split."""
     spec = SUITE[task]
     return max(64, round(spec.train_size * scale)) if split == "train" else spec.validation_size(
         scale)

@@ -30,6 +30,7 @@ from dataclasses import asdict
 import ray
 from ray import tune
 
+from muppet_ray import protocol
 from muppet_ray.config import Config, parse_config, to_yaml, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import (
@@ -78,9 +79,11 @@ def _with(config: Config, **settings) -> Config:
 def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list[float],
                  seeds: list[int], counts: list[int] | None = None,
                  values: list | None = None, task_seed: int = 0,
-                 max_concurrent: int | None = None) -> list[dict]:
+                 max_concurrent: int | None = None, report: str | None = None,
+                 command: str = "") -> list[dict]:
     """Run the sweep over `axis` ('tasks' or one of AXES); returns one row per fine-tuning run
-    (and one per failed trial), also written as results.json/csv, plots and summary.md."""
+    (and one per failed trial), also written as results.json/csv, plots and summary.md (and
+    to `report`, see write_results)."""
     from muppet_ray.prefinetune import start_ray
 
     check_fractions(fractions)
@@ -115,7 +118,7 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     grid = _run_tune(_point_trial, params, root, base, max_concurrent)
     errors = {r.config["point"]["label"]: _first_line(r.error) for r in grid if r.error}
     rows = collect(root, [p["label"] for p in points], errors)
-    write_results(root, rows, axis)
+    write_results(root, rows, axis, report, command)
     return rows
 
 
@@ -135,7 +138,8 @@ def _slug(label: str) -> str:
 
 
 def _point_trial(params: dict) -> None:
-    """One Tune trial: pre-finetune at this point of the axis, then fine-tune the eval tasks."""
+    """One Tune trial: pre-finetune at this point of the axis, then score the model on the eval
+    tasks by the fine-tuning protocol (protocol.py)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from muppet_ray.prefinetune import prefinetune
@@ -149,21 +153,16 @@ def _point_trial(params: dict) -> None:
         source = resolve_source(run.run_dir, root.uri(slug))
     else:
         source = Source("plain backbone", params["baseline"])
-    rows = []
-    for task in params["eval_tasks"]:
-        for fraction in params["fractions"]:
-            for seed in params["seeds"]:
-                config = finetune_config(base, source, task, fraction, seed, root.root,
-                                         f"{slug}-{task}-f{fraction:g}-s{seed}")
-                result = finetune(config, source, role=point["label"])
-                rows.append({"point": point["label"], "axis_value": point["axis_value"],
-                             "tasks": len(point["tasks"]), **asdict(result)})
-                root.write_text(f"{slug}-results.json", json.dumps(rows, indent=2))
+    scores = protocol.score_model(base, source, point["label"], params["eval_tasks"],
+                                  params["fractions"], params["seeds"], root.uri(slug))
+    rows = [{"point": point["label"], "axis_value": point["axis_value"],
+             "tasks": len(point["tasks"]), **asdict(s)} for s in scores]
+    root.write_text(f"{slug}-results.json", json.dumps(rows, indent=2))
     print(f"[muppet-ray] sweep point {point['label']}: {len(rows)} fine-tuning runs done",
           flush=True)
-    values = [r["value"] for r in rows if math.isfinite(r["value"])]
+    values = [s.test for s in protocol.chosen(scores) if math.isfinite(s.test)]
     tune.report({"point": point["label"], "runs": len(rows),
-                 "mean_value": statistics.mean(values) if values else math.nan})
+                 "mean_test": statistics.mean(values) if values else math.nan})
 
 
 def _run_tune(trainable, params: dict, root: RunDir, base: Config,
@@ -209,41 +208,74 @@ def _first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------ results
 
 
-def write_results(root: RunDir, rows: list[dict], axis: str) -> None:
+def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None = None,
+                  command: str = "") -> None:
+    """results.json/csv (every fine-tuning run), plots/ and summary.md; with `report`, the
+    summary also as that markdown file (dated, with the commit and command) and its plot
+    beside it."""
     import csv
     import io
 
-    columns = ["point", "axis_value", "tasks", "task", "metric", "value", "chance", "seed",
-               "fraction", "train_examples", "steps", "head", "run_dir", "error"]
+    columns = ["point", "axis_value", "tasks", "task", "metric", "fraction", "seed",
+               "learning_rate", "validation", "test", "train_examples", "steps", "head",
+               "error"]
     root.write_text("results.json", json.dumps(rows, indent=2))
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     root.write_text("results.csv", text.getvalue())
+    order = (json.loads(root.read_text("task_order.json"))["order"]
+             if axis == "tasks" and root.exists("task_order.json") else [])
     plots = plot(root, rows, axis)
-    root.write_text("summary.md", summary(rows, axis, plots))
-    print("\n" + summary(rows, axis, plots), flush=True)
+    root.write_text("summary.md", summary(rows, axis, plots, order))
+    print("\n" + summary(rows, axis, plots, order), flush=True)
+    if report:
+        _write_report(root, rows, axis, order, report, command, plots)
 
 
-def _means(rows: list[dict]) -> dict[tuple, float]:
+def _scores(rows: list[dict]) -> list[protocol.Score]:
+    fields = protocol.Score.__dataclass_fields__
+    return [protocol.Score(**{**{k: r[k] for k in fields}, "model": r["point"]})
+            for r in rows if "error" not in r]
+
+
+def _test_means(rows: list[dict]) -> dict[tuple, float]:
+    """(task, point, fraction) -> mean test score over seeds, at the chosen learning rate."""
     groups: dict[tuple, list[float]] = {}
-    for r in rows:
-        if "error" not in r:
-            groups.setdefault((r["task"], r["point"], r["fraction"]), []).append(r["value"])
+    for s in protocol.chosen(_scores(rows)):
+        groups.setdefault((s.task, s.model, s.fraction), []).append(s.test)
     return {k: statistics.mean(v) for k, v in groups.items()}
 
 
-def summary(rows: list[dict], axis: str, plots: list[str]) -> str:
-    means = _means(rows)
+def summary(rows: list[dict], axis: str, plots: list[str], order: list[str] = ()) -> str:
+    means = _test_means(rows)
     points = list(dict.fromkeys(r["point"] for r in rows))
-    lines = [f"# Sweep over {axis}", "", "Mean over seeds of each eval task's validation metric.",
-             "", "| eval task | fraction | " + " | ".join(points) + " |",
+    seeds = len({r["seed"] for r in rows if "error" not in r})
+    lines = [f"# Sweep over {axis}", "",
+             f"Test scores x100 (mean over {seeds} seeds) at the fine-tuning learning rate "
+             "chosen on validation.", "",
+             "| eval task | fraction | " + " | ".join(points) + " |",
              "|---|---|" + "---|" * len(points)]
-    for task, fraction in dict.fromkeys((t, f) for t, _, f in means):
-        cells = [f"{means[(task, p, fraction)]:.3f}" if (task, p, fraction) in means else "-"
-                 for p in points]
+    for task, fraction in sorted(dict.fromkeys((t, f) for t, _, f in means)):
+        cells = [f"{100 * means[(task, p, fraction)]:.1f}" if (task, p, fraction) in means
+                 else "-" for p in points]
         lines.append(f"| {task} | {fraction:g} | " + " | ".join(cells) + " |")
+    baseline = next((r["point"] for r in rows if "error" not in r
+                     and (axis != "tasks" or r["tasks"] == 0)), None)
+    found = protocol.differences(_scores(rows), baseline) if baseline else []
+    if found:
+        tasks = list(dict.fromkeys(d.task for d in found if d.task != "mean"))
+        lines += ["", f"Paired difference to {baseline!r} in points (same subsets and seeds): "
+                  "mean ± 95% interval over seeds; **bold** where the interval excludes 0.", "",
+                  "| model | fraction | mean over tasks | " + " | ".join(tasks) + " |",
+                  "|---|---|---|" + "---|" * len(tasks)]
+        cell = {(d.model, d.task, d.fraction): d for d in found}
+        for model, fraction in dict.fromkeys((d.model, d.fraction) for d in found):
+            cells = [_cell(cell.get((model, t, fraction))) for t in ["mean", *tasks]]
+            lines.append(f"| {model} | {fraction:g} | " + " | ".join(cells) + " |")
+    if axis == "tasks" and order and means:
+        lines += ["", *moved_most(rows, order)]
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "Failed trials:"] + [f"- {r['point']}: {r['error']}" for r in failed]
@@ -251,9 +283,65 @@ def summary(rows: list[dict], axis: str, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(d: protocol.Difference | None) -> str:
+    if d is None:
+        return "-"
+    text = f"{d.mean:+.1f} ± {d.half_width:.1f}"
+    return f"**{text}**" if d.significant else text
+
+
+def moved_most(rows: list[dict], order: list[str]) -> list[str]:
+    """Per eval task, the step of the nested task sets that moved its test score most (at the
+    largest fraction), and the pool tasks that step added."""
+    means = _test_means(rows)
+    counts = {r["point"]: r["tasks"] for r in rows if "error" not in r}
+    fraction = max(f for _, _, f in means)
+    lines = ["Which pool tasks' inclusion moved each eval task most (consecutive points, "
+             f"fraction {fraction:g}):", "", "| eval task | tasks added | change (points) |",
+             "|---|---|---|"]
+    for task in sorted({t for t, _, _ in means}):
+        curve = sorted((counts[p], v) for (t, p, f), v in means.items()
+                       if t == task and f == fraction)
+        steps = [(b[1] - a[1], a[0], b[0]) for a, b in zip(curve, curve[1:])]
+        if steps:
+            change, low, high = max(steps, key=lambda s: abs(s[0]))
+            lines.append(f"| {task} | {', '.join(order[low:high])} | {100 * change:+.1f} |")
+    return lines
+
+
+def _write_report(root: RunDir, rows: list[dict], axis: str, order: list[str], report: str,
+                  command: str, plots: list[str]) -> None:
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    stem = os.path.splitext(os.path.basename(report))[0]
+    directory = os.path.dirname(os.path.abspath(report))
+    os.makedirs(directory, exist_ok=True)
+    images = []
+    for path in plots:
+        images.append(f"{stem}-{os.path.basename(path)}")
+        with root.open_input(path) as f, open(os.path.join(directory, images[-1]), "wb") as out:
+            out.write(f.read())
+    body = summary(rows, axis, [], order).split("\n", 1)[1]
+    text = (f"# Results: sweep over {axis}\n\n"
+            f"Measured {datetime.date.today().isoformat()} at commit `{commit}` with:\n\n"
+            f"```\n{command}\n```\n{body}\n"
+            + "".join(f"![{name}]({name})\n" for name in images))
+    with open(report + ".part", "w") as f:  # (no half-written report)
+        f.write(text)
+    os.replace(report + ".part", report)
+    print(f"[muppet-ray] report: {report}", flush=True)
+
+
 def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
-    """PNG plots: metric vs the axis (one line per eval task, the 0-task baseline marked) and,
-    with several fractions, metric vs fraction (one line per point and eval task)."""
+    """PNG: the test score against the axis (one line per eval task and fraction; along the
+    task count, the plain backbone's score dashed) and the mean paired difference to the
+    baseline with its 95% interval."""
     import tempfile
 
     import matplotlib
@@ -261,54 +349,34 @@ def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = _means(rows)
+    means = _test_means(rows)
     if not means:
         return []
     values = {r["point"]: r["axis_value"] for r in rows if "error" not in r}
-    tasks = list(dict.fromkeys(t for t, _, _ in means))
+    tasks = sorted({t for t, _, _ in means})
     fractions = sorted({f for _, _, f in means})
-    written = []
     with tempfile.TemporaryDirectory() as local:
-        figure, ax = plt.subplots(figsize=(6, 4))
-        for task in tasks:
-            fraction = fractions[-1]
-            points = [(values[p], means[(task, p, fraction)]) for (t, p, f) in means
-                      if t == task and f == fraction]
-            if axis == "tasks":
-                points.sort()
-                baseline = [v for x, v in points if x == 0]
-                line = ax.plot([x for x, _ in points], [v for _, v in points], marker="o",
-                               label=task)[0]
-                if baseline:
-                    ax.axhline(baseline[0], color=line.get_color(), linestyle="--", alpha=0.6)
-            else:
-                ax.plot([str(x) for x, _ in points], [v for _, v in points], marker="o",
-                        label=task)
-        metric = next(r["metric"] for r in rows if "error" not in r)
-        ax.set_xlabel("pre-finetuning tasks (0 = plain backbone, dashed)" if axis == "tasks"
-                      else axis)
-        ax.set_ylabel(f"{metric} (fraction {fractions[-1]:g}, mean over seeds)")
-        ax.legend()
+        figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4),
+                                    squeeze=False)
+        for ax, fraction in zip(axes[0], fractions):
+            for task in tasks:
+                points = sorted((values[p], 100 * v) for (t, p, f), v in means.items()
+                                if t == task and f == fraction)
+                xs = [x if axis == "tasks" else str(x) for x, _ in points]
+                line = ax.plot(xs, [v for _, v in points], marker="o", label=task)[0]
+                if axis == "tasks" and points and points[0][0] == 0:
+                    ax.axhline(points[0][1], color=line.get_color(), linestyle="--", alpha=0.5)
+            ax.set_title(f"training fraction {fraction:g}")
+            ax.set_xlabel("pre-finetuning tasks (0 = plain backbone, dashed)"
+                          if axis == "tasks" else axis)
+            ax.set_ylabel("test score x100 (mean over seeds)")
+        axes[0][-1].legend(fontsize=7)
         figure.tight_layout()
         name = f"{axis}_curve.png"
-        figure.savefig(os.path.join(local, name), dpi=100)
-        written.append(name)
-        if len(fractions) > 1:
-            figure, ax = plt.subplots(figsize=(6, 4))
-            for task in tasks:
-                for point in dict.fromkeys(p for t, p, _ in means if t == task):
-                    xs = [f for f in fractions if (task, point, f) in means]
-                    ax.plot(xs, [means[(task, point, f)] for f in xs], marker="o",
-                            label=f"{task}, {point}")
-            ax.set_xlabel("training fraction")
-            ax.set_ylabel(metric)
-            ax.legend(fontsize=7)
-            figure.tight_layout()
-            figure.savefig(os.path.join(local, "fractions.png"), dpi=100)
-            written.append("fractions.png")
+        figure.savefig(f"{local}/{name}", dpi=100)
         plt.close("all")
         root.upload(local, "plots")
-    return [f"plots/{name}" for name in written]
+    return [f"plots/{name}"]
 
 
 # ---------------------------------------------------------- fine-tuning hyperparameters

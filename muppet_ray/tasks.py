@@ -74,9 +74,14 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
         train = hub_path(spec.hub, spec.hub_config, spec.train, mirror)
         validation = spec.validation and hub_path(spec.hub, spec.hub_config, spec.validation,
                                                   mirror)
+    held_out = (0 if validation else spec.validation_fraction) + config.tasks.test_fraction
+    if held_out >= 1:
+        raise ConfigError(f"task {spec.name!r}: validation_fraction {spec.validation_fraction} "
+                          f"+ tasks.test_fraction {config.tasks.test_fraction} leave no "
+                          "training rows (expected a sum below 1)")
     source = FileSource(spec.name, train, validation, spec.validation_fraction, spec.format,
                         dict(spec.fields), config.tasks.data_seed, dict(spec.label_map),
-                        spec.decode_errors)
+                        spec.decode_errors, test_fraction=config.tasks.test_fraction)
     skip = config.tasks.skip_bad_rows if spec.skip_bad_rows is None else spec.skip_bad_rows
     return Task(spec.name, kind, source, labels, skip_bad_rows=skip)
 

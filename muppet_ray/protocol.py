@@ -1,0 +1,228 @@
+"""The downstream evaluation protocol: how sweeps judge a pre-finetuned model against the plain one.
+
+Each eval task is split once, seeded and fixed, into train / validation / test
+(`protocol.test_fraction`; its validation split as configured). For each model, eval task,
+training fraction (nested subsets of the train split, drawn with the seed) and seed, a fresh
+copy of the model is fine-tuned for `protocol.epochs` epochs at each of
+`protocol.learning_rates`. The learning rate is chosen per model, task and fraction on the mean
+validation score over seeds, never on test; the test scores of that choice are reported.
+
+Models are compared paired: the same subsets and seeds, so a lucky subset helps both. The
+difference of a model to the baseline, per seed the mean over eval tasks, gets a mean and a
+Student-t 95% interval over seeds.
+
+Each fine-tuning run is small (hundreds of examples), so it is plain PyTorch in one process — a
+Ray task per eval task and seed, which a cluster runs side by side — rather than a Ray Train run,
+whose start-up (~35 s on a laptop) would outweigh its training. It uses the same model, heads,
+losses, tokenized chunks and metrics as every other run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from muppet_ray import batch as mb
+from muppet_ray import data
+from muppet_ray.config import Config, validate
+from muppet_ray.finetune import Source, finetune_config, initial_heads
+from muppet_ray.model import MuppetModel, build_backbone
+from muppet_ray.optim import build_optimizer
+from muppet_ray.storage import normalize
+from muppet_ray.tasks import Task, resolve_tasks
+from muppet_ray.tokenizer import load_tokenizer
+
+SPLITS = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One fine-tuning run of the protocol."""
+
+    model: str  # the label of the model scored (a sweep point)
+    task: str
+    metric: str
+    fraction: float
+    seed: int
+    learning_rate: float
+    validation: float
+    test: float
+    train_examples: int
+    steps: int
+    head: str  # "new", or the source task whose trained head it started from
+
+
+def eval_config(base: Config) -> Config:
+    """`base` with the test split held out of every file task (the split every model sees)."""
+    raw = base.model_dump(mode="json")
+    raw["tasks"]["test_fraction"] = base.protocol.test_fraction
+    return validate(raw)
+
+
+def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
+                fractions: list[float], seeds: list[int], work_dir: str) -> list[Score]:
+    """Every run of the protocol for one model: each eval task x fraction x seed x learning
+    rate. Tokenized splits are shared through the storage's chunk cache."""
+    base = eval_config(base)
+    tokenizer = load_tokenizer(source.model)
+    cache = data.cache_root(normalize(base.run.storage_path))
+    # (outside the placement group of a Tune trial that calls this, which holds no CPUs for it)
+    run = ray.remote(_fine_tune_runs).options(
+        num_cpus=base.scaling.cpus_per_worker, max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    pending = []
+    for name in eval_tasks:
+        for seed in seeds:
+            configs = {f: finetune_config(base, source, name, f, seed, work_dir, "-")
+                       for f in fractions}
+            task = resolve_tasks(configs[fractions[0]])[0]
+            caches = {f: data.prepare([task], cache, tokenizer,
+                                      data.ChunkSettings.from_config(c), ("train", *SPLITS)
+                                      )[task.name] for f, c in configs.items()}
+            pending.append(run.remote(configs, source, label, task, caches))
+    return [score for scores in ray.get(pending) for score in scores]
+
+
+def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, task: Task,
+                    caches: dict[float, dict[str, data.CacheIndex]]) -> list[Score]:
+    """One eval task and seed: a run per fraction and learning rate (a Ray task)."""
+    any_config = next(iter(configs.values()))
+    torch.set_num_threads(max(1, int(any_config.scaling.cpus_per_worker)))
+    heads, origin = initial_heads(source, [task], "auto")
+    tokenizer = load_tokenizer(source.model)
+    scores = []
+    for fraction, config in configs.items():
+        for lr in config.protocol.learning_rates:
+            validation, test, steps = fine_tune(config, tokenizer, task, heads, caches[fraction],
+                                                lr)
+            scores.append(Score(label, task.name, task.task_type.metric, fraction,
+                                config.training.seed, lr, validation, test,
+                                caches[fraction]["train"].examples, steps, origin[task.name]))
+    return scores
+
+
+def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
+              caches: dict[str, data.CacheIndex], learning_rate: float
+              ) -> tuple[float, float, int]:
+    """Fine-tune a fresh copy of `config.model.pretrained` on the task's train chunks; returns
+    the headline metric on validation and on test, and the number of steps."""
+    train, seed = caches["train"], config.training.seed
+    steps = config.protocol.epochs * train.chunks
+    schedule = validate({**config.model_dump(mode="json"), "training": {
+        **config.training.model_dump(mode="json"), "learning_rate": learning_rate,
+        "max_steps": steps, "warmup_steps": round(config.protocol.warmup_ratio * steps)}})
+    torch.manual_seed(seed)
+    model = MuppetModel(build_backbone(config.model, tokenizer), [task.spec()],
+                        config.model.dropout, config.training.loss_scaling,
+                        config.model.max_target_length, tokenizer)
+    model.heads.load_state_dict(heads, strict=False)
+    optimizer, scheduler = build_optimizer(model, schedule)
+    budget = config.batching.max_tokens_per_pass
+    order = np.random.default_rng(seed)
+    model.train()
+    for _ in range(config.protocol.epochs):
+        for chunk in order.permutation(train.chunks):
+            batch = data.ChunkReader.read(train, int(chunk), 0)
+            passes = -(-batch["attention_mask"].size // budget) if budget else 1
+            for piece, share in mb.split(batch, min(passes, mb.num_examples(batch))):
+                (model(mb.to_torch(piece, torch.device("cpu")))["loss"] * share).backward()
+            if config.training.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    validation, test = (metric(model, task, caches[split]) for split in SPLITS)
+    return validation, test, steps
+
+
+@torch.no_grad()
+def metric(model: MuppetModel, task: Task, cache: data.CacheIndex) -> float:
+    model.eval()
+    stats = sum(model(mb.to_torch(data.ChunkReader.read(cache, chunk, 0), torch.device("cpu")),
+                      evaluate=True)[0].double() for chunk in range(cache.chunks))
+    model.train()
+    return next(iter(task.task_type.finalize(stats.numpy()).values()))
+
+
+# ------------------------------------------------------------------------ the report
+
+
+def chosen(scores: list[Score]) -> list[Score]:
+    """Per model, task and fraction, the runs of the learning rate whose mean validation score
+    over seeds is best."""
+    groups: dict[tuple, dict[float, list[Score]]] = {}
+    for s in scores:
+        groups.setdefault((s.model, s.task, s.fraction), {}).setdefault(
+            s.learning_rate, []).append(s)
+    out = []
+    for by_lr in groups.values():
+        best = max(by_lr, key=lambda lr: _mean([s.validation for s in by_lr[lr]]))
+        out += by_lr[best]
+    return out
+
+
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, df 1..20
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (nan with one value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    t = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A model's paired test-score difference to the baseline, in points (x100)."""
+
+    model: str
+    task: str  # an eval task, or "mean" (per seed, the mean over eval tasks)
+    fraction: float
+    mean: float
+    half_width: float
+    seeds: int
+
+    @property
+    def significant(self) -> bool:
+        return abs(self.mean) > self.half_width
+
+
+def differences(scores: list[Score], baseline: str) -> list[Difference]:
+    """Every model's paired differences to `baseline`, per task and over tasks."""
+    test = {(s.model, s.task, s.fraction, s.seed): s.test for s in chosen(scores)}
+    out = []
+    models = list(dict.fromkeys(m for m, *_ in test if m != baseline))
+    tasks = list(dict.fromkeys(t for _, t, _, _ in test))
+    fractions = sorted({f for _, _, f, _ in test})
+    for model in models:
+        for fraction in fractions:
+            per_seed: dict[int, list[float]] = {}
+            for task in tasks:
+                deltas = {seed: 100 * (test[model, task, fraction, seed]
+                                       - test[baseline, task, fraction, seed])
+                          for (m, t, f, seed) in test if (m, t, f) == (model, task, fraction)
+                          and (baseline, task, fraction, seed) in test}
+                if deltas:
+                    out.append(Difference(model, task, fraction,
+                                          *interval(list(deltas.values())), len(deltas)))
+                for seed, delta in deltas.items():
+                    per_seed.setdefault(seed, []).append(delta)
+            complete = [statistics.mean(d) for d in per_seed.values() if len(d) == len(tasks)]
+            if complete:
+                out.append(Difference(model, "mean", fraction, *interval(complete),
+                                      len(complete)))
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.mean(finite) if finite else -math.inf
