@@ -13,6 +13,7 @@ it holds. The heads are small next to the backbone, so running them all costs li
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -149,6 +150,7 @@ class MuppetModel(nn.Module):
             [head_index.get(s["name"], 0) for s in task_specs]), persistent=False)
         self.register_buffer("task_num_outputs", torch.tensor(
             [max(1, s["num_outputs"]) for s in task_specs]), persistent=False)
+        self.kept_pairs: dict[int, list[torch.Tensor]] = {}  # (see take_pairs)
 
     # ------------------------------------------------------------------ forward
 
@@ -243,7 +245,18 @@ class MuppetModel(nn.Module):
                 continue
             values = TASK_TYPES[name].stats(out, batch, mine)[mine]
             stats[:, : values.shape[1]].index_add_(0, batch["example_task"][mine], values)
+            if TASK_TYPES[name].keeps_pairs:
+                pairs = TASK_TYPES[name].pairs(out, batch, mine).cpu()
+                for task in batch["example_task"][mine].unique().tolist():
+                    self.kept_pairs.setdefault(task, []).append(
+                        pairs[batch["example_task"][mine].cpu() == task])
         return stats
+
+    def take_pairs(self) -> dict[int, np.ndarray]:
+        """Task -> the (prediction, target) pairs of the evaluation passes since the last call,
+        for task types whose metrics need every pair (regression's Spearman)."""
+        kept, self.kept_pairs = self.kept_pairs, {}
+        return {task: torch.cat(parts).double().numpy() for task, parts in kept.items()}
 
     def generate(self, batch) -> torch.Tensor:
         first = batch["first_row"]

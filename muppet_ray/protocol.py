@@ -147,7 +147,8 @@ def metric(model: MuppetModel, task: Task, cache: data.CacheIndex) -> float:
     stats = sum(model(mb.to_torch(data.ChunkReader.read(cache, chunk, 0), torch.device("cpu")),
                       evaluate=True)[0].double() for chunk in range(cache.chunks))
     model.train()
-    return next(iter(task.task_type.finalize(stats.numpy()).values()))
+    pairs = model.take_pairs().get(0)
+    return next(iter(task.task_type.finalize(stats.numpy(), pairs).values()))
 
 
 # ------------------------------------------------------------------------ the report

@@ -53,6 +53,7 @@ from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.optim import build_optimizer, deepspeed_config
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
+from muppet_ray.transfer import GradientSimilarity, heat_map
 
 # Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
 # `print` would show every line twice).
@@ -81,6 +82,7 @@ class Worker:
         self.per_step = micro_batches_per_step(self.config)
         self.accum = self.per_step // self.world  # (config.py checks that it divides)
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
+        self.similarity: GradientSimilarity | None = None  # (set by `run`)
         if self.device.type == "cpu":
             # One compute thread per CPU Ray gave the worker: torch would otherwise start one per
             # core in every worker, and workers sharing a machine then fight over its cores.
@@ -204,6 +206,9 @@ class Worker:
         # (whose passes gather parameters from all workers) the largest of the same micro-step.
         self.pass_cost = cost[every].max(axis=0) if self.zero3 else cost[self.positions]
         start = self.restore(checkpoint, reshard)
+        # (task-transfer diagnostics: see transfer.py)
+        self.similarity = (GradientSimilarity(self.engine.module, len(self.specs))
+                           if len(self.specs) > 1 and not self.zero3 else None)
         steps = self.config.training.max_steps
         stream = data.stream(self.schedule, self.positions[start:].ravel(), self.train_caches,
                              self.tokenizer.pad_token_id)
@@ -235,6 +240,7 @@ class Worker:
             paused = time.perf_counter()
             if train.eval_every and done % train.eval_every == 0 and done != steps:
                 metrics = self.evaluate(done)
+                self.log_transfer(done)
                 # (to Ray Tune, through TuneReportCallback: what ASHA stops trials on)
                 ray.train.report({"step": done, **_flatten(metrics)})
             if done % train.checkpoint_every == 0 and done != steps:
@@ -245,6 +251,7 @@ class Worker:
         if not self.weights_finite(steps):
             return
         final = self.evaluate(steps)
+        self.log_transfer(steps)
         if start < steps:  # (a restart after the final checkpoint only re-exports)
             self.checkpoint(steps, {"step": steps, **_flatten(final)})
         export = self.export(steps)
@@ -281,8 +288,10 @@ class Worker:
                 if position != self.positions[step, micro]:
                     raise RuntimeError(
                         f"worker {self.rank} got micro-batch {position} at step {step}")
-                for piece, share in self.passes(mb.from_bytes(row["payload"]),
-                                                self.pass_cost[step, micro]):
+                batch = mb.from_bytes(row["payload"])
+                if self.similarity:
+                    self.similarity.remember(batch)
+                for piece, share in self.passes(batch, self.pass_cost[step, micro]):
                     out = self.engine(mb.to_torch(piece, self.device))
                     # the step's loss: the mean over its micro-batches of each one's mean loss
                     self.engine.backward(out["loss"] * (share / self.accum))
@@ -373,7 +382,7 @@ class Worker:
         worker."""
         began = time.perf_counter()
         self.engine.eval()
-        stats = None
+        stats, pairs = None, {}
         generating = [spec["type"] == "generation" for spec in self.specs]
         for task, chunk, counted, turn_cost in data.eval_chunks(
                 self.eval_caches, self.rank, self.world, generating):
@@ -383,10 +392,19 @@ class Worker:
                 values = self.engine(mb.to_torch(piece, self.device), evaluate=True)
                 values = values.double().cpu() * (counted and share > 0)
                 stats = values if stats is None else stats + values
+                taken = self.engine.module.take_pairs()
+                for task, found in taken.items() if counted and share > 0 else ():
+                    pairs.setdefault(task, []).append(found)
         self.engine.train()
         stats = self._all_reduce(stats).numpy()
-        metrics = {spec["name"]: TASK_TYPES[spec["type"]].finalize(stats[i])
-                   for i, spec in enumerate(self.specs)}
+        if any(TASK_TYPES[spec["type"]].keeps_pairs for spec in self.specs) and self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, pairs)
+            pairs = {task: [p for mine in every for p in mine.get(task, [])]
+                     for task in range(len(self.specs))}
+        metrics = {spec["name"]: TASK_TYPES[spec["type"]].finalize(
+            stats[i], np.concatenate(pairs[i]) if pairs.get(i) else None)
+            for i, spec in enumerate(self.specs)}
         self.log_eval(step, metrics, time.perf_counter() - began)
         return metrics
 
@@ -461,6 +479,20 @@ class Worker:
                  f"loss {record['loss']:.4f}  lr {lr:.2e}  {record['examples_per_s']:,.0f} ex/s  "
                  f"{record['tokens_per_s']:,.0f} tok/s  data wait "
                  f"{record['data_wait_share']:.0%}  rss {record['rss_mb']:,.0f} MB")
+
+    def log_transfer(self, step: int) -> None:
+        """The tasks' gradient similarities (transfer.py), logged and drawn by rank 0."""
+        if self.similarity is None:
+            return
+        found = self.similarity.similarities(self.engine.module, self.device, self.rank,
+                                             self.world)
+        if found is None or not self.logger:
+            return
+        tasks, cosine = found
+        names = [self.specs[t]["name"] for t in tasks]
+        self.logger.log({"kind": "transfer", "step": step, "tasks": names,
+                         "cosine": np.round(cosine, 4).tolist()})
+        self.run_dir.write_bytes("gradient_similarity.png", heat_map(names, cosine, step))
 
     def log_skipped(self, step: int, tasks: list[str], positions: list[int]) -> None:
         if not self.logger:

@@ -65,7 +65,8 @@ def test_bad_sweep_input(tmp_path, args, expected, capsys):
 
 def sweep_command(storage):
     args = ["-m", "muppet_ray", "sweep", "tasks", "--counts", "0,2", "--eval-tasks",
-            "review", "--max-concurrent", "1", "--task-seed", "1"]
+            "review", "--max-concurrent", "1", "--task-seed", "1", "--seeds", "0,1",
+            "--report", str(storage / "docs" / "results.md")]
     for override in [*TINY, f"run.storage_path={storage}", "run.name=sweep"]:
         args += ["--set", override]
     return [sys.executable, *args]
@@ -82,8 +83,7 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
     finished = None
     try:
         while time.monotonic() < deadline and first.poll() is None:
-            done = [p for p in root.glob("*-results.json")
-                    if len(json.loads(p.read_text())) == 1]
+            done = list(root.glob("*-results.json"))
             if done and list(root.glob("*-prefinetune")):
                 finished = done[0]
                 break
@@ -93,8 +93,7 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    kept = {p: p.stat().st_mtime for p in root.glob(f"{finished.name[:-13]}-*/results.json")}
-    assert len(kept) == 1
+    kept = {finished: finished.stat().st_mtime}
 
     second = subprocess.run(sweep_command(tmp_path), cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -105,16 +104,24 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
 
     rows = json.loads((root / "results.json").read_text())
     assert sorted({r["tasks"] for r in rows}) == [0, 2]
-    assert len(rows) == 2 and all("error" not in r for r in rows)
-    assert {r["task"] for r in rows} == {"review"}
+    # the protocol: each point x 2 seeds x 2 learning rates, scored on validation and test
+    assert len(rows) == 8 and all("error" not in r for r in rows)
+    assert {r["task"] for r in rows} == {"review"} and {r["seed"] for r in rows} == {0, 1}
+    assert all(0 <= r["validation"] <= 1 and 0 <= r["test"] <= 1 for r in rows)
     order = json.loads((root / "task_order.json").read_text())["order"]
     for r in rows:  # each point pre-finetuned on the first `count` tasks of the recorded order
         if r["tasks"]:
             config = (root / f"{r['tasks']}-tasks-prefinetune" / "config.yaml").read_text()
             assert f"include:\n  - {order[0]}\n  - {order[1]}\n" in config
-    assert (root / "results.csv").read_text().count("\n") == 3
+    assert (root / "results.csv").read_text().count("\n") == 9
     assert (root / "plots" / "tasks_curve.png").stat().st_size > 1000
-    assert "| review | 1 |" in (root / "summary.md").read_text()
+    summary = (root / "summary.md").read_text()
+    assert "| review | 1 |" in summary and "Paired difference to '0 tasks'" in summary
+    assert f"| review | {order[0]}, {order[1]} |" in summary  # what moved it most
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "muppet-ray sweep tasks --counts 0,2" in report and "at commit `" in report
+    assert summary.split("\n", 1)[1].split("Plots:")[0].strip() in report
+    assert (tmp_path / "docs" / "results-tasks_curve.png").stat().st_size > 1000
 
 
 def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):

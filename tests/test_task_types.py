@@ -13,7 +13,6 @@ from muppet_ray.errors import DataError
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.sources import BuiltinSource
 from muppet_ray.task_types import TASK_TYPES, Limits
-from muppet_ray.task_types.generation import rouge_l, rouge_words
 from muppet_ray.task_types.span import ANSWER_SEPARATOR, squad_scores
 from muppet_ray.tasks import Task
 from muppet_ray.tokenizer import texts_of, train_tokenizer
@@ -202,12 +201,32 @@ def test_metrics():
     stats = regression.stats({"class_logits": x[:, None]}, {"target": y}, None).sum(0)
     assert regression.finalize(stats.numpy())["pearson"] == pytest.approx(
         np.corrcoef(x, y)[0, 1], abs=1e-5)
+    # Spearman: the rank correlation, from every pair (1: same order; 0.8: one pair swapped)
+    mine = torch.ones(4, dtype=torch.bool)
+    pairs = regression.pairs({"class_logits": x[:, None]}, {"target": y}, mine).numpy()
+    assert regression.finalize(stats.numpy(), pairs)["spearman"] == pytest.approx(1.0)
+    swapped = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    pairs = regression.pairs({"class_logits": x[:, None]}, {"target": swapped}, mine).numpy()
+    assert regression.finalize(stats.numpy(), pairs)["spearman"] == pytest.approx(0.8)
 
-    assert rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
-    assert rouge_l([1, 9, 3], [1, 2, 3, 4]) == pytest.approx(2 * (2 / 3) * (2 / 4) / (7 / 6))
-    assert rouge_l([], [1]) == 0.0
-    assert rouge_l(rouge_words("The cat sat, on the mat!"), rouge_words("the cat on a mat")) == \
-        pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+
+def test_summarization_is_scored_by_rouge_score_with_stemming():
+    generation = TASK_TYPES["generation"]
+
+    class Tokenizer:
+        @staticmethod
+        def batch_decode(texts, skip_special_tokens):
+            return texts
+
+    out = {"generated": ["the cats were running home", "x"], "tokenizer": Tokenizer}
+    batch = {"answers": ["The cat ran home", "y"]}
+    mine = torch.tensor([True, False])  # (the caller keeps its own examples' rows)
+    stats = generation.stats(out, batch, mine)[mine].sum(0).numpy()
+    scores = generation.finalize(stats)
+    # stemmed: cats -> cat; unigrams the, cat, home of 5 and 4 words; bigram "the cat" of 4, 3
+    assert scores["rouge1"] == pytest.approx(2 * (3 / 5) * (3 / 4) / (3 / 5 + 3 / 4))
+    assert scores["rouge2"] == pytest.approx(2 * (1 / 4) * (1 / 3) / (1 / 4 + 1 / 3))
+    assert scores["rougeL"] == pytest.approx(scores["rouge1"])  # the, cat, home in order
 
 
 def test_multiple_choice_loss_is_cross_entropy_over_each_examples_choices():
@@ -288,4 +307,4 @@ def test_generation_is_scored_on_decoded_text(model, tokenizer):
     stats = model(batch, evaluate=True)
     model.train()
     row = stats[list(suite.SUITE).index("summarize")]
-    assert row[1] == 3 and 0.0 <= row[0] <= 3.0
+    assert row[3] == 3 and all(0.0 <= v <= 3.0 for v in row[:3])  # ROUGE-L, -1, -2; count

@@ -60,6 +60,7 @@ class TaskType:
     optional_fields: ClassVar[tuple[str, ...]] = ()
     metric: ClassVar[str]  # name of the headline validation metric
     num_stats: ClassVar[int]  # length of the per-task metric statistics vector
+    keeps_pairs: ClassVar[bool] = False  # its metrics need every (prediction, target) pair
 
     def featurize(
         self, task: Task, rows: list[dict[str, Any]], tokenizer, limits: Limits
@@ -77,8 +78,10 @@ class TaskType:
         """Per-example metric statistics [E, num_stats], summed over examples and workers."""
         raise NotImplementedError
 
-    def finalize(self, stats: np.ndarray) -> dict[str, float]:
-        """Metrics from summed statistics; the first key is the headline metric."""
+    def finalize(self, stats: np.ndarray, pairs: np.ndarray | None = None
+                 ) -> dict[str, float]:
+        """Metrics from summed statistics (and, for types that keep them, every example's
+        (prediction, target) pair); the first key is the headline metric."""
         raise NotImplementedError
 
     # Helpers shared by the task types -----------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,7 +109,7 @@ class Classification(TaskType):
         correct = (out["class_logits"].argmax(-1) == batch["label"]).float()
         return torch.stack([correct, torch.ones_like(correct), 1 / batch["num_outputs"]], -1)
 
-    def finalize(self, stats):
+    def finalize(self, stats, pairs=None):
         count = max(stats[1], 1)
         return {"accuracy": float(stats[0] / count), "chance": float(stats[2] / count)}
 
@@ -120,6 +121,7 @@ class Regression(TaskType):
     optional_fields = ("text_pair",)
     metric = "pearson"
     num_stats = 6
+    keeps_pairs = True  # (Spearman's rank correlation needs every pair)
 
     def featurize(self, task, rows, tokenizer, limits):
         def to_target(features: Features, row) -> Features:
@@ -146,11 +148,20 @@ class Regression(TaskType):
         x, y = out["class_logits"][:, 0].float(), batch["target"]
         return torch.stack([torch.ones_like(x), x, y, x * x, y * y, x * y], -1)
 
-    def finalize(self, stats):
+    def pairs(self, out, batch, mine):
+        """Each of its examples' (prediction, target), for Spearman's correlation."""
+        return torch.stack([out["class_logits"][:, 0].float(), batch["target"]], -1)[mine]
+
+    def finalize(self, stats, pairs=None):
         n, sx, sy, sxx, syy, sxy = (float(s) for s in stats)
         if n < 2:
-            return {"pearson": 0.0, "mse": float("nan")}
+            return {"pearson": 0.0, "spearman": 0.0, "mse": float("nan")}
         cov = sxy / n - (sx / n) * (sy / n)
         var_x, var_y = sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
         pearson = cov / np.sqrt(var_x * var_y) if var_x > 1e-12 and var_y > 1e-12 else 0.0
-        return {"pearson": float(pearson), "mse": float((sxx - 2 * sxy + syy) / n)}
+        metrics = {"pearson": float(pearson)}
+        if pairs is not None and len(pairs) >= 2 and np.ptp(pairs, axis=0).min() > 0:
+            metrics["spearman"] = float(scipy.stats.spearmanr(pairs[:, 0], pairs[:, 1])[0])
+        elif pairs is not None:
+            metrics["spearman"] = 0.0  # (a constant prediction or target: no correlation)
+        return {**metrics, "mse": float((sxx - 2 * sxy + syy) / n)}

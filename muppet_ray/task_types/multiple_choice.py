@@ -90,6 +90,6 @@ class MultipleChoice(TaskType):
         num_choices = torch.bincount(row_example, minlength=num_examples).clamp(min=1)
         return torch.stack([correct, torch.ones_like(correct), 1 / num_choices], -1)
 
-    def finalize(self, stats):
+    def finalize(self, stats, pairs=None):
         count = max(stats[1], 1)
         return {"accuracy": float(stats[0] / count), "chance": float(stats[2] / count)}

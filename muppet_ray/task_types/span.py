@@ -165,6 +165,6 @@ class Span(TaskType):
             stats[first[example]] = torch.tensor([exact, f1, 1.0])
         return stats.to(logits.device)
 
-    def finalize(self, stats):
+    def finalize(self, stats, pairs=None):
         count = max(stats[2], 1)
         return {"f1": float(stats[1] / count), "exact_match": float(stats[0] / count)}

@@ -1,0 +1,56 @@
+"""The evaluation protocol's statistics (protocol.py): the learning rate is chosen on validation
+only, and models are compared paired, with Student-t intervals over seeds."""
+
+import math
+
+import pytest
+
+from muppet_ray.protocol import Score, chosen, differences, interval
+
+
+def score(model, task, seed, lr, validation, test, fraction=1.0):
+    return Score(model, task, "accuracy", fraction, seed, lr, validation, test, 100, 10, "new")
+
+
+def test_the_learning_rate_is_chosen_on_validation_never_on_test():
+    scores = [score("m", "a", s, 1e-4, 0.6, 0.9) for s in range(3)]
+    scores += [score("m", "a", s, 3e-5, 0.7, 0.5) for s in range(3)]  # better on validation
+    picked = chosen(scores)
+    assert {s.learning_rate for s in picked} == {3e-5} and len(picked) == 3
+
+
+def test_interval_is_the_student_t_one():
+    mean, half = interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sd sqrt(2.5), t(0.975, df 4) = 2.776
+    assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert math.isnan(interval([1.0])[1])
+
+
+def test_differences_are_paired_by_seed_and_averaged_over_tasks_per_seed():
+    # Seeds differ a lot in level (a lucky subset), the model is always exactly 2 points
+    # better on task a and 0 on task b: the paired interval is zero-width.
+    scores = []
+    for seed, level in enumerate([0.3, 0.6, 0.9]):
+        scores += [score("base", "a", seed, 1e-4, 0, level), score("pf", "a", seed, 1e-4, 0,
+                                                                   level + 0.02),
+                   score("base", "b", seed, 1e-4, 0, level), score("pf", "b", seed, 1e-4, 0,
+                                                                   level)]
+    found = {(d.model, d.task): d for d in differences(scores, "base")}
+    assert found["pf", "a"].mean == pytest.approx(2.0)
+    assert found["pf", "a"].half_width == pytest.approx(0.0, abs=1e-9)
+    assert found["pf", "b"].mean == pytest.approx(0.0)
+    assert found["pf", "mean"].mean == pytest.approx(1.0) and found["pf", "mean"].seeds == 3
+    assert found["pf", "mean"].significant and not found["pf", "b"].significant
+
+
+@pytest.mark.parametrize("validation_file", [None, "valid.jsonl"])
+def test_train_validation_and_test_split_the_rows_without_overlap(validation_file):
+    from muppet_ray.sources import FileSource
+
+    source = FileSource("t", "train.jsonl", validation_file, 0.2, "jsonl", test_fraction=0.25)
+    bands = {split: source._band(split) for split in ("train", "validation", "test")}
+    if validation_file:  # validation is its own file; test and train share the train file
+        assert bands == {"validation": None, "test": (0.0, 0.25), "train": (0.25, 1.0)}
+    else:
+        assert bands == {"validation": (0.0, 0.2), "test": (0.2, 0.45), "train": (0.45, 1.0)}
+    assert FileSource("t", "train.jsonl", None, 0.2, "jsonl")._band("train") == (0.2, 1.0)
