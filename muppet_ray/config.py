@@ -21,7 +21,8 @@ TaskTypeName = Literal["classification", "regression", "multiple_choice", "span"
 
 class Section(BaseModel):
     # (inf and nan are never a setting: `learning_rate: .inf` would train to nan)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)  # (docs/config.md reads them)
 
 
 class ModelConfig(Section):
@@ -30,9 +31,13 @@ class ModelConfig(Section):
     arch: Literal["bart", "roberta", "bert"] = "bart"
     """Backbone family built from scratch when `pretrained` is None (bart = encoder-decoder)."""
     hidden_size: int = Field(128, ge=8)
+    """Width of a model built from scratch (with num_layers per stack, num_heads, ffn_size)."""
     num_layers: int = Field(2, ge=1)
+    """Layers per stack of a model built from scratch."""
     num_heads: int = Field(4, ge=1)
+    """Attention heads of a model built from scratch (must divide hidden_size)."""
     ffn_size: int = Field(256, ge=8)
+    """Feed-forward width of a model built from scratch."""
     vocab_size: int = Field(2000, ge=64)
     """Upper bound for the tokenizer trained on the built-in suite (ignored with `pretrained`)."""
     max_length: int = Field(128, ge=16)
@@ -43,6 +48,7 @@ class ModelConfig(Section):
     """Span tasks: contexts longer than max_length are cut into windows sharing this many
     tokens."""
     dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout of the heads (and of a backbone built from scratch)."""
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -61,6 +67,7 @@ class TaskSpec(Section):
     """A task read from files (local, s3://, gs://) or from a Hugging Face Hub dataset."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """The task's name in tasks.include, logs and results."""
     type: TaskTypeName | None = None
     """Required, except for format=bigbench, where the file tells."""
     format: Literal["jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub"] = "jsonl"
@@ -75,6 +82,8 @@ class TaskSpec(Section):
     """Validation file (or Hub split); without one, a seeded `validation_fraction` of `train`
     is held out."""
     validation_fraction: float = Field(0.1, gt=0, lt=1)
+    """Without a validation file: this seeded share of the train file's rows (tasks.data_seed)
+    is the validation split."""
     fields: dict[str, str | list[str]] = {}
     """Canonical field -> column in the file: a name, a dotted path into nested records
     (`answers.text.0`), or a list of columns (`choices: [sol1, sol2]`)."""
@@ -117,6 +126,7 @@ class TasksConfig(Section):
     """Tasks to pre-finetune on: custom, catalog or built-in task names, or catalog families
     (e.g. glue). Empty: the built-in suite's default mixture plus every custom task."""
     custom: list[TaskSpec] = []
+    """Tasks read from files or the Hub (see docs/tasks.md)."""
     suite_scale: float = Field(1.0, gt=0)
     """Multiplies the number of examples of every built-in task."""
     data_seed: int = 0
@@ -138,6 +148,8 @@ class TasksConfig(Section):
 
 class MixtureConfig(Section):
     rule: Literal["proportional", "temperature", "uniform", "explicit"] = "proportional"
+    """How often each task is drawn: proportional to its examples (the paper), temperature
+    (T5), uniform, or explicit weights."""
     temperature: float = Field(2.0, gt=0)
     """For rule=temperature: weight ∝ size^(1/temperature) (T5)."""
     cap: int | None = Field(None, ge=1)
@@ -148,6 +160,9 @@ class MixtureConfig(Section):
 
 class BatchingConfig(Section):
     strategy: Literal["heterogeneous", "homogeneous", "sequential", "mixed"] = "heterogeneous"
+    """heterogeneous: each micro-batch one task, each update mixes the micro-batches of a step
+    (the paper); homogeneous: each update from one task; sequential: tasks one after another;
+    mixed: each micro-batch made of tasks_per_micro_batch single-task chunks."""
     micro_batch_size: int = Field(16, ge=1)
     """Examples per micro-batch on one worker."""
     grad_accum_steps: int = Field(2, ge=1)
@@ -157,6 +172,7 @@ class BatchingConfig(Section):
     tasks_per_micro_batch: int = Field(4, ge=1)
     """For strategy=mixed: the micro-batch is made of this many single-task chunks."""
     eval_batch_size: int = Field(64, ge=1)
+    """Examples per validation batch."""
     max_tokens_per_pass: int = Field(8192, ge=0)
     """A micro-batch (training or validation) with more padded tokens than this runs through
     the model in several passes of whole examples, whose gradients add up to the same update:
@@ -181,19 +197,25 @@ class TrainingConfig(Section):
     """Optimizer steps; the mixture schedule holds exactly steps x workers x accumulation
     micro-batches."""
     learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay (not on biases and norms)."""
     warmup_steps: int = Field(30, ge=0)
+    """Linear warm-up, then linear decay to 0 at max_steps."""
     grad_clip: float = Field(1.0, ge=0)
     """Max gradient norm; 0 turns clipping off."""
     loss_scaling: bool = True
     """Divide each example's loss by log(n), n = size of its output space (Muppet §3.2)."""
     seed: int = 0
+    """Model initialisation, data order, schedule and training subsets."""
     eval_every: int = Field(0, ge=0)
     """Validate every N steps (0: only before and after training)."""
     max_eval_examples: int | None = Field(None, ge=1)
     """Validation examples per task at most (None: all)."""
     checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints (and always one at the end)."""
     log_every: int = Field(10, ge=1)
+    """Steps between metrics records and progress lines."""
     max_bad_steps: int = Field(10, ge=0)
     """A step whose loss or gradients are not finite is skipped on every worker (no update;
     logged with its tasks); after more than this many in a row the run stops with an error."""
@@ -201,6 +223,7 @@ class TrainingConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage, 0-3."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     config: dict[str, Any] = {}
@@ -254,6 +277,7 @@ class RunConfig(Section):
     max_failures: int = Field(3, ge=0)
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
     keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept (the newest)."""
     fail_at_step: int | None = Field(None, ge=1)
     """Fault injection for tests: worker `fail_rank` is SIGKILLed once when it reaches this step
     (at a checkpoint step: halfway through uploading that checkpoint)."""
@@ -271,19 +295,30 @@ class ProtocolConfig(Section):
     learning_rates: list[float] = Field([3e-5, 1e-4], min_length=1)
     """Fine-tuning learning rates tried; each model and task keeps the best on validation."""
     epochs: int = Field(3, ge=1)
+    """Fine-tuning epochs over the (fraction of the) train split."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of the fine-tuning steps spent warming up."""
 
 
 class Config(Section):
     model: ModelConfig = ModelConfig()
+    """The backbone."""
     tasks: TasksConfig = TasksConfig()
+    """The tasks and their data."""
     mixture: MixtureConfig = MixtureConfig()
+    """How tasks are mixed."""
     batching: BatchingConfig = BatchingConfig()
+    """Micro-batches and steps."""
     training: TrainingConfig = TrainingConfig()
+    """The optimisation."""
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    """DeepSpeed."""
     scaling: ScalingConfig = ScalingConfig()
+    """Workers and resources."""
     run: RunConfig = RunConfig()
+    """Where the run lives and how it is supervised."""
     protocol: ProtocolConfig = ProtocolConfig()
+    """How sweeps score models on eval tasks."""
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

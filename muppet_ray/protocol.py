@@ -86,7 +86,13 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
                                       data.ChunkSettings.from_config(c), ("train", *SPLITS)
                                       )[task.name] for f, c in configs.items()}
             pending.append(run.remote(configs, source, label, task, caches))
-    return [score for scores in ray.get(pending) for score in scores]
+    scores, total = [], len(pending)
+    while pending:
+        done, pending = ray.wait(pending)
+        scores += ray.get(done[0])
+        print(f"[muppet-ray] {label}: {total - len(pending)} of {total} task x seed "
+              "fine-tuning groups scored", flush=True)
+    return scores
 
 
 def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, task: Task,

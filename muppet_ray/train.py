@@ -59,6 +59,7 @@ from muppet_ray.transfer import GradientSimilarity, heat_map
 # `print` would show every line twice).
 log = logging.getLogger("muppet_ray")
 FAULT_MARKER = ".fault_injected"
+CONSOLE_LINES = 20
 CHECKPOINT_TAG = "deepspeed"
 
 
@@ -475,10 +476,16 @@ class Worker:
             "positions": _ranges(sorted(window.positions)),
         }
         self.logger.log(record)
-        log.info(f"[muppet-ray] step {step}/{self.config.training.max_steps}  "
-                 f"loss {record['loss']:.4f}  lr {lr:.2e}  {record['examples_per_s']:,.0f} ex/s  "
+        steps, every = self.config.training.max_steps, self.config.training.log_every
+        # The console gets about CONSOLE_LINES progress lines a run (metrics.jsonl all records).
+        console_every = every * -(-steps // (CONSOLE_LINES * every))
+        if step % console_every and step != steps:
+            return
+        left = (steps - step) * seconds / window.steps
+        log.info(f"[muppet-ray] step {step}/{steps}  loss {record['loss']:.4f}  "
                  f"{record['tokens_per_s']:,.0f} tok/s  data wait "
-                 f"{record['data_wait_share']:.0%}  rss {record['rss_mb']:,.0f} MB")
+                 f"{record['data_wait_share']:.0%}  rss {record['rss_mb']:,.0f} MB  "
+                 f"ETA {int(left // 60)}m{int(left % 60):02d}s")
 
     def log_transfer(self, step: int) -> None:
         """The tasks' gradient similarities (transfer.py), logged and drawn by rank 0."""

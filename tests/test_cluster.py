@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
@@ -131,9 +132,20 @@ def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
 
     # The run beside finished in one go: no worker lost, nothing trained twice.
     assert "error" not in beside, beside.get("error")
-    logged = [(r["kind"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
-    assert logged == [("eval", 0), *[("train", s) for s in range(10, 81, 10)], ("eval", 80)]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    logged = [(r["kind"], r["step"]) for r in records]
+    assert logged == [("eval", 0), *[("train", s) for s in range(10, 81, 10)], ("eval", 80),
+                      ("transfer", 80)]
     check_zero2_run(beside["result"], config, tmp_path / "beside", capfd)
+
+    # Task-transfer diagnostics (transfer.py): every task's gradient similarity to every other,
+    # measured across the two workers, and the heat map beside the log.
+    transfer = records[-1]
+    assert transfer["tasks"] == [t.name for t in beside["result"].tasks]
+    cosine = np.array(transfer["cosine"])
+    assert cosine.shape == (7, 7) and np.allclose(cosine, cosine.T, atol=1e-3)
+    assert np.allclose(np.diag(cosine), 1, atol=1e-3) and np.abs(cosine).max() <= 1 + 1e-3
+    assert (log.parent / "gradient_similarity.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def check_zero2_run(result, config, storage, capfd) -> None:

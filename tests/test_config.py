@@ -107,3 +107,14 @@ def test_variables_are_expanded_for_use_and_saved_as_written(monkeypatch):
     with pytest.raises(ConfigError, match="tasks.custom.0.train: environment variable "
                                           "MUPPET_TEST_DATA is not set"):
         parse_config(saved)
+
+
+def test_the_config_reference_in_docs_is_generated_from_config_py():
+    from pathlib import Path
+
+    from muppet_ray.config_reference import reference
+
+    written = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert written == reference(), ("docs/config.md is stale: run "
+                                    "`python -m muppet_ray.config_reference > docs/config.md`")
+    assert "| `learning_rates` | `[3e-05, 0.0001]` |" in written  # (every section is in it)
