@@ -38,7 +38,7 @@ def chunks(task, index, split, tokenizer, limits, size):
 
 def evaluate(engine, batches, specs, device):
     engine.eval()
-    stats = sum(engine(mb.to_torch(b, device), evaluate=True).double().cpu() for b in batches)
+    stats = sum(engine.module.evaluate(mb.to_torch(b, device)).double().cpu() for b in batches)
     engine.train()
     return {s["name"]: TASK_TYPES[s["type"]].finalize(stats[i].numpy())
             for i, s in enumerate(specs)}

@@ -1,4 +1,10 @@
-"""Checkpoint integrity: what each worker wrote, and whether it is all still there.
+"""The checkpoint format, end to end: write, verify, find the newest usable one, reshard, load.
+
+A checkpoint is a directory `checkpoint_<step>` (or `checkpoint_<step>_<n>`, see `dir_name`) in
+the run directory, registered by Ray Train once every worker has uploaded its part: DeepSpeed's
+sharded files under `deepspeed/` (TAG), rank 0's `checkpoint.json` (step, world size, the nodes
+that wrote the shards) and each worker's manifest. Nothing outside this module knows these
+names.
 
 Ray Train registers a checkpoint once every worker has uploaded its files, so a run killed while
 writing one never resumes from it. Registration says nothing of the bytes, though: a file cut
@@ -10,15 +16,99 @@ one it passes over.
 
 from __future__ import annotations
 
+import argparse
+import glob
 import hashlib
 import json
 import os
+import tempfile
 
 import pyarrow.fs as pafs
+import torch
 
 MANIFEST_PREFIX = "manifest-rank"
 CHECKPOINT_STATE = "checkpoint.json"  # rank 0: step, world size, nodes of the shards
+TAG = "deepspeed"  # DeepSpeed's folder (its "tag") inside a checkpoint
 _READ = 1 << 22
+
+
+# ------------------------------------------------------------------- write and load
+
+
+def save(engine, directory: str, step: int, rank: int, world_size: int, nodes: list) -> None:
+    """This worker's part of the checkpoint of `step`, written into `directory` (for Ray Train
+    to upload): DeepSpeed's shards, rank 0's state, and the worker's manifest, last."""
+    engine.save_checkpoint(directory, tag=TAG, client_state={"step": step})
+    if rank == 0:
+        with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
+            json.dump({"step": step, "world_size": world_size, "nodes": nodes}, f)
+    write_manifest(directory, rank)
+
+
+def load(engine, directory: str, reshard: bool) -> int:
+    """Load a checkpoint into the engine (`reshard`: written by another number of workers, so
+    first turned into DeepSpeed's universal checkpoint); returns its step."""
+    with tempfile.TemporaryDirectory(prefix="muppet-universal-") as universal:
+        if reshard:
+            _to_universal(directory, universal)
+            directory = universal
+        _, client_state = engine.load_checkpoint(directory, tag=TAG)
+    return int(client_state["step"])
+
+
+def saved_world_size(fs: pafs.FileSystem, path: str) -> int | None:
+    """The number of workers that wrote the checkpoint (None: from before this was recorded)."""
+    state = f"{path}/{CHECKPOINT_STATE}"
+    if fs.get_file_info(state).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(state) as f:
+        return json.loads(f.read())["world_size"]
+
+
+def _to_universal(directory: str, out: str) -> None:
+    """DeepSpeed's ZeRO checkpoint in `directory` as a universal checkpoint in `out`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=os.path.join(directory, TAG), output_folder=os.path.join(out, TAG),
+        num_extract_workers=1, num_merge_workers=1,  # in this process: no process pools
+        keep_temp_folder=False, strict=True, inject_missing_state=True))
+
+
+def weights(directory: str) -> dict[str, torch.Tensor]:
+    """The model's full fp32 weights from a (local) checkpoint, whatever its ZeRO stage."""
+    if glob.glob(os.path.join(directory, TAG, "*optim_states.pt")):
+        # ZeRO 1-3: parameters are sharded with the optimizer state
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG)
+    path = os.path.join(directory, TAG, "mp_rank_00_model_states.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, TAG))
+
+
+def dir_name(step: int, existing: set[str]) -> str:
+    """checkpoint_<step>, or with a suffix where that directory was there when this attempt
+    began (one half-written before a kill, or a damaged one passed over): Ray Train would
+    upload into it, mixing old files with new, and later delete it as the old entry."""
+    name, attempt = f"checkpoint_{step:06d}", 1
+    while name in existing:
+        name, attempt = f"checkpoint_{step:06d}_{attempt}", attempt + 1
+    return name
+
+
+def step_of(name: str) -> int:
+    """The step of a checkpoint directory name (`dir_name`'s)."""
+    parts = name.split("_")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+# ------------------------------------------------------------------------- integrity
 
 
 def write_manifest(directory: str, rank: int) -> None:

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             from muppet_ray.export import to_transformers
-            from muppet_ray.finetune import resolve_source
+            from muppet_ray.model_source import resolve_source
 
             source = resolve_source(args.source, os.path.abspath(args.out) + ".work")
             if source.manifest is None:

@@ -202,11 +202,10 @@ class MuppetModel(nn.Module):
             "type": self.task_type[task],
         }
 
-    def forward(self, batch: dict[str, torch.Tensor], evaluate: bool = False):
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The training pass: the micro-batch's loss, and each task's summed loss and examples."""
         batch = self.prepare(batch)
         out = self.head_outputs(batch, self.encode(batch))
-        if evaluate:
-            return self._evaluate(batch, out)
         loss = torch.zeros_like(batch["target"])
         log_n = torch.ones_like(loss)
         for type_id, name in enumerate(self.active_types):
@@ -228,8 +227,11 @@ class MuppetModel(nn.Module):
     # --------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def _evaluate(self, batch, out) -> torch.Tensor:
-        """Per-task metric statistics [num_tasks, max_stats], to be summed over workers."""
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The evaluation pass: per-task metric statistics [num_tasks, max_stats], to be summed
+        over batches and workers (regression's pairs kept aside, see take_pairs)."""
+        batch = self.prepare(batch)
+        out = self.head_outputs(batch, self.encode(batch))
         if self.encoder_decoder:
             generation = self.active_types.index("generation")
             if bool((batch["type"] == generation).any()):

@@ -37,7 +37,7 @@ from muppet_ray.storage import RunDir, check_shared, check_writable, normalize
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
-from muppet_ray.train import train_loop_per_worker
+from muppet_ray.train import WorkerPlan, train_loop_per_worker
 
 TOKENIZER_SAMPLE = 500  # examples per task that the run-time tokenizer is trained on
 
@@ -160,11 +160,17 @@ def build_tokenizer(config: Config, tasks: list[Task]):
     return train_tokenizer(texts_of(samples), config.model.vocab_size, config.model.max_length)
 
 
-def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | None = None,
-                evaluate_only: bool = False, callbacks: list | None = None) -> RunResult:
-    """Pre-finetune on the config's tasks. Fine-tuning (finetune.py) is the same run on one
-    task, started from trained heads; `evaluate_only` scores the starting model, no training.
-    `callbacks`: Ray Train callbacks (a sweep passes Tune's TuneReportCallback)."""
+def prefinetune(config: Config, callbacks: list | None = None) -> RunResult:
+    """Pre-finetune on the config's tasks. `callbacks`: Ray Train callbacks (a sweep passes
+    Tune's TuneReportCallback)."""
+    return launch(config, "prefinetune", callbacks=callbacks)
+
+
+def launch(config: Config, job: str, initial_heads: dict | None = None,
+           evaluate_only: bool = False, callbacks: list | None = None) -> RunResult:
+    """One Ray Train run of the config's tasks — what pre-finetuning, fine-tuning (finetune.py:
+    one task, started from trained heads) and evaluation (`evaluate_only`: the starting model
+    scored, no training) all are. `job` names the run directory when run.name is unset."""
     tasks = check(config)
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
@@ -211,21 +217,16 @@ def prefinetune(config: Config, job: str = "prefinetune", initial_heads: dict | 
     use_gpu = config.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    setup = {
-        "config": config.model_dump(mode="json"),
-        "config_yaml": config_yaml,
-        "run_dir": run_dir.root,
-        "tokenizer": tokenizer,
-        "task_specs": [t.spec() for t in tasks],
-        "train_caches": [caches[t.name].get("train") for t in tasks],
-        "eval_caches": [caches[t.name]["validation"] for t in tasks],
-        "initial_heads": initial_heads,
-        "evaluate_only": evaluate_only,
-    }
+    plan = WorkerPlan(
+        config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,
+        task_specs=[t.spec() for t in tasks],
+        train_caches=[caches[t.name].get("train") for t in tasks],
+        eval_caches=[caches[t.name]["validation"] for t in tasks],
+        initial_heads=initial_heads or {}, evaluate_only=evaluate_only)
     scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=setup,
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker,

@@ -31,8 +31,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from muppet_ray import batch as mb
 from muppet_ray import data
 from muppet_ray.config import Config, validate
-from muppet_ray.finetune import Source, finetune_config, initial_heads
+from muppet_ray.finetune import finetune_config
+from muppet_ray.heads import initial_heads
 from muppet_ray.model import MuppetModel, build_backbone
+from muppet_ray.model_source import Source
 from muppet_ray.optim import build_optimizer
 from muppet_ray.storage import normalize
 from muppet_ray.tasks import Task, resolve_tasks
@@ -150,8 +152,9 @@ def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
 @torch.no_grad()
 def metric(model: MuppetModel, task: Task, cache: data.CacheIndex) -> float:
     model.eval()
-    stats = sum(model(mb.to_torch(data.ChunkReader.read(cache, chunk, 0), torch.device("cpu")),
-                      evaluate=True)[0].double() for chunk in range(cache.chunks))
+    stats = sum(model.evaluate(mb.to_torch(data.ChunkReader.read(cache, chunk, 0),
+                                           torch.device("cpu")))[0].double()
+                for chunk in range(cache.chunks))
     model.train()
     pairs = model.take_pairs().get(0)
     return next(iter(task.task_type.finalize(stats.numpy(), pairs).values()))

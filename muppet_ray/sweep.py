@@ -29,19 +29,17 @@ from dataclasses import asdict
 
 import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from muppet_ray import protocol
 from muppet_ray.config import Config, parse_config, to_yaml, validate
 from muppet_ray.errors import ConfigError
-from muppet_ray.finetune import (
-    Source,
-    check_fractions,
-    finetune,
-    finetune_config,
-    initial_weights,
-    resolve_source,
-)
+from muppet_ray.finetune import check_fractions, finetune, finetune_config
+from muppet_ray.model_source import Source, initial_weights, resolve_source
+from muppet_ray.prefinetune import build_tokenizer, prefinetune, start_ray
 from muppet_ray.storage import RunDir, normalize
+from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
 
 AXES = {  # axis -> (config key it sets, values swept by default)
@@ -84,8 +82,6 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     """Run the sweep over `axis` ('tasks' or one of AXES); returns one row per fine-tuning run
     (and one per failed trial), also written as results.json/csv, plots and summary.md (and
     to `report`, see write_results)."""
-    from muppet_ray.prefinetune import start_ray
-
     check_fractions(fractions)
     pool = [t.name for t in resolve_tasks(base)]  # the mixture: tasks.include or the default
     overlap = sorted(set(eval_tasks) & set(pool))
@@ -127,8 +123,6 @@ def _baseline_model(base: Config, pool: list[str], root: RunDir) -> str:
     scratch as a pre-finetuning run would start (with the tokenizer such a run trains)."""
     if base.model.pretrained is not None:
         return base.model.pretrained
-    from muppet_ray.prefinetune import build_tokenizer
-
     tokenizer = build_tokenizer(base, resolve_tasks(_with(base, tasks__include=pool)))
     return initial_weights(base, tokenizer, root.root)
 
@@ -140,10 +134,6 @@ def _slug(label: str) -> str:
 def _point_trial(params: dict) -> None:
     """One Tune trial: pre-finetune at this point of the axis, then score the model on the eval
     tasks by the fine-tuning protocol (protocol.py)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from muppet_ray.prefinetune import prefinetune
-
     base, point = parse_config(params["base"]), params["point"]
     root, slug = RunDir(params["root"]), _slug(point["label"])
     if point["tasks"]:
@@ -420,11 +410,6 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
     """Search fine-tuning hyperparameters of `task` from `given`, ASHA stopping weak trials
     on their validation metric (evaluated every `training.eval_every` steps). Returns the best
     trial's settings, metric and run directory (written to best.json too)."""
-    from ray.tune.schedulers import ASHAScheduler
-
-    from muppet_ray.prefinetune import start_ray
-    from muppet_ray.task_types import TASK_TYPES
-
     space = parse_search(search)
     name = base.run.name or f"sweep-finetune-{task}"
     root = RunDir(f"{normalize(base.run.storage_path)}/{name}")
@@ -466,8 +451,6 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
 
 
 def _finetune_trial(params: dict) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     settings = {k.replace(".", "__"): v for k, v in params["space"].items()}
     base = _with(parse_config(params["base"]), **settings)
     source = Source(**params["source"])

@@ -17,14 +17,11 @@ under another world size), which each worker reshards as it loads.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
 import os
 import resource
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import psutil
-import pyarrow.fs as pafs
 import ray
 import ray.data
 import ray.train
@@ -41,14 +37,14 @@ import torch
 import torch.distributed as dist
 
 from muppet_ray import batch as mb
-from muppet_ray import checkpoint as integrity
+from muppet_ray import checkpoint as checkpoints
 from muppet_ray import data
-from muppet_ray.checkpoint import CHECKPOINT_STATE
 from muppet_ray.config import Config, micro_batches_per_step
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import write_export
+from muppet_ray.faults import FaultInjection
 from muppet_ray.metrics import MetricsLogger
-from muppet_ray.mixture import build_schedule
+from muppet_ray.mixture import Schedule, build_schedule
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.optim import build_optimizer, deepspeed_config
 from muppet_ray.storage import RunDir
@@ -58,25 +54,46 @@ from muppet_ray.transfer import GradientSimilarity, heat_map
 # Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
 # `print` would show every line twice).
 log = logging.getLogger("muppet_ray")
-FAULT_MARKER = ".fault_injected"
 CONSOLE_LINES = 20
-CHECKPOINT_TAG = "deepspeed"
 
 
-class Worker:
-    """State of one training worker; `run` is the whole training."""
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What the driver hands every worker."""
 
-    def __init__(self, setup: dict[str, Any]):
-        self.config = Config.model_validate(setup["config"])
-        self.config_yaml = setup["config_yaml"]
-        self.run_dir = RunDir(setup["run_dir"])
-        self.existing_checkpoints: set[str] = set()  # (see checkpoint_name)
-        self.tokenizer = setup["tokenizer"]
-        self.specs = setup["task_specs"]
-        self.train_caches = setup["train_caches"]
-        self.eval_caches = setup["eval_caches"]
-        # Fine-tuning: trained heads to start from (tensors keyed as in `MuppetModel.heads`).
-        self.initial_heads = setup.get("initial_heads") or {}
+    config: Config  # (variables expanded: the workers' environment may lack them)
+    config_yaml: str  # the config as the run saved it (`${VAR}` kept), for the export
+    run_dir: str  # URI
+    tokenizer: Any
+    task_specs: list[dict]  # Task.spec() of each task, in the run's order
+    train_caches: list[data.CacheIndex | None]  # per task (None: evaluation only)
+    eval_caches: list[data.CacheIndex]
+    initial_heads: dict  # fine-tuning: trained head tensors, keyed as in `MuppetModel.heads`
+    evaluate_only: bool = False  # score the starting model, no training
+
+
+class Trainer:
+    """One training worker: `run` is the whole training (`resume`, then `train`). Its parts:"""
+
+    config: Config
+    run_dir: RunDir
+    engine: Any  # DeepSpeed's engine: the model, its optimizer and ZeRO (`build`)
+    schedule: Schedule  # every micro-batch of the run, step by step (mixture.py)
+    positions: np.ndarray  # [steps, micro-batches]: this worker's share of the schedule
+    logger: MetricsLogger | None  # metrics.jsonl and TensorBoard (rank 0)
+    similarity: GradientSimilarity | None  # task-transfer diagnostics (transfer.py)
+    fault: FaultInjection | None  # tests only: run.fail_at_step (faults.py)
+
+    def __init__(self, plan: WorkerPlan):
+        self.config = plan.config
+        self.config_yaml = plan.config_yaml
+        self.run_dir = RunDir(plan.run_dir)
+        self.existing_checkpoints: set[str] = set()  # (see checkpoint.dir_name)
+        self.tokenizer = plan.tokenizer
+        self.specs = plan.task_specs
+        self.train_caches = plan.train_caches
+        self.eval_caches = plan.eval_caches
+        self.initial_heads = plan.initial_heads
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -84,6 +101,9 @@ class Worker:
         self.accum = self.per_step // self.world  # (config.py checks that it divides)
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
         self.similarity: GradientSimilarity | None = None  # (set by `run`)
+        # Tests only (run.fail_at_step): kills this worker at a chosen step.
+        self.fault = (FaultInjection(self.config, self.run_dir, self.rank, self.world)
+                      if self.config.run.fail_at_step else None)
         if self.device.type == "cpu":
             # One compute thread per CPU Ray gave the worker: torch would otherwise start one per
             # core in every worker, and workers sharing a machine then fight over its cores.
@@ -127,11 +147,9 @@ class Worker:
         """Whether the checkpoint's ZeRO shards were written by another number of workers."""
         if checkpoint is None or self.config.deepspeed.zero_stage == 0:
             return False  # (stage 0 shards nothing)
-        state = f"{checkpoint.path}/{CHECKPOINT_STATE}"
-        if checkpoint.filesystem.get_file_info(state).type == pafs.FileType.NotFound:
+        saved = checkpoints.saved_world_size(checkpoint.filesystem, checkpoint.path)
+        if saved is None:
             return False  # (written before checkpoints recorded their world size)
-        with checkpoint.filesystem.open_input_stream(state) as f:
-            saved = json.loads(f.read())["world_size"]
         if saved != self.world and self.rank == 0:
             log.warning(f"[muppet-ray] resuming with {self.world} workers from a checkpoint of "
                         f"{saved}: each now runs {self.accum} of the step's {self.per_step} "
@@ -147,7 +165,7 @@ class Worker:
         choice = [None]
         if self.rank == 0:
             candidates = [n for n in self.run_dir.registered_checkpoints() if n <= newest]
-            choice = [integrity.newest_intact(latest.filesystem, parent, candidates or [newest],
+            choice = [checkpoints.newest_intact(latest.filesystem, parent, candidates or [newest],
                                               lambda m: log.warning(f"[muppet-ray] {m}"))]
         if self.world > 1:
             dist.broadcast_object_list(choice, src=0)
@@ -161,13 +179,8 @@ class Worker:
         """Load the latest checkpoint, if any; returns the number of steps already done."""
         if checkpoint is None:
             return 0
-        with (checkpoint.as_directory() as directory,
-              tempfile.TemporaryDirectory(prefix="muppet-universal-") as universal):
-            if reshard:
-                _to_universal(directory, universal)
-                directory = universal
-            _, client_state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-        return int(client_state["step"])
+        with checkpoint.as_directory() as directory:
+            return checkpoints.load(self.engine, directory, reshard)
 
     # --------------------------------------------------------------- training
 
@@ -180,7 +193,14 @@ class Worker:
             self.logger.close()
 
     def run(self) -> None:
-        # (listed before any worker can save: names taken now are not reused, see checkpoint())
+        start = self.resume()
+        if start is not None:
+            self.train(start)
+
+    def resume(self) -> int | None:
+        """Build the engine, load the newest intact checkpoint and lay out this worker's
+        micro-batches; returns the steps already done (None: nothing to resume from)."""
+        # (listed before any worker can save: names taken now are not reused: checkpoint.dir_name)
         self.existing_checkpoints = set(self.run_dir.list(""))
         latest = ray.train.get_checkpoint()
         checkpoint = self.intact(latest)
@@ -190,7 +210,7 @@ class Worker:
             self.stop(0, f"no checkpoint of {self.run_dir.root!r} is intact (each failed its "
                       "manifest, see the warnings above); remove the damaged ones or start a "
                       "new run")
-            return
+            return None
         self.schedule = build_schedule(
             [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
             self.config.mixture, self.config.batching, self.per_step,
@@ -206,10 +226,13 @@ class Worker:
         # What each micro-batch's number of passes is based on: its own size, or under ZeRO-3
         # (whose passes gather parameters from all workers) the largest of the same micro-step.
         self.pass_cost = cost[every].max(axis=0) if self.zero3 else cost[self.positions]
-        start = self.restore(checkpoint, reshard)
-        # (task-transfer diagnostics: see transfer.py)
         self.similarity = (GradientSimilarity(self.engine.module, len(self.specs))
                            if len(self.specs) > 1 and not self.zero3 else None)
+        return self.restore(checkpoint, reshard)
+
+    def train(self, start: int) -> None:
+        """The training loop, from step `start`: steps, logs, evaluations, checkpoints, and at
+        the end the final evaluation, checkpoint and export."""
         steps = self.config.training.max_steps
         stream = data.stream(self.schedule, self.positions[start:].ravel(), self.train_caches,
                              self.tokenizer.pad_token_id)
@@ -225,7 +248,8 @@ class Worker:
             window.positions = list(range(first * self.per_step, start * self.per_step))
         bad_in_a_row = 0
         for step in range(start, steps):
-            self.maybe_fail(step)
+            if self.fault:
+                self.fault.before_step(step)
             applied = self.train_step(step, stream, window)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             if bad_in_a_row > train.max_bad_steps:
@@ -330,50 +354,6 @@ class Worker:
             dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
         return values.cpu()
 
-    # ------------------------------------------------------------ fault injection (tests)
-
-    def fault_due(self, step: int) -> bool:
-        """`run.fail_at_step`: worker `run.fail_rank` dies when it reaches this step, once per
-        run; at a checkpoint step, halfway through uploading that checkpoint."""
-        run = self.config.run
-        return (step == run.fail_at_step and self.rank == min(run.fail_rank, self.world - 1)
-                and not self.run_dir.exists(FAULT_MARKER))
-
-    def maybe_fail(self, step: int) -> None:
-        if self.fault_due(step):
-            self.die(step, "")
-
-    def upload_part_then_die(self, step: int):
-        """A `checkpoint_upload_fn` for Ray Train: uploads half of this worker's files, then
-        the first half of the next one's bytes, and dies."""
-        def upload(checkpoint: ray.train.Checkpoint, name: str):
-            files = sorted(os.path.relpath(os.path.join(root, f), checkpoint.path)
-                           for root, _, names in os.walk(checkpoint.path) for f in names)
-            cut = files[len(files) // 2]
-            for relative in files[:len(files) // 2] + [cut]:
-                with open(os.path.join(checkpoint.path, relative), "rb") as f:
-                    data = f.read()
-                self.run_dir.write_bytes(f"{name}/{relative}",
-                                         data[:len(data) // 2] if relative == cut else data)
-            self.die(step, f" while uploading {name} ({cut} cut short)")
-        return upload
-
-    def die(self, step: int, how: str) -> None:
-        """SIGKILL. It first waits (up to a minute) until Ray Train has registered the latest
-        checkpoint before this step, which it does on its next poll of the workers, so that the
-        restart resumes from it."""
-        every = self.config.training.checkpoint_every
-        latest = (step - 1) // every * every
-        deadline = time.monotonic() + 60
-        while latest and time.monotonic() < deadline and not self._registered(latest):
-            time.sleep(0.5)
-        self.run_dir.write_text(FAULT_MARKER, f"worker {self.rank} killed at step {step}{how}\n")
-        log.warning(f"[muppet-ray] fault injection: worker {self.rank} killed at step {step}{how}")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def _registered(self, step: int) -> bool:
-        return f"checkpoint_{step:06d}" in self.run_dir.registered_checkpoints()
-
     # ------------------------------------------------------------- evaluation
 
     @torch.no_grad()
@@ -390,7 +370,9 @@ class Worker:
             batch = data.ChunkReader.read(self.eval_caches[task], chunk, task)
             own_cost = batch["attention_mask"].size
             for piece, share in self.passes(batch, turn_cost if self.zero3 else own_cost):
-                values = self.engine(mb.to_torch(piece, self.device), evaluate=True)
+                # (the module's own method: DeepSpeed's hooks on its submodules still gather
+                # ZeRO-3's parameters)
+                values = self.engine.module.evaluate(mb.to_torch(piece, self.device))
                 values = values.double().cpu() * (counted and share > 0)
                 stats = values if stats is None else stats + values
                 taken = self.engine.module.take_pairs()
@@ -415,30 +397,16 @@ class Worker:
         """DeepSpeed's sharded checkpoint, each worker's shards merged by Ray Train."""
         if self.logger:
             self.logger.flush()
+        nodes = [ray.get_runtime_context().get_node_id()]  # where each shard was written
+        if self.world > 1:
+            nodes = [None] * self.world
+            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
-            self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
-                                        client_state={"step": step})
-            nodes = [ray.get_runtime_context().get_node_id()]  # where each shard was written
-            if self.world > 1:
-                nodes = [None] * self.world
-                dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-            if self.rank == 0:
-                with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
-                    json.dump({"step": step, "world_size": self.world, "nodes": nodes}, f)
-            integrity.write_manifest(directory, self.rank)
+            checkpoints.save(self.engine, directory, step, self.rank, self.world, nodes)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=self.checkpoint_name(step),
-                             checkpoint_upload_fn=(self.upload_part_then_die(step)
-                                                   if self.fault_due(step) else None))
-
-    def checkpoint_name(self, step: int) -> str:
-        """checkpoint_<step>, or with a suffix where that directory was there when this attempt
-        began (one half-written before a kill, or a damaged one passed over): Ray Train would
-        upload into it, mixing old files with new, and later delete it as the old entry."""
-        name, attempt = f"checkpoint_{step:06d}", 1
-        while name in self.existing_checkpoints:
-            name, attempt = f"checkpoint_{step:06d}_{attempt}", attempt + 1
-        return name
+                             checkpoint_dir_name=checkpoints.dir_name(
+                                 step, self.existing_checkpoints),
+                             checkpoint_upload_fn=self.fault and self.fault.upload_fn(step))
 
     def export(self, step: int) -> str | None:
         module = self.engine.module
@@ -555,17 +523,6 @@ def one_reduction(engine, zero_stage: int):
             yield
 
 
-def _to_universal(directory: str, out: str) -> None:
-    """DeepSpeed's ZeRO checkpoint in `directory` as a universal checkpoint in `out`."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=os.path.join(directory, CHECKPOINT_TAG),
-        output_folder=os.path.join(out, CHECKPOINT_TAG),
-        num_extract_workers=1, num_merge_workers=1,  # in this process: no process pools
-        keep_temp_folder=False, strict=True, inject_missing_state=True))
-
-
 @dataclass
 class Window:
     """What the steps since the last training record add up to, over all workers."""
@@ -621,8 +578,10 @@ def _ranges(positions: list[int]) -> list[list[int]]:
 
 
 
-def train_loop_per_worker(setup: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:
+    """Ray Train's per-worker function (its loop config: {"plan": WorkerPlan})."""
     log.setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    worker = Worker(setup)
-    worker.run_evaluation() if setup.get("evaluate_only") else worker.run()
+    plan = loop_config["plan"]
+    trainer = Trainer(plan)
+    trainer.run_evaluation() if plan.evaluate_only else trainer.run()

@@ -14,7 +14,9 @@ from transformers import AutoModelForMultipleChoice
 from muppet_ray import cli, data
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import load_exported
-from muppet_ray.finetune import compare, evaluate, initial_heads, resolve_source
+from muppet_ray.finetune import compare, evaluate
+from muppet_ray.heads import initial_heads
+from muppet_ray.model_source import resolve_source
 from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits

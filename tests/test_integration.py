@@ -20,11 +20,11 @@ from muppet_ray.checkpoint import damage
 from muppet_ray.config import micro_batches_per_step
 from muppet_ray.errors import DataError, StorageError
 from muppet_ray.export import load_exported
+from muppet_ray.faults import MARKER as FAULT_MARKER
 from muppet_ray.metrics import LOG, read_log
 from muppet_ray.mixture import build_schedule
 from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
-from muppet_ray.train import FAULT_MARKER
 from tests.conftest import ROOT, make_config, small_run
 
 pytestmark = pytest.mark.integration

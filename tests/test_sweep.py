@@ -125,7 +125,7 @@ def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
 
 
 def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):
-    from muppet_ray.finetune import initial_weights
+    from muppet_ray.model_source import initial_weights
     from muppet_ray.prefinetune import build_tokenizer
     from muppet_ray.sweep import sweep_finetune
     from muppet_ray.tasks import resolve_tasks

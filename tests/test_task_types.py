@@ -304,7 +304,7 @@ def test_generation_is_scored_on_decoded_text(model, tokenizer):
     assert [str(a) for a in batch["answers"]] == [
         r["target"] for r in task("summarize").source.sample("train", 3)]
     model.eval()
-    stats = model(batch, evaluate=True)
+    stats = model.evaluate(batch)
     model.train()
     row = stats[list(suite.SUITE).index("summarize")]
     assert row[3] == 3 and all(0.0 <= v <= 3.0 for v in row[:3])  # ROUGE-L, -1, -2; count

@@ -1,0 +1,67 @@
+"""Fault injection, for the tests of recovery: `run.fail_at_step` SIGKILLs worker
+`run.fail_rank` once per run when it reaches that step — at a checkpoint step, halfway through
+uploading that checkpoint. The worker builds a FaultInjection only when the setting is given."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import ray.train
+
+from muppet_ray.config import Config
+from muppet_ray.storage import RunDir
+
+MARKER = ".fault_injected"  # in the run directory, once the fault has struck
+log = logging.getLogger("muppet_ray")
+
+
+class FaultInjection:
+    def __init__(self, config: Config, run_dir: RunDir, rank: int, world: int):
+        self.step = config.run.fail_at_step
+        self.checkpoint_every = config.training.checkpoint_every
+        self.mine = rank == min(config.run.fail_rank, world - 1)
+        self.run_dir, self.rank = run_dir, rank
+
+    def due(self, step: int) -> bool:
+        return self.mine and step == self.step and not self.run_dir.exists(MARKER)
+
+    def before_step(self, step: int) -> None:
+        if self.due(step):
+            self.die(step, "")
+
+    def upload_fn(self, step: int):
+        """Ray Train's `checkpoint_upload_fn` for the checkpoint of `step`: None (Ray Train's
+        own upload), or one that uploads half of this worker's files, then the first half of
+        the next one's bytes, and dies."""
+        if not self.due(step):
+            return None
+
+        def upload(checkpoint: ray.train.Checkpoint, name: str):
+            files = sorted(os.path.relpath(os.path.join(root, f), checkpoint.path)
+                           for root, _, names in os.walk(checkpoint.path) for f in names)
+            cut = files[len(files) // 2]
+            for relative in files[:len(files) // 2] + [cut]:
+                with open(os.path.join(checkpoint.path, relative), "rb") as f:
+                    data = f.read()
+                self.run_dir.write_bytes(f"{name}/{relative}",
+                                         data[:len(data) // 2] if relative == cut else data)
+            self.die(step, f" while uploading {name} ({cut} cut short)")
+        return upload
+
+    def die(self, step: int, how: str) -> None:
+        """SIGKILL. It first waits (up to a minute) until Ray Train has registered the latest
+        checkpoint before this step, which it does on its next poll of the workers, so that the
+        restart resumes from it."""
+        latest = (step - 1) // self.checkpoint_every * self.checkpoint_every
+        deadline = time.monotonic() + 60
+        while latest and time.monotonic() < deadline and not self._registered(latest):
+            time.sleep(0.5)
+        self.run_dir.write_text(MARKER, f"worker {self.rank} killed at step {step}{how}\n")
+        log.warning(f"[muppet-ray] fault injection: worker {self.rank} killed at step {step}{how}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _registered(self, step: int) -> bool:
+        return f"checkpoint_{step:06d}" in self.run_dir.registered_checkpoints()
