@@ -51,7 +51,7 @@ class ModelConfig(Section):
     """Dropout of the heads (and of a backbone built from scratch)."""
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> ModelConfig:
+    def _sizes_fit(self) -> ModelConfig:
         if self.doc_stride > self.max_length // 2:
             raise ValueError(f"model.doc_stride ({self.doc_stride}) must be at most half of "
                              f"model.max_length ({self.max_length})")

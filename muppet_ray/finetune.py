@@ -26,8 +26,8 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.export import AUTO_CLASSES, MAPPABLE_BACKBONES, to_transformers
 from muppet_ray.heads import initial_heads
 from muppet_ray.model_source import Source, baseline_source, resolve_source
-from muppet_ray.prefinetune import check, launch, training_settings
-from muppet_ray.storage import RunDir, normalize
+from muppet_ray.prefinetune import launch, resolve_and_check, training_settings
+from muppet_ray.storage import RunDir, run_root
 from muppet_ray.tasks import Task, resolve_tasks
 
 # --------------------------------------------------------------------------- running
@@ -73,11 +73,11 @@ def finetune(config: Config, source: Source, head: str = "auto", role: str = "pr
              callbacks: list | None = None) -> FinetuneResult:
     """One fine-tuning run: `config` names one task in tasks.include. A run that already
     finished with this config is not run again: its results.json is the result."""
-    done = RunDir(f"{normalize(config.run.storage_path)}/{config.run.name}")
+    done = run_root(config, config.run.name)
     if done.exists("results.json") and done.exists("config.yaml") and training_settings(
             done.read_text("config.yaml")) == training_settings(to_yaml(config)):
         return FinetuneResult(**json.loads(done.read_text("results.json")))
-    tasks = check(config)
+    tasks = resolve_and_check(config)
     if len(tasks) != 1:
         raise ConfigError(f"tasks.include: fine-tuning takes one task, got {len(tasks)}")
     task = tasks[0]
@@ -121,7 +121,7 @@ def compare(base: Config, given: str, task: str, fractions: list[float], seeds: 
     """Fine-tune `task` from `given` (and from a baseline) on each fraction and seed."""
     check_fractions(fractions)
     name = base.run.name or f"finetune-{task}"
-    root = RunDir(f"{normalize(base.run.storage_path)}/{name}")
+    root = run_root(base, name)
     source = resolve_source(given, root.root)
     sources = [(source, "pre-finetuned")]
     if baseline:
@@ -181,13 +181,13 @@ def evaluate(base: Config, given: str, tasks: list[str]) -> dict[str, dict[str, 
     """Validation metrics of a model on tasks, without training: every task needs a trained
     head in the source (its own, or the shared one of its type)."""
     name = base.run.name or "evaluate-" + "-".join(tasks)[:60]
-    root = RunDir(f"{normalize(base.run.storage_path)}/{name}")
+    root = run_root(base, name)
     source = resolve_source(given, root.root)
     config = finetune_config(base, source, tasks[0], 1.0, base.training.seed, root.root,
                              "scores")
     config = validate({**config.model_dump(mode="json"),
                        "tasks": {**config.tasks.model_dump(mode="json"), "include": tasks}})
-    resolved = check(config)
+    resolved = resolve_and_check(config)
     heads, _ = initial_heads(source, resolved, "reuse", asked_by="evaluate")
     result = launch(config, "evaluate", initial_heads=heads, evaluate_only=True)
     root.write_text("metrics.json", json.dumps(result.after, indent=2))

@@ -33,7 +33,7 @@ from muppet_ray.errors import ConfigError, MuppetError, TrainingError, storage_f
 from muppet_ray.metrics import read_log
 from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
-from muppet_ray.storage import RunDir, check_shared, check_writable, normalize
+from muppet_ray.storage import RunDir, check_shared, check_writable, normalize, run_root
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
@@ -66,8 +66,8 @@ class RunResult:
         return "\n".join(lines)
 
 
-def check(config: Config) -> list[Task]:
-    """Everything about the run that can be checked before Ray starts."""
+def resolve_and_check(config: Config) -> list[Task]:
+    """The run's tasks, and everything about the run that can be checked before Ray starts."""
     tasks = resolve_tasks(config)
     if not is_encoder_decoder(config.model):
         generation = [t.name for t in tasks if t.type == "generation"]
@@ -171,10 +171,10 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     """One Ray Train run of the config's tasks — what pre-finetuning, fine-tuning (finetune.py:
     one task, started from trained heads) and evaluation (`evaluate_only`: the starting model
     scored, no training) all are. `job` names the run directory when run.name is unset."""
-    tasks = check(config)
+    tasks = resolve_and_check(config)
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
-    run_dir = RunDir(f"{storage}/{name}")
+    run_dir = run_root(config, name)
     resuming = run_dir.exists("config.yaml")
     config_yaml = to_yaml(config.model_copy(update={"run": config.run.model_copy(
         update={"name": name})}))

@@ -153,3 +153,8 @@ def check_shared(storage: str) -> None:
             f"run.storage_path: {storage!r} is not visible from nodes {blind}; a multi-node run "
             "needs storage all nodes share (an NFS path mounted on every node, s3://, gs://)")
 
+
+
+def run_root(config, name: str) -> RunDir:
+    """The directory `name` under the config's `run.storage_path` (a run, a sweep, a grid)."""
+    return RunDir(f"{normalize(config.run.storage_path)}/{name}")

@@ -38,7 +38,7 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
 from muppet_ray.prefinetune import build_tokenizer, prefinetune, start_ray
-from muppet_ray.storage import RunDir, normalize
+from muppet_ray.storage import RunDir, run_root
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
 
@@ -90,7 +90,7 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
                           "must never be pre-finetuned on (leave it out of tasks.include)")
     resolve_tasks(_with(base, tasks__include=eval_tasks))  # unknown eval task: fail now
     name = base.run.name or f"sweep-{axis}"
-    root = RunDir(f"{normalize(base.run.storage_path)}/{name}")
+    root = run_root(base, name)
     if axis == "tasks":
         order, sets = nested_task_sets(pool, counts or [0, len(pool)], task_seed)
         points = [{"label": f"{c} tasks", "axis_value": c, "tasks": tasks, "settings": {}}
@@ -112,7 +112,7 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
               "fractions": fractions, "seeds": seeds, "baseline": baseline,
               "point": tune.grid_search(points)}
     grid = _run_tune(_point_trial, params, root, base, max_concurrent)
-    errors = {r.config["point"]["label"]: _first_line(r.error) for r in grid if r.error}
+    errors = {r.config["point"]["label"]: _error_line(r.error) for r in grid if r.error}
     rows = collect(root, [p["label"] for p in points], errors)
     write_results(root, rows, axis, report, command)
     return rows
@@ -190,7 +190,8 @@ def collect(root: RunDir, labels: list[str], errors: dict[str, str]) -> list[dic
     return rows
 
 
-def _first_line(error: BaseException) -> str:
+def _error_line(error: BaseException) -> str:
+    """The error's last non-empty line (where Ray's wrapped errors say what went wrong)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
 
@@ -412,7 +413,7 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
     trial's settings, metric and run directory (written to best.json too)."""
     space = parse_search(search)
     name = base.run.name or f"sweep-finetune-{task}"
-    root = RunDir(f"{normalize(base.run.storage_path)}/{name}")
+    root = run_root(base, name)
     source = resolve_source(given, root.root)
     steps = base.training.max_steps
     every = base.training.eval_every or max(1, steps // 4)
@@ -437,7 +438,7 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
                "steps": (result.metrics or {}).get("step"),
                "value": (result.metrics or {}).get(metric)}
         if result.error:
-            row["error"] = _first_line(result.error)
+            row["error"] = _error_line(result.error)
         rows.append(row)
     best = grid.get_best_result(metric, "max", scope="last")
     report = {"metric": metric, "best": {**best.config["space"],

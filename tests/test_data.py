@@ -10,7 +10,7 @@ from muppet_ray import data
 from muppet_ray.config import BatchingConfig, MixtureConfig
 from muppet_ray.errors import DataError
 from muppet_ray.mixture import build_schedule
-from muppet_ray.prefinetune import build_tokenizer, check
+from muppet_ray.prefinetune import build_tokenizer, resolve_and_check
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
 from muppet_ray.tasks import resolve_tasks
@@ -152,7 +152,7 @@ def test_missing_file_and_empty_task(ray_cluster, tmp_path):
     config = custom(tmp_path, GOOD, fields={"text": "sentence", "label": "gold"})
     config.tasks.custom[0].train = str(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=r"task 'mine': file '.*nope.jsonl' does not exist"):
-        check(config)
+        resolve_and_check(config)
     empty = custom(tmp_path, ["", "  "])
     with pytest.raises(DataError, match="task 'mine': the train split has no examples"):
         prepare(empty, RunDir(str(tmp_path / "run")))
