@@ -11,10 +11,8 @@ pre-finetuned model, and the backbone it started from as the baseline), each tra
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass
@@ -27,7 +25,7 @@ from muppet_ray.export import AUTO_CLASSES, MAPPABLE_BACKBONES, to_transformers
 from muppet_ray.heads import initial_heads
 from muppet_ray.model_source import Source, baseline_source, resolve_source
 from muppet_ray.prefinetune import launch, resolve_and_check, training_settings
-from muppet_ray.storage import RunDir, run_root
+from muppet_ray.storage import RunDir, run_root, write_rows
 from muppet_ray.tasks import Task, resolve_tasks
 
 # --------------------------------------------------------------------------- running
@@ -147,16 +145,7 @@ def compare(base: Config, given: str, task: str, fractions: list[float], seeds: 
 
 def write_summary(root: RunDir, results: list[FinetuneResult]) -> None:
     rows = [asdict(r) for r in results]
-    root.write_text("results.json", json.dumps(rows, indent=2))
-    columns = [k for k in rows[0] if k != "metrics"]
-    with tempfile.TemporaryDirectory() as local:
-        path = os.path.join(local, "results.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(path) as f:
-            root.write_text("results.csv", f.read())
+    write_rows(root, rows, [k for k in rows[0] if k != "metrics"])
     root.write_text("summary.md", summary_table(results) + "\n")
 
 

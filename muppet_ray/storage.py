@@ -13,6 +13,8 @@ Layout of `<storage_path>/<run name>/`:
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -158,3 +160,13 @@ def check_shared(storage: str) -> None:
 def run_root(config, name: str) -> RunDir:
     """The directory `name` under the config's `run.storage_path` (a run, a sweep, a grid)."""
     return RunDir(f"{normalize(config.run.storage_path)}/{name}")
+
+
+def write_rows(root: RunDir, rows: list[dict], columns: list[str]) -> None:
+    """`results.json` (every row, whole) and `results.csv` (`columns`) in `root`."""
+    root.write_text("results.json", json.dumps(rows, indent=2))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    root.write_text("results.csv", text.getvalue())

@@ -38,7 +38,7 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
 from muppet_ray.prefinetune import build_tokenizer, prefinetune, start_ray
-from muppet_ray.storage import RunDir, run_root
+from muppet_ray.storage import RunDir, run_root, write_rows
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
 
@@ -204,18 +204,10 @@ def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None 
     """results.json/csv (every fine-tuning run), plots/ and summary.md; with `report`, the
     summary also as that markdown file (dated, with the commit and command) and its plot
     beside it."""
-    import csv
-    import io
-
     columns = ["point", "axis_value", "tasks", "task", "metric", "fraction", "seed",
                "learning_rate", "validation", "test", "train_examples", "steps", "head",
                "error"]
-    root.write_text("results.json", json.dumps(rows, indent=2))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    root.write_text("results.csv", text.getvalue())
+    write_rows(root, rows, columns)
     order = (json.loads(root.read_text("task_order.json"))["order"]
              if axis == "tasks" and root.exists("task_order.json") else [])
     plots = plot(root, rows, axis)
