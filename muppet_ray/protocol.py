@@ -19,9 +19,11 @@ losses, tokenized chunks and metrics as every other run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import ray
@@ -36,11 +38,12 @@ from muppet_ray.heads import initial_heads
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.model_source import Source
 from muppet_ray.optim import build_optimizer
-from muppet_ray.storage import normalize
+from muppet_ray.storage import RunDir, normalize
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer
 
 SPLITS = ("validation", "test")
+SCORES_DIR = ".protocol-cache"  # below the storage root: the scores of finished groups
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ def eval_config(base: Config) -> Config:
 def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
                 fractions: list[float], seeds: list[int], work_dir: str) -> list[Score]:
     """Every run of the protocol for one model: each eval task x fraction x seed x learning
-    rate. Tokenized splits are shared through the storage's chunk cache."""
+    rate. Tokenized splits are shared through the storage's chunk cache, and the scores of
+    each eval task and seed are kept below the storage root: a model scored the same way before
+    (the plain backbone of another sweep, a restarted one) is not fine-tuned again."""
     base = eval_config(base)
     tokenizer = load_tokenizer(source.model)
     cache = data.cache_root(normalize(base.run.storage_path))
@@ -78,7 +83,8 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     run = ray.remote(_fine_tune_runs).options(
         num_cpus=base.scaling.cpus_per_worker, max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    pending = []
+    store = RunDir(f"{normalize(base.run.storage_path)}/{SCORES_DIR}")
+    pending, keys, scores = [], {}, []
     for name in eval_tasks:
         for seed in seeds:
             configs = {f: finetune_config(base, source, name, f, seed, work_dir, "-")
@@ -87,14 +93,39 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
             caches = {f: data.prepare([task], cache, tokenizer,
                                       data.ChunkSettings.from_config(c), ("train", *SPLITS)
                                       )[task.name] for f, c in configs.items()}
+            key = _group_key(configs, source, caches)
+            if store.exists(f"{key}.json"):  # (scored before: another sweep, or a restart)
+                scores += [replace(Score(**s), model=label)
+                           for s in json.loads(store.read_text(f"{key}.json"))]
+                continue
             pending.append(run.remote(configs, source, label, task, caches))
-    scores, total = [], len(pending)
+            keys[pending[-1]] = key
+    total = len(pending)
     while pending:
         done, pending = ray.wait(pending)
-        scores += ray.get(done[0])
+        group = ray.get(done[0])
+        store.write_text(f"{keys[done[0]]}.json", json.dumps([asdict(s) for s in group]))
+        scores += group
         print(f"[muppet-ray] {label}: {total - len(pending)} of {total} task x seed "
               "fine-tuning groups scored", flush=True)
     return scores
+
+
+def _group_key(configs: dict[float, Config], source: Source,
+               caches: dict[float, dict[str, data.CacheIndex]]) -> str:
+    """What a group's scores depend on: its runs' settings (not where they are stored, nor on
+    how many CPUs), the model it starts from and its tokenized data."""
+    settings = []
+    for config in configs.values():
+        raw = {k: v for k, v in config.model_dump(mode="json").items()
+               if k not in ("run", "scaling")}
+        raw["tasks"]["custom"] = [t for t in raw["tasks"]["custom"]  # (this task's spec only)
+                                  if t["name"] in config.tasks.include]
+        settings.append(raw)
+    data_dirs = [[index.directory for _, index in sorted(c.items())] for c in caches.values()]
+    text = json.dumps([settings, source.model, source.manifest, data_dirs], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, task: Task,
