@@ -66,6 +66,15 @@ class Span(TaskType):
     def featurize(self, task, rows, tokenizer, limits):
         questions = [self.field(task, r, "question") for r in rows]
         contexts = [self.field(task, r, "context") for r in rows]
+        # A window holds the question, its special tokens and more than doc_stride tokens of
+        # context: a longer question leaves none (the tokenizer would fail the whole batch).
+        room = (limits.max_length - limits.doc_stride - 1
+                - tokenizer.num_special_tokens_to_add(pair=True))
+        for row, ids in zip(rows, tokenizer(questions, add_special_tokens=False)["input_ids"]):
+            if len(ids) > room:
+                raise data_error(task, row, f"the question is {len(ids)} tokens, more than the "
+                                 f"{room} that model.max_length {limits.max_length} and "
+                                 f"model.doc_stride {limits.doc_stride} leave it")
         enc = tokenizer(questions, contexts, truncation="only_second",
                         max_length=limits.max_length, stride=limits.doc_stride,
                         return_overflowing_tokens=True, return_offsets_mapping=True)
