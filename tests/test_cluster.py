@@ -140,10 +140,10 @@ def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
 
     # Task-transfer diagnostics (transfer.py): every task's gradient similarity to every other,
     # measured across the two workers, and the heat map beside the log.
-    transfer = records[-1]
-    assert transfer["tasks"] == [t.name for t in beside["result"].tasks]
+    transfer, tasks = records[-1], [t.name for t in beside["result"].tasks]
+    assert transfer["tasks"] == tasks and len(tasks) == 8  # (the suite's, summarization too)
     cosine = np.array(transfer["cosine"])
-    assert cosine.shape == (7, 7) and np.allclose(cosine, cosine.T, atol=1e-3)
+    assert cosine.shape == (8, 8) and np.allclose(cosine, cosine.T, atol=1e-3)
     assert np.allclose(np.diag(cosine), 1, atol=1e-3) and np.abs(cosine).max() <= 1 + 1e-3
     assert (log.parent / "gradient_similarity.png").read_bytes()[:4] == b"\x89PNG"
 

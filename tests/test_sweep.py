@@ -75,8 +75,9 @@ def sweep_command(storage):
 def test_task_count_sweep_survives_the_driver_and_reports(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     root = tmp_path / "sweep"
-    first = subprocess.Popen(sweep_command(tmp_path), cwd=ROOT, env=env, start_new_session=True,
-                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
+    with open(tmp_path / "first.log", "w") as log:  # (what the first driver printed)
+        first = subprocess.Popen(sweep_command(tmp_path), cwd=ROOT, env=env,
+                                 start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     # Kill the driver (and its local Ray cluster) once one point (the plain model's) has
     # finished and the next has started.
     deadline = time.monotonic() + 900

@@ -308,3 +308,13 @@ def test_generation_is_scored_on_decoded_text(model, tokenizer):
     model.train()
     row = stats[list(suite.SUITE).index("summarize")]
     assert row[3] == 3 and all(0.0 <= v <= 3.0 for v in row[:3])  # ROUGE-L, -1, -2; count
+
+
+def test_a_question_that_leaves_its_context_no_room_is_a_bad_row(tokenizer):
+    t = task("what_has")
+    row = t.source.sample("train", 1)[0]
+    long = {**row, "question": " ".join(["alice"] * LIMITS.max_length)}
+    with pytest.raises(DataError, match=r"row 0: the question is \d+ tokens, more than the \d+ "
+                                        "that model.max_length"):
+        t.task_type.featurize(t, [row, long], tokenizer, LIMITS)
+    assert t.task_type.featurize(t, [row], tokenizer, LIMITS)  # (the row itself is fine)
