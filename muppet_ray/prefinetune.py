@@ -198,8 +198,8 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
             else:
                 tokenizer = build_tokenizer(config, tasks)
                 _save_tokenizer(tokenizer, run_dir)
-            print(f"[muppet-ray] run directory {run_dir.root}", flush=True)
-            print(f"[muppet-ray] tokenizing {len(tasks)} tasks with Ray Data", flush=True)
+            print(f"[muppet-ray] run directory {run_dir.root}; tokenizing {len(tasks)} tasks "
+                  "with Ray Data", flush=True)
             splits = ("validation",) if evaluate_only else ("train", "validation")
             caches = data.prepare(tasks, data.cache_root(storage), tokenizer,
                                   data.ChunkSettings.from_config(config), splits)

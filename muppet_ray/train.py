@@ -459,14 +459,15 @@ class Trainer:
         """The tasks' gradient similarities (transfer.py), logged and drawn by rank 0."""
         if self.similarity is None:
             return
+        began = time.perf_counter()
         found = self.similarity.similarities(self.engine.module, self.device, self.rank,
                                              self.world)
         if found is None or not self.logger:
             return
         tasks, cosine = found
         names = [self.specs[t]["name"] for t in tasks]
-        self.logger.log({"kind": "transfer", "step": step, "tasks": names,
-                         "cosine": np.round(cosine, 4).tolist()})
+        self.logger.log({"kind": "transfer", "step": step, "seconds": time.perf_counter() - began,
+                         "tasks": names, "cosine": np.round(cosine, 4).tolist()})
         self.run_dir.write_bytes("gradient_similarity.png", heat_map(names, cosine, step))
 
     def log_skipped(self, step: int, tasks: list[str], positions: list[int]) -> None:
