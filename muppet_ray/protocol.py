@@ -44,6 +44,8 @@ from muppet_ray.tokenizer import load_tokenizer
 
 SPLITS = ("validation", "test")
 SCORES_DIR = ".protocol-cache"  # below the storage root: the scores of finished groups
+# The training settings a protocol run reads (its steps, learning rate and warm-up are its own).
+PROTOCOL_TRAINING = ("seed", "weight_decay", "grad_clip", "loss_scaling", "max_eval_examples")
 
 
 @dataclass(frozen=True)
@@ -113,15 +115,15 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
 
 def _group_key(configs: dict[float, Config], source: Source,
                caches: dict[float, dict[str, data.CacheIndex]]) -> str:
-    """What a group's scores depend on: its runs' settings (not where they are stored, nor on
-    how many CPUs), the model it starts from and its tokenized data."""
+    """What a group's scores depend on: the settings its runs read (not where they are stored,
+    nor the pre-finetuning's own schedule), the model it starts from and its tokenized data."""
     settings = []
     for config in configs.values():
-        raw = {k: v for k, v in config.model_dump(mode="json").items()
-               if k not in ("run", "scaling")}
+        raw = config.model_dump(mode="json")
         raw["tasks"]["custom"] = [t for t in raw["tasks"]["custom"]  # (this task's spec only)
                                   if t["name"] in config.tasks.include]
-        settings.append(raw)
+        settings.append({**{k: raw[k] for k in ("model", "tasks", "batching", "protocol")},
+                         "training": {k: raw["training"][k] for k in PROTOCOL_TRAINING}})
     data_dirs = [[index.directory for _, index in sorted(c.items())] for c in caches.values()]
     text = json.dumps([settings, source.model, source.manifest, data_dirs], sort_keys=True,
                       default=str)
