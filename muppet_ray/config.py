@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -292,7 +292,7 @@ class ProtocolConfig(Section):
 
     test_fraction: float = Field(0.2, gt=0, lt=1)
     """Each eval task's test split: this seeded fraction of its rows (tasks.data_seed)."""
-    learning_rates: list[float] = Field([3e-5, 1e-4], min_length=1)
+    learning_rates: list[Annotated[float, Field(gt=0)]] = Field([3e-5, 1e-4], min_length=1)
     """Fine-tuning learning rates tried; each model and task keeps the best on validation."""
     epochs: int = Field(3, ge=1)
     """Fine-tuning epochs over the (fraction of the) train split."""

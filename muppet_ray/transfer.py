@@ -34,8 +34,9 @@ class GradientSimilarity:
                        if p.requires_grad and "embed" not in name]
         self.num_tasks = num_tasks
         generator = torch.Generator().manual_seed(seed)
-        self.buckets = [torch.randint(0, SKETCH, (p.numel(),), generator=generator)
-                        for p in self.params]
+        # (int32 buckets: half the memory of int64 for a weight's worth of indices)
+        self.buckets = [torch.randint(0, SKETCH, (p.numel(),), generator=generator,
+                                      dtype=torch.int32) for p in self.params]
         self.signs = [torch.randint(0, 2, (p.numel(),), generator=generator,
                                     dtype=torch.int8) * 2 - 1 for p in self.params]
         self.latest: dict[int, mb.Batch] = {}  # task -> its latest training micro-batch here
