@@ -182,23 +182,39 @@ def prepare(tasks: list[Task], cache: RunDir, tokenizer, settings: ChunkSettings
     """Every task's splits as chunks in the shared cache `cache`: found there when another run
     (or an earlier start of this one) made them, tokenized with Ray Data otherwise. If that
     fails, whatever this call wrote is removed again."""
-    entries = {(task.name, split): _fingerprint(task, split, tokenizer, settings)
-               for task in tasks for split in splits}
-    pending = [(task, split, entries[task.name, split]) for task in tasks for split in splits
-               if _read_index(cache, entries[task.name, split]) is None]
+    return prepare_each([(tasks, settings)], cache, tokenizer, splits)[0]
+
+
+def prepare_each(requests: list[tuple[list[Task], ChunkSettings]], cache: RunDir, tokenizer,
+                 splits: tuple[str, ...]) -> list[dict[str, dict[str, CacheIndex]]]:
+    """`prepare` for several (tasks, settings) at once: what is missing of all of them is
+    tokenized side by side (a protocol's seeds and fractions: one Ray Data job after another
+    would leave the cluster mostly idle), each cache entry once."""
+    entries = [{(task.name, split): _fingerprint(task, split, tokenizer, settings)
+                for task in tasks for split in splits} for tasks, settings in requests]
+    pending = {}
+    for (tasks, settings), entry in zip(requests, entries):
+        for task in tasks:
+            for split in splits:
+                name = entry[task.name, split]
+                if name not in pending and _read_index(cache, name) is None:
+                    pending[name] = (task, split, name, settings)
     if pending:
-        _write_chunks(pending, cache, tokenizer, settings)
-    caches: dict[str, dict[str, CacheIndex]] = {}
-    for task in tasks:
-        for split in splits:
-            index = _read_index(cache, entries[task.name, split])
-            if index.examples == 0:
-                raise DataError(f"task {task.name!r}: the {split} split has no examples")
-            caches.setdefault(task.name, {})[split] = index
-    return caches
+        _write_chunks(list(pending.values()), cache, tokenizer)
+    out = []
+    for (tasks, _), entry in zip(requests, entries):
+        caches: dict[str, dict[str, CacheIndex]] = {}
+        for task in tasks:
+            for split in splits:
+                index = _read_index(cache, entry[task.name, split])
+                if index.examples == 0:
+                    raise DataError(f"task {task.name!r}: the {split} split has no examples")
+                caches.setdefault(task.name, {})[split] = index
+        out.append(caches)
+    return out
 
 
-def _write_chunks(pending, cache: RunDir, tokenizer, settings: ChunkSettings) -> None:
+def _write_chunks(pending, cache: RunDir, tokenizer) -> None:
     """One Ray Data job per task and split, a few at a time, each driven from its own Ray task
     (no CPU reserved: the job's own tasks do the work). A single job over the union of all of
     them deadlocked the streaming executor on few CPUs (many branches, all-to-all shuffles,
@@ -212,7 +228,7 @@ def _write_chunks(pending, cache: RunDir, tokenizer, settings: ChunkSettings) ->
     try:
         while waiting or running:
             while waiting and len(running) < CONCURRENT_WRITES:
-                task, split, entry = waiting.pop(0)
+                task, split, entry, settings = waiting.pop(0)
                 running.append(write.remote(task, split, cache.root, f"{entry}/{attempt}",
                                             tokenizer, settings))
             done, running = ray.wait(running, num_returns=1)
@@ -224,7 +240,7 @@ def _write_chunks(pending, cache: RunDir, tokenizer, settings: ChunkSettings) ->
         # still running would put files back (seen under load in CI).
         if running:
             ray.wait(running, num_returns=len(running), timeout=120)
-        for _, _, entry in pending:
+        for _, _, entry, _ in pending:
             index = _read_index(cache, entry)
             if index is not None and index.directory.endswith(f"/{attempt}"):
                 cache.remove(entry)  # complete, but made by the start that failed

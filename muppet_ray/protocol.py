@@ -86,22 +86,26 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
         num_cpus=base.scaling.cpus_per_worker, max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     store = RunDir(f"{normalize(base.run.storage_path)}/{SCORES_DIR}")
-    pending, keys, scores = [], {}, []
+    groups = []  # per eval task and seed: (the task, {fraction: its config})
     for name in eval_tasks:
         for seed in seeds:
             configs = {f: finetune_config(base, source, name, f, seed, work_dir, "-")
                        for f in fractions}
-            task = resolve_tasks(configs[fractions[0]])[0]
-            caches = {f: data.prepare([task], cache, tokenizer,
-                                      data.ChunkSettings.from_config(c), ("train", *SPLITS)
-                                      )[task.name] for f, c in configs.items()}
-            key = _group_key(configs, source, caches)
-            if store.exists(f"{key}.json"):  # (scored before: another sweep, or a restart)
-                scores += [replace(Score(**s), model=label)
-                           for s in json.loads(store.read_text(f"{key}.json"))]
-                continue
-            pending.append(run.remote(configs, source, label, task, caches))
-            keys[pending[-1]] = key
+            groups.append((resolve_tasks(configs[fractions[0]])[0], configs))
+    # (every group's splits tokenized at once: their Ray Data jobs run side by side)
+    prepared = iter(data.prepare_each(
+        [([task], data.ChunkSettings.from_config(c)) for task, configs in groups
+         for c in configs.values()], cache, tokenizer, ("train", *SPLITS)))
+    pending, keys, scores = [], {}, []
+    for task, configs in groups:
+        caches = {f: next(prepared)[task.name] for f in configs}
+        key = _group_key(configs, source, caches)
+        if store.exists(f"{key}.json"):  # (scored before: another sweep, or a restart)
+            scores += [replace(Score(**s), model=label)
+                       for s in json.loads(store.read_text(f"{key}.json"))]
+            continue
+        pending.append(run.remote(configs, source, label, task, caches))
+        keys[pending[-1]] = key
     total = len(pending)
     while pending:
         done, pending = ray.wait(pending)
@@ -159,7 +163,7 @@ def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
         **config.training.model_dump(mode="json"), "learning_rate": learning_rate,
         "max_steps": steps, "warmup_steps": round(config.protocol.warmup_ratio * steps)}})
     torch.manual_seed(seed)
-    model = MuppetModel(build_backbone(config.model, tokenizer), [task.spec()],
+    model = MuppetModel(build_backbone(config.model, tokenizer), [task.layout()],
                         config.model.dropout, config.training.loss_scaling,
                         config.model.max_target_length, tokenizer)
     model.heads.load_state_dict(heads, strict=False)

@@ -1,21 +1,23 @@
 """Task-transfer diagnostics: how alike the tasks' gradients on the shared encoder are.
 
-At each evaluation after step 0, each task's latest training micro-batch (kept as it went by)
-goes through the model once more, and the gradient of its loss on the encoder's transformer
-layers is taken — not the embeddings, whose gradient is a sparse, task-specific set of token
-rows. Each gradient is compressed to a count sketch of SKETCH numbers (a fixed random bucket and
-sign per weight), whose inner products estimate the full gradients' within about
-1/sqrt(SKETCH); the cosine similarities of all task pairs go to `metrics.jsonl` (kind
-"transfer") and are drawn as `gradient_similarity.png` in the run directory.
+Between two evaluations, the first single-task micro-batch of each task that a worker trains on
+is measured as it trains: hooks on the encoder's transformer layers (not the embeddings, whose
+gradient is a sparse, task-specific set of token rows) add that backward pass's gradient to the
+task's count sketch of SKETCH numbers (each weight hashed to a bucket and a sign), whose inner
+products estimate the full gradients' within about 1/sqrt(SKETCH). At the evaluation the
+workers' sketches are summed and the cosine similarities of all task pairs go to
+`metrics.jsonl` (kind "transfer"), drawn as `gradient_similarity.png` in the run directory.
 
-Cost: one forward and backward pass per task and evaluation, spread over the workers (each
-task on the lowest-ranked worker that has a micro-batch of it); the training itself is
-untouched (no dropout, `autograd.grad` leaves the accumulated gradients alone). Not under ZeRO-3,
-whose workers hold only a shard of each weight.
+Cost: one sketch per task, worker and evaluation interval, and no pass of its own. It works
+under every ZeRO stage: a weight's hook sees its whole gradient of the pass before DeepSpeed
+reduces it (ZeRO-3 gathers the weight for the pass), and the bucket and sign of each weight
+are hashed from its index rather than stored (stored, they would cost every worker 5 bytes a
+weight: more than ZeRO-3 saves).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -28,63 +30,74 @@ SKETCH = 2**16
 
 
 class GradientSimilarity:
-    def __init__(self, model: torch.nn.Module, num_tasks: int, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, num_tasks: int, device: torch.device,
+                 seed: int = 0):
         encoder = model.backbone.get_encoder() if model.encoder_decoder else model.backbone
-        self.params = [p for name, p in encoder.named_parameters()
-                       if p.requires_grad and "embed" not in name]
         self.num_tasks = num_tasks
-        generator = torch.Generator().manual_seed(seed)
-        # (int32 buckets: half the memory of int64 for a weight's worth of indices)
-        self.buckets = [torch.randint(0, SKETCH, (p.numel(),), generator=generator,
-                                      dtype=torch.int32) for p in self.params]
-        self.signs = [torch.randint(0, 2, (p.numel(),), generator=generator,
-                                    dtype=torch.int8) * 2 - 1 for p in self.params]
-        self.latest: dict[int, mb.Batch] = {}  # task -> its latest training micro-batch here
+        self.seed = seed
+        self.sketches = torch.zeros(num_tasks, SKETCH, dtype=torch.float64, device=device)
+        self.measured = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        self.task: int | None = None  # the task whose backward passes are being sketched
+        offset = 0
+        for name, p in encoder.named_parameters():
+            if p.requires_grad and "embed" not in name:
+                p.register_hook(self._hook(offset))
+                offset += getattr(p, "ds_numel", p.numel())  # (ZeRO-3: p holds a shard)
 
-    def remember(self, batch: mb.Batch) -> None:
+    @contextlib.contextmanager
+    def measuring(self, batch: mb.Batch):
+        """Around a micro-batch's backward passes: sketch them if it is the first single-task
+        micro-batch of its task since the last call of `similarities` (on this worker)."""
         tasks = np.unique(batch["example_task"])
-        if len(tasks) == 1:  # (single-task micro-batches only: a task's own gradient)
-            self.latest[int(tasks[0])] = batch
+        if len(tasks) != 1 or self.measured[int(tasks[0])]:
+            yield
+            return
+        self.task = int(tasks[0])
+        try:
+            yield
+        finally:
+            self.measured[self.task] = 1
+            self.task = None
 
-    def similarities(self, model: torch.nn.Module, device: torch.device, rank: int,
-                     world: int) -> tuple[list[int], np.ndarray] | None:
-        """(the tasks measured, their cosine similarity matrix), on every worker; None when
-        fewer than two tasks were trained since the last call."""
-        have = torch.zeros(world, self.num_tasks, dtype=torch.float64, device=device)
-        have[rank, list(self.latest)] = 1
+    def _hook(self, offset: int):
+        def add(grad: torch.Tensor) -> None:
+            if self.task is not None:
+                buckets, signs = hashed(offset, grad.numel(), self.seed, grad.device)
+                self.sketches[self.task].index_add_(0, buckets, grad.flatten().double() * signs)
+        return add
+
+    def similarities(self, world: int) -> tuple[list[int], np.ndarray] | None:
+        """(the tasks measured on any worker, their cosine similarity matrix), on every worker
+        (a collective call); None when fewer than two tasks were measured since the last call."""
         if world > 1:
-            dist.all_reduce(have)
-        owner = [int(have[:, t].nonzero()[0]) if have[:, t].any() else -1
-                 for t in range(self.num_tasks)]
-        sketches = torch.zeros(self.num_tasks, SKETCH, dtype=torch.float64)
-        was_training = model.training
-        model.eval()  # (no dropout: the same weights' gradient, and no random draws taken)
-        with torch.enable_grad():
-            for task, batch in self.latest.items():
-                if owner[task] == rank:
-                    sketches[task] = self.sketch(model, batch, device)
-        model.train(was_training)
-        self.latest = {}
-        sketches = sketches.to(device)
-        if world > 1:
-            dist.all_reduce(sketches)
-        measured = [t for t in range(self.num_tasks) if owner[t] >= 0]
+            dist.all_reduce(self.sketches)
+            dist.all_reduce(self.measured)
+        measured = [t for t in range(self.num_tasks) if self.measured[t]]
+        vectors = self.sketches[measured].cpu()
+        self.sketches.zero_()
+        self.measured.zero_()
         if len(measured) < 2:
             return None
-        vectors = sketches[measured].cpu()
         vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-30)
         return measured, (vectors @ vectors.T).numpy()
 
-    def sketch(self, model: torch.nn.Module, batch: mb.Batch, device: torch.device
-               ) -> torch.Tensor:
-        piece = mb.select(batch, np.arange(min(mb.num_examples(batch), 16)))
-        loss = model(mb.to_torch(piece, device))["loss"]
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        out = torch.zeros(SKETCH, dtype=torch.float64)
-        for grad, buckets, signs in zip(grads, self.buckets, self.signs):
-            if grad is not None:
-                out.index_add_(0, buckets, grad.detach().flatten().double().cpu() * signs)
-        return out
+
+def hashed(offset: int, count: int, seed: int, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buckets and signs of weights offset .. offset + count: splitmix64 of their index."""
+    x = torch.arange(offset, offset + count, dtype=torch.int64, device=device)
+    x = x + (seed + 1) * -7046029254386353131  # (0x9E3779B97F4A7C15; int64 arithmetic wraps)
+    x = (x ^ _shift(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = (x ^ _shift(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    x = x ^ _shift(x, 31)
+    buckets = x & (SKETCH - 1)
+    signs = (_shift(x, 32) & 1).double() * 2 - 1
+    return buckets, signs
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits as on unsigned integers (torch shifts int64 arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def heat_map(names: list[str], cosine: np.ndarray, step: int) -> bytes:

@@ -236,3 +236,9 @@ def test_a_run_resumes_after_its_driver_is_killed_and_after_its_storage_fills(
     assert positions == list(range(24 * micro_batches_per_step(config)))
     assert_loss_falls(result.run_dir)
     assert AutoModel.from_pretrained(result.export_dir) is not None
+    # Task transfer is measured under ZeRO-3 too (each weight's hook sees its whole gradient).
+    transfer = [r for r in map(json.loads, log.read_text().splitlines())
+                if r["kind"] == "transfer"][-1]
+    assert transfer["step"] == 24 and transfer["tasks"] == [t.name for t in result.tasks]
+    assert np.allclose(np.diag(transfer["cosine"]), 1, atol=1e-3)
+    assert (storage / "run" / "gradient_similarity.png").read_bytes()[:4] == b"\x89PNG"
