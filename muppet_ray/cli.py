@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 
-from muppet_ray.config import load_config
+from muppet_ray.config import VERBOSE, load_config
 from muppet_ray.errors import ConfigError, MuppetError
 
 
@@ -98,6 +98,9 @@ def _config_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--set", dest="overrides", action="append", default=[],
                          metavar="SECTION.KEY=VALUE", help="override one config value "
                          "(repeatable)")
+    command.add_argument("--verbose", action="store_true", help="also show what Ray, Ray "
+                         "Train, Ray Tune, Ray Data and DeepSpeed print (default: only in Ray's "
+                         "log files)")
 
 
 def _numbers(option: str, text: str, kind: type) -> list:
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[muppet-ray] {args.out}: {name} (loads with transformers' Auto classes)")
             return 0
         config = load_config(args.config, args.overrides)
+        if args.verbose:  # (read where Ray starts, and by the sweep's trial drivers)
+            os.environ[VERBOSE] = "1"
         if args.command == "prefinetune":
             from muppet_ray.prefinetune import prefinetune  # imports Ray: only when running
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from muppet_ray.errors import ConfigError
 
+VERBOSE = "MUPPET_VERBOSE"  # set to 1 by `--verbose` (an environment variable: trials inherit it)
 TaskTypeName = Literal["classification", "regression", "multiple_choice", "span", "generation"]
 
 

@@ -31,6 +31,7 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.model import MuppetModel, load_encoder
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
+from muppet_ray.tasks import HeadLayout
 
 MANIFEST = "muppet.json"
 
@@ -42,9 +43,8 @@ def manifest(model: MuppetModel, step: int, config_yaml: str) -> dict:
         "encoder_decoder": model.encoder_decoder,
         "backbone": type(model.backbone).__name__,
         "tasks": [
-            {**spec, "metric": TASK_TYPES[spec["type"]].metric,
-             "head": TASK_TYPES[spec["type"]].head}
-            for spec in model.task_specs
+            {**layout.to_json(), "metric": TASK_TYPES[layout.type].metric, "head": layout.head}
+            for layout in model.layouts
         ],
         "loss_scaling": model.loss_scaling,
         "max_target_length": model.max_target_length,
@@ -75,9 +75,9 @@ def load_exported(export_dir: str, dropout: float = 0.1) -> tuple[MuppetModel, o
         backbone = AutoModelForSeq2SeqLM.from_pretrained(export_dir)
     else:
         backbone = load_encoder(export_dir)
-    specs = [{k: t[k] for k in ("name", "type", "num_outputs", "labels")} for t in info["tasks"]]
+    layouts = [HeadLayout.from_json(t) for t in info["tasks"]]
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
-    model = MuppetModel(backbone, specs, dropout, info["loss_scaling"], info["max_target_length"],
+    model = MuppetModel(backbone, layouts, dropout, info["loss_scaling"], info["max_target_length"],
                         tokenizer)
     heads = load_file(os.path.join(export_dir, "heads.safetensors"))
     model.heads.load_state_dict({k: v.to(torch.float32) for k, v in heads.items()})
@@ -99,34 +99,34 @@ MAPPABLE_BACKBONES = ("bert", "roberta", "xlm-roberta")
 def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
     """Write `task` of a local export as a `transformers` task model; returns its class name."""
     model, tokenizer, info = load_exported(export_dir)
-    spec = next((t for t in info["tasks"] if t["name"] == task), None)
-    if spec is None:
+    layout = next((t for t in model.layouts if t.name == task), None)
+    if layout is None:
         raise ConfigError(f"task {task!r} is not in the export {export_dir!r}; it has "
                           f"{[t['name'] for t in info['tasks']]}")
     model_type = model.backbone.config.model_type
-    if spec["type"] not in AUTO_CLASSES or model_type not in MAPPABLE_BACKBONES:
+    if layout.type not in AUTO_CLASSES or model_type not in MAPPABLE_BACKBONES:
         raise ConfigError(
-            f"task {task!r}: no transformers task model matches a {spec['type']} head on a "
+            f"task {task!r}: no transformers task model matches a {layout.type} head on a "
             f"{model_type} backbone (supported: {sorted(AUTO_CLASSES)} tasks on "
             f"{list(MAPPABLE_BACKBONES)} encoders)")
     config = model.backbone.config.__class__.from_dict(model.backbone.config.to_dict())
-    if spec["head"] == "classification":
-        config.num_labels = spec["num_outputs"]
-        config.problem_type = ("regression" if spec["type"] == "regression"
+    if layout.head == "classification":
+        config.num_labels = layout.num_outputs
+        config.problem_type = ("regression" if layout.type == "regression"
                                else "single_label_classification")
-        if spec["labels"]:
-            config.id2label = dict(enumerate(spec["labels"]))
-            config.label2id = {label: i for i, label in enumerate(spec["labels"])}
-    hf = AUTO_CLASSES[spec["type"]].from_config(config)
+        if layout.labels:
+            config.id2label = dict(enumerate(layout.labels))
+            config.label2id = {label: i for i, label in enumerate(layout.labels)}
+    hf = AUTO_CLASSES[layout.type].from_config(config)
     weights = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("pooler.")}
     missing, unexpected = hf.base_model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise RuntimeError(f"backbone weights do not fit {type(hf).__name__}: missing "
                            f"{missing}, unexpected {unexpected}")
-    dense, projection = _head_weights(model, info, spec)
-    roberta_classifier = spec["head"] == "classification" and model_type != "bert"
+    dense, projection = _head_weights(model, layout)
+    roberta_classifier = layout.head == "classification" and model_type != "bert"
     with torch.no_grad():
-        if spec["head"] == "span":
+        if layout.head == "span":
             hf.qa_outputs.load_state_dict(projection.state_dict())
         elif roberta_classifier:
             hf.classifier.dense.load_state_dict(dense.state_dict())
@@ -139,17 +139,17 @@ def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
     return type(hf).__name__
 
 
-def _head_weights(model: MuppetModel, info: dict, spec: dict
+def _head_weights(model: MuppetModel, layout: HeadLayout
                   ) -> tuple[torch.nn.Linear | None, torch.nn.Linear]:
     """The task's head as (dense, projection) linear layers (no dense layer for span)."""
-    if spec["head"] == "span":
+    if layout.head == "span":
         return None, model.heads["span"].proj
-    if spec["head"] == "multiple_choice":
+    if layout.head == "multiple_choice":
         head = model.heads["multiple_choice"]
         return head.dense, head.score
     heads = model.heads["classification"]
-    index = [t["name"] for t in info["tasks"] if t["head"] == "classification"].index(spec["name"])
-    n = spec["num_outputs"]
+    index = [t for t in model.layouts if t.head == "classification"].index(layout)
+    n = layout.num_outputs
     hidden = heads.dense_weight.shape[1]
     dense, projection = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, n)
     with torch.no_grad():  # ours compute x @ W; nn.Linear stores W transposed

@@ -28,7 +28,7 @@ def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str 
     if choice not in HEAD_CHOICES:
         raise ConfigError(f"--head: expected one of {list(HEAD_CHOICES)}, got {choice!r}")
     trained = source.trained_heads()
-    specs = {s["name"]: s for s in (source.manifest or {}).get("tasks", [])}
+    trained_as = {layout.name: layout for layout in source.layouts()}
     origin: dict[str, str] = {}
     for task in tasks:
         head = task.task_type.head
@@ -40,10 +40,10 @@ def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str 
         if key not in trained:
             reason = (f"{source.given!r} has no trained {head.replace('_', ' ')} head"
                       + (f" for task {task.name!r}" if head == "classification" else ""))
-        elif head == "classification" and (specs[task.name]["type"], specs[task.name]["labels"]
-                                           ) != (task.type, list(task.labels)):
+        elif head == "classification" and trained_as[task.name] != task.layout():
+            was = trained_as[task.name]
             reason = (f"task {task.name!r} was trained in {source.given!r} with another type "
-                      f"or labels ({specs[task.name]['type']}, {specs[task.name]['labels']})")
+                      f"or labels ({was.type}, {list(was.labels)})")
         if reason and choice == "reuse":
             raise ConfigError(f"{asked_by}: {reason}")
         origin[task.name] = "new" if reason or choice == "new" else trained[key]

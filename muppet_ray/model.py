@@ -34,6 +34,7 @@ from muppet_ray.task_types import HEADS, IGNORE, TASK_TYPES
 from muppet_ray.task_types.classification import ClassificationHeads
 from muppet_ray.task_types.multiple_choice import MultipleChoiceHead
 from muppet_ray.task_types.span import SpanHead
+from muppet_ray.tasks import HeadLayout
 
 
 def is_encoder_decoder(config: ModelConfig) -> bool:
@@ -110,29 +111,28 @@ def hidden_size(backbone: nn.Module) -> int:
 
 
 class MuppetModel(nn.Module):
-    """Backbone + heads for a fixed list of tasks (`task_specs`: name, type, num_outputs)."""
+    """Backbone + heads for a fixed list of tasks (their head layouts, in the run's order)."""
 
-    def __init__(self, backbone: nn.Module, task_specs: list[dict], dropout: float,
+    def __init__(self, backbone: nn.Module, layouts: list[HeadLayout], dropout: float,
                  loss_scaling: bool = True, max_target_length: int = 32, tokenizer=None):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer  # to score generated text
-        self.task_specs = task_specs
+        self.layouts = layouts
         self.loss_scaling = loss_scaling
         self.max_target_length = max_target_length
         self.encoder_decoder = bool(backbone.config.is_encoder_decoder)
         self.uses_token_types = getattr(backbone.config, "type_vocab_size", 0) > 1
         width = hidden_size(backbone)
-        types = {spec["type"] for spec in task_specs}
-        heads = {TASK_TYPES[t].head for t in types}
+        heads = {layout.head for layout in layouts}
         if "generation" in heads and not self.encoder_decoder:
             raise ConfigError("generation tasks need an encoder-decoder backbone (e.g. BART); "
                               f"{type(backbone).__name__} is encoder-only")
-        class_tasks = [s for s in task_specs if TASK_TYPES[s["type"]].head == "classification"]
+        class_tasks = [t for t in layouts if t.head == "classification"]
         modules = {}
         if class_tasks:
             modules["classification"] = ClassificationHeads(
-                width, [s["num_outputs"] for s in class_tasks], dropout)
+                width, [t.num_outputs for t in class_tasks], dropout)
         if "multiple_choice" in heads:
             modules["multiple_choice"] = MultipleChoiceHead(width, dropout)
         if "span" in heads:
@@ -143,13 +143,13 @@ class MuppetModel(nn.Module):
         self.active_heads = [h for h in HEADS if h in modules or
                              (h == "generation" and self.encoder_decoder)]
         self.active_types = [name for name, t in TASK_TYPES.items() if t.head in self.active_heads]
-        head_index = {s["name"]: i for i, s in enumerate(class_tasks)}
+        head_index = {t.name: i for i, t in enumerate(class_tasks)}
         self.register_buffer("task_type", torch.tensor(
-            [self.active_types.index(s["type"]) for s in task_specs]), persistent=False)
+            [self.active_types.index(t.type) for t in layouts]), persistent=False)
         self.register_buffer("task_head_index", torch.tensor(
-            [head_index.get(s["name"], 0) for s in task_specs]), persistent=False)
+            [head_index.get(t.name, 0) for t in layouts]), persistent=False)
         self.register_buffer("task_num_outputs", torch.tensor(
-            [max(1, s["num_outputs"]) for s in task_specs]), persistent=False)
+            [max(1, t.num_outputs) for t in layouts]), persistent=False)
         self.kept_pairs: dict[int, list[torch.Tensor]] = {}  # (see take_pairs)
 
     # ------------------------------------------------------------------ forward
@@ -215,7 +215,7 @@ class MuppetModel(nn.Module):
             log_n = torch.where(mine, type_log_n, log_n)
         # Muppet §3.2: divide by log(n) so tasks with large output spaces don't dominate.
         objective = (loss / log_n if self.loss_scaling else loss).mean()
-        num_tasks = len(self.task_specs)
+        num_tasks = len(self.layouts)
         task = batch["example_task"]
         return {
             "loss": objective,
@@ -240,7 +240,7 @@ class MuppetModel(nn.Module):
                 out["generated"] = torch.zeros_like(batch["decoder_labels"])
             out["tokenizer"] = self.tokenizer
         width = max(TASK_TYPES[t].num_stats for t in self.active_types)
-        stats = torch.zeros(len(self.task_specs), width, device=batch["target"].device)
+        stats = torch.zeros(len(self.layouts), width, device=batch["target"].device)
         for type_id, name in enumerate(self.active_types):
             mine = batch["type"] == type_id
             if not bool(mine.any()):

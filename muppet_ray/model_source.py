@@ -22,7 +22,7 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.export import MANIFEST, write_export
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.storage import CHECKPOINT_SNAPSHOT, RunDir
-from muppet_ray.task_types import TASK_TYPES
+from muppet_ray.tasks import HeadLayout
 from muppet_ray.tokenizer import load_tokenizer
 
 
@@ -39,12 +39,16 @@ class Source:
     def heads_file(self) -> str:
         return os.path.join(self.model, "heads.safetensors")
 
+    def layouts(self) -> list[HeadLayout]:
+        """The tasks the source model was trained on (none for a plain model)."""
+        return [HeadLayout.from_json(t) for t in (self.manifest or {}).get("tasks", [])]
+
     def trained_heads(self) -> dict[str, str]:
         """Head -> a task that trained it (classification heads: task -> itself)."""
         found: dict[str, str] = {}
-        for spec in (self.manifest or {}).get("tasks", []):
-            head = TASK_TYPES[spec["type"]].head
-            found.setdefault(spec["name"] if head == "classification" else head, spec["name"])
+        for layout in self.layouts():
+            found.setdefault(layout.name if layout.head == "classification" else layout.head,
+                             layout.name)
         return found
 
 
@@ -106,8 +110,8 @@ def checkpoint_to_export(checkpoint_dir: str, work_dir: str, verified: bool = Fa
     config_yaml = run.read_text("config.yaml")
     config = parse_config(config_yaml)
     tokenizer = load_tokenizer(run.uri("tokenizer"))
-    specs = json.loads(run.read_text("tasks.json"))
-    model = MuppetModel(build_backbone(config.model, tokenizer), specs, config.model.dropout,
+    layouts = [HeadLayout.from_json(t) for t in json.loads(run.read_text("tasks.json"))]
+    model = MuppetModel(build_backbone(config.model, tokenizer), layouts, config.model.dropout,
                         config.training.loss_scaling, config.model.max_target_length, tokenizer)
     try:
         state = checkpoints.weights(checkpoint_dir)

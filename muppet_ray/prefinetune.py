@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from muppet_ray import data, suite
 from muppet_ray.config import (
+    VERBOSE,
     Config,
     expand_variables,
     micro_batches_per_step,
@@ -91,8 +92,9 @@ def start_ray(config: Config) -> None:
     if ray.is_initialized():
         return
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if verbose() else logging.ERROR
     if address:
-        ray.init(address=address, logging_level=logging.ERROR)
+        ray.init(address=address, logging_level=level)
         _keep_ray_off_the_console()
         return
     # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
@@ -101,7 +103,7 @@ def start_ray(config: Config) -> None:
     needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
     prepare_local_cluster()
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
-             logging_level=logging.ERROR, include_dashboard=False)
+             logging_level=level, include_dashboard=False)
     _keep_ray_off_the_console()
 
 
@@ -121,11 +123,18 @@ def prepare_local_cluster() -> None:
     os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:0"
 
 
+def verbose() -> bool:
+    """`--verbose`: the console shows what Ray and the libraries print, not only our lines."""
+    return os.environ.get(VERBOSE) == "1"
+
+
 def _keep_ray_off_the_console() -> None:
     """Ray forwards every line its processes print (its own logs, Ray Train's, DeepSpeed's and
     transformers') to this console: ~100 lines a run. Only muppet-ray's own lines stay; the rest
     are in Ray's session logs, where Ray writes them anyway. (A worker's error still reaches
-    this process, as the exception `fit()` raises.)"""
+    this process, as the exception `fit()` raises.) Not with `--verbose`."""
+    if verbose():
+        return
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as forwarded
 
     def ours(batch: dict) -> None:
@@ -191,7 +200,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
             if not resuming:
                 run_dir.write_text("config.yaml", config_yaml)
                 # (with the config: what a checkpoint needs to become a model again)
-                run_dir.write_text("tasks.json", json.dumps([t.spec() for t in tasks]))
+                run_dir.write_text("tasks.json", json.dumps([t.layout().to_json() for t in tasks]))
             if resuming and run_dir.exists("tokenizer"):
                 # (a tokenizer trained again could differ, and with it every token id)
                 tokenizer = load_tokenizer(run_dir.uri("tokenizer"))
@@ -219,7 +228,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     plan = WorkerPlan(
         config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,
-        task_specs=[t.spec() for t in tasks],
+        layouts=[t.layout() for t in tasks],
         train_caches=[caches[t.name].get("train") for t in tasks],
         eval_caches=[caches[t.name]["validation"] for t in tasks],
         initial_heads=initial_heads or {}, evaluate_only=evaluate_only)

@@ -37,7 +37,7 @@ from muppet_ray.config import Config, parse_config, to_yaml, validate
 from muppet_ray.errors import ConfigError
 from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
-from muppet_ray.prefinetune import build_tokenizer, prefinetune, start_ray
+from muppet_ray.prefinetune import build_tokenizer, prefinetune, start_ray, verbose
 from muppet_ray.storage import RunDir, run_root, write_rows
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
@@ -161,6 +161,10 @@ def _run_tune(trainable, params: dict, root: RunDir, base: Config,
     per_trial = base.scaling.max_workers * base.scaling.cpus_per_worker
     if max_concurrent is None:  # trials whose workers fit the cluster at once
         max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // (per_trial + 1)))
+    if not verbose():
+        # Tune's default console engine prints its configuration box even at verbose=0; the
+        # legacy one prints nothing at 0 (the trials' own progress lines still show).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # The trial itself only drives Ray Train runs, whose workers hold the resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = root.uri("tune")

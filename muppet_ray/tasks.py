@@ -42,10 +42,31 @@ class Task:
         """Outputs of its classification head (0 for types served by shared heads)."""
         return {"classification": len(self.labels), "regression": 1}.get(self.type, 0)
 
-    def spec(self) -> dict[str, Any]:
-        """What the model and the export manifest need to know of the task."""
+    def layout(self) -> HeadLayout:
+        return HeadLayout(self.name, self.type, self.num_outputs, self.labels)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """What the model, its checkpoints and its export know of a task: the head that serves it
+    and its outputs there (no data source: a model is rebuilt from these alone)."""
+
+    name: str
+    type: str
+    num_outputs: int  # of its own classification head (0 for types served by a shared head)
+    labels: tuple[str, ...] = ()
+
+    @property
+    def head(self) -> str:
+        return TASK_TYPES[self.type].head
+
+    def to_json(self) -> dict[str, Any]:  # (tasks.json and the export manifest)
         return {"name": self.name, "type": self.type, "num_outputs": self.num_outputs,
                 "labels": list(self.labels)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> HeadLayout:
+        return cls(raw["name"], raw["type"], raw["num_outputs"], tuple(raw["labels"]))
 
 
 def builtin_task(name: str, config: Config) -> Task:

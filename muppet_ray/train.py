@@ -49,6 +49,7 @@ from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.optim import build_optimizer, deepspeed_config
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
+from muppet_ray.tasks import HeadLayout
 from muppet_ray.transfer import GradientSimilarity, heat_map
 
 # Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
@@ -65,7 +66,7 @@ class WorkerPlan:
     config_yaml: str  # the config as the run saved it (`${VAR}` kept), for the export
     run_dir: str  # URI
     tokenizer: Any
-    task_specs: list[dict]  # Task.spec() of each task, in the run's order
+    layouts: list[HeadLayout]  # each task's head layout, in the run's order
     train_caches: list[data.CacheIndex | None]  # per task (None: evaluation only)
     eval_caches: list[data.CacheIndex]
     initial_heads: dict  # fine-tuning: trained head tensors, keyed as in `MuppetModel.heads`
@@ -90,7 +91,7 @@ class Trainer:
         self.run_dir = RunDir(plan.run_dir)
         self.existing_checkpoints: set[str] = set()  # (see checkpoint.dir_name)
         self.tokenizer = plan.tokenizer
-        self.specs = plan.task_specs
+        self.layouts = plan.layouts
         self.train_caches = plan.train_caches
         self.eval_caches = plan.eval_caches
         self.initial_heads = plan.initial_heads
@@ -121,7 +122,7 @@ class Trainer:
         bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
         torch.manual_seed(self.config.training.seed)  # identical initial weights everywhere
         model = MuppetModel(
-            build_backbone(self.config.model, self.tokenizer), self.specs,
+            build_backbone(self.config.model, self.tokenizer), self.layouts,
             self.config.model.dropout, self.config.training.loss_scaling,
             self.config.model.max_target_length, self.tokenizer,
         )
@@ -215,7 +216,7 @@ class Trainer:
             [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
             self.config.mixture, self.config.batching, self.per_step,
             self.config.training.max_steps, self.config.training.seed,
-            [s["name"] for s in self.specs],
+            [t.name for t in self.layouts],
         )
         # Each worker's micro-batches, a row per step: the step's largest go to different
         # workers (Schedule.worker_positions), so that no worker waits long for another.
@@ -226,8 +227,8 @@ class Trainer:
         # What each micro-batch's number of passes is based on: its own size, or under ZeRO-3
         # (whose passes gather parameters from all workers) the largest of the same micro-step.
         self.pass_cost = cost[every].max(axis=0) if self.zero3 else cost[self.positions]
-        self.similarity = (GradientSimilarity(self.engine.module, len(self.specs))
-                           if len(self.specs) > 1 and not self.zero3 else None)
+        self.similarity = (GradientSimilarity(self.engine.module, len(self.layouts), self.device)
+                           if len(self.layouts) > 1 else None)
         return self.restore(checkpoint, reshard)
 
     def train(self, start: int) -> None:
@@ -239,7 +240,7 @@ class Trainer:
         if start == 0:
             self.evaluate(0)
         train = self.config.training
-        window = Window(len(self.specs))
+        window = Window(len(self.layouts))
         if start % train.log_every:
             # Resumed inside a logging window: its steps up to the checkpoint were trained before
             # it, and the record that now closes the window replaces the earlier one, so it lists
@@ -261,7 +262,7 @@ class Trainer:
             done = step + 1
             if done % train.log_every == 0 or done == steps:
                 self.log_train(done, window)
-                window = Window(len(self.specs))
+                window = Window(len(self.layouts))
             paused = time.perf_counter()
             if train.eval_every and done % train.eval_every == 0 and done != steps:
                 metrics = self.evaluate(done)
@@ -298,11 +299,13 @@ class Trainer:
 
     def train_step(self, step: int, stream, window: Window) -> bool:
         """One optimizer step; False if it was skipped (a non-finite loss or gradients)."""
-        num_tasks = len(self.specs)
+        num_tasks = len(self.layouts)
         # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
         # accelerator's queue full.
-        losses = torch.zeros(1 + 2 * num_tasks, dtype=torch.float64, device=self.device)
-        counts = torch.zeros(2 + self.per_step, dtype=torch.float64)
+        sums = {name: torch.zeros(size, dtype=torch.float64, device=self.device) for name, size
+                in (("loss", 1), ("task_loss", num_tasks), ("task_examples", num_tasks))}
+        tokens = torch.zeros(2, dtype=torch.float64)  # real, padded
+        slots = torch.zeros(self.per_step, dtype=torch.float64)  # the step's positions
         first = step * self.per_step
         with one_reduction(self.engine, self.config.deepspeed.zero_stage):
             for micro in range(self.accum):
@@ -314,22 +317,23 @@ class Trainer:
                     raise RuntimeError(
                         f"worker {self.rank} got micro-batch {position} at step {step}")
                 batch = mb.from_bytes(row["payload"])
-                if self.similarity:
-                    self.similarity.remember(batch)
-                for piece, share in self.passes(batch, self.pass_cost[step, micro]):
-                    out = self.engine(mb.to_torch(piece, self.device))
-                    # the step's loss: the mean over its micro-batches of each one's mean loss
-                    self.engine.backward(out["loss"] * (share / self.accum))
-                    if share:  # (a share-0 piece only keeps ZeRO-3's passes in step)
-                        losses += torch.cat([out["loss"].detach()[None] * share,
-                                             out["task_loss_sum"], out["task_examples"]]).double()
-                counts[0] += int(row["num_tokens"])
-                counts[1] += int(row["padded_tokens"])
-                counts[2 + position - first] = position  # every slot of the step filled once
+                with (self.similarity.measuring(batch) if self.similarity
+                      else contextlib.nullcontext()):
+                    for piece, share in self.passes(batch, self.pass_cost[step, micro]):
+                        out = self.engine(mb.to_torch(piece, self.device))
+                        # the step's loss: the mean over its micro-batches of each one's mean
+                        self.engine.backward(out["loss"] * (share / self.accum))
+                        if share:  # (a share-0 piece only keeps ZeRO-3's passes in step)
+                            sums["loss"] += out["loss"].detach() * share
+                            sums["task_loss"] += out["task_loss_sum"]
+                            sums["task_examples"] += out["task_examples"]
+                tokens += torch.tensor([int(row["num_tokens"]), int(row["padded_tokens"])])
+                slots[position - first] = position  # every slot of the step filled once
         # (every worker then has the same totals, so all take the same decision)
-        totals = self._all_reduce(torch.cat([losses, counts.to(self.device)]))
-        positions = [int(p) for p in totals[3 + 2 * num_tasks:]]
-        finite = math.isfinite(totals[0].item())
+        totals = self._sum_over_workers({**sums, "tokens": tokens, "positions": slots})
+        loss, task_loss = totals["loss"].item(), totals["task_loss"].numpy()
+        positions = [int(p) for p in totals["positions"]]
+        finite = math.isfinite(loss)
         if finite or self.config.deepspeed.zero_stage:
             # ZeRO's optimizers skip a step whose gradient norm is not finite by themselves
             # (weights, moments and learning-rate schedule untouched); ZeRO-0's does not.
@@ -337,15 +341,17 @@ class Trainer:
         else:
             self.engine.optimizer.zero_grad(set_to_none=True)
         if not (finite and self.engine.was_step_applied()):
-            task_loss = totals[1:1 + num_tasks].numpy()
-            self.log_skipped(step + 1, [s["name"] for s, loss in zip(self.specs, task_loss)
-                                        if not math.isfinite(loss)], positions)
+            self.log_skipped(step + 1, [t.name for t, value in zip(self.layouts, task_loss)
+                                        if not math.isfinite(value)], positions)
             return False
-        window.add(totals[0].item() / self.per_step, totals[1:1 + num_tasks].numpy(),
-                   totals[1 + num_tasks:1 + 2 * num_tasks].numpy(),
-                   totals[1 + 2 * num_tasks].item(), totals[2 + 2 * num_tasks].item(),
-                   positions)
+        window.add(loss / self.per_step, task_loss, totals["task_examples"].numpy(),
+                   *totals["tokens"].tolist(), positions)
         return True
+
+    def _sum_over_workers(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each part summed over the workers, in one all-reduce; on the CPU."""
+        total = self._all_reduce(torch.cat([p.to(self.device).double() for p in parts.values()]))
+        return dict(zip(parts, total.split([p.numel() for p in parts.values()])))
 
     def _all_reduce(self, values: torch.Tensor, op=None) -> torch.Tensor:
         """Sum (or `op`) over workers; returns the result on the CPU."""
@@ -364,7 +370,7 @@ class Trainer:
         began = time.perf_counter()
         self.engine.eval()
         stats, pairs = None, {}
-        generating = [spec["type"] == "generation" for spec in self.specs]
+        generating = [t.type == "generation" for t in self.layouts]
         for task, chunk, counted, turn_cost in data.eval_chunks(
                 self.eval_caches, self.rank, self.world, generating):
             batch = data.ChunkReader.read(self.eval_caches[task], chunk, task)
@@ -380,14 +386,14 @@ class Trainer:
                     pairs.setdefault(task, []).append(found)
         self.engine.train()
         stats = self._all_reduce(stats).numpy()
-        if any(TASK_TYPES[spec["type"]].keeps_pairs for spec in self.specs) and self.world > 1:
+        if any(TASK_TYPES[t.type].keeps_pairs for t in self.layouts) and self.world > 1:
             every = [None] * self.world
             dist.all_gather_object(every, pairs)
             pairs = {task: [p for mine in every for p in mine.get(task, [])]
-                     for task in range(len(self.specs))}
-        metrics = {spec["name"]: TASK_TYPES[spec["type"]].finalize(
+                     for task in range(len(self.layouts))}
+        metrics = {t.name: TASK_TYPES[t.type].finalize(
             stats[i], np.concatenate(pairs[i]) if pairs.get(i) else None)
-            for i, spec in enumerate(self.specs)}
+            for i, t in enumerate(self.layouts)}
         self.log_eval(step, metrics, time.perf_counter() - began)
         return metrics
 
@@ -439,8 +445,8 @@ class Trainer:
             "rss_mb": float(worst[1]),
             "peak_rss_mb": float(worst[2]),
             **({"gpu_peak_mb": float(worst[3])} if self.device.type == "cuda" else {}),
-            "task_loss": {s["name"]: float(window.task_loss[i] / examples[i])
-                          for i, s in enumerate(self.specs) if examples[i]},
+            "task_loss": {s.name: float(window.task_loss[i] / examples[i])
+                          for i, s in enumerate(self.layouts) if examples[i]},
             "positions": _ranges(sorted(window.positions)),
         }
         self.logger.log(record)
@@ -459,15 +465,13 @@ class Trainer:
         """The tasks' gradient similarities (transfer.py), logged and drawn by rank 0."""
         if self.similarity is None:
             return
-        began = time.perf_counter()
-        found = self.similarity.similarities(self.engine.module, self.device, self.rank,
-                                             self.world)
+        found = self.similarity.similarities(self.world)
         if found is None or not self.logger:
             return
         tasks, cosine = found
-        names = [self.specs[t]["name"] for t in tasks]
-        self.logger.log({"kind": "transfer", "step": step, "seconds": time.perf_counter() - began,
-                         "tasks": names, "cosine": np.round(cosine, 4).tolist()})
+        names = [self.layouts[t].name for t in tasks]
+        self.logger.log({"kind": "transfer", "step": step, "tasks": names,
+                         "cosine": np.round(cosine, 4).tolist()})
         self.run_dir.write_bytes("gradient_similarity.png", heat_map(names, cosine, step))
 
     def log_skipped(self, step: int, tasks: list[str], positions: list[int]) -> None:

@@ -16,9 +16,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, cwd=ROOT, timeout=600):
+def run_cli(*args, cwd=ROOT, timeout=600, env: dict | None = None):
     """Run `python *args` in a fresh process (its own Ray cluster, if it starts one)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -31,7 +31,7 @@ def build_model(tokenizer):
     torch.manual_seed(0)
     config = ModelConfig(arch="bert", hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
                          max_length=64, dropout=0.0)
-    specs = [task(name).spec() for name in TASKS]
+    specs = [task(name).layout() for name in TASKS]
     return MuppetModel(build_backbone(config, tokenizer), specs, 0.0, tokenizer=tokenizer)
 
 

@@ -53,9 +53,9 @@ def test_resuming_a_run_with_another_config_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in (storage / "old").iterdir()) == ["config.yaml"]
 
 
-def test_a_local_cluster_listens_on_loopback_only():
+def test_a_local_cluster_listens_on_loopback_only_and_verbose_shows_its_output():
     probe = """
-import psutil, ray
+import os, psutil, ray, time
 from muppet_ray.config import Config
 from muppet_ray.prefinetune import start_ray
 start_ray(Config())
@@ -64,11 +64,14 @@ print(ray.get_runtime_context().gcs_address)
 for c in psutil.net_connections(kind="inet"):
     if c.status == "LISTEN" and c.pid in ours:
         print(c.laddr.ip)
+ray.get(ray.remote(lambda: print("a worker's own line")).remote())
+time.sleep(2)  # (Ray forwards a worker's output asynchronously)
 ray.shutdown()
 """
-    done = run_cli("-c", probe, timeout=120)
+    done = run_cli("-c", probe, timeout=120, env={"MUPPET_VERBOSE": "1"})  # (as --verbose)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "a worker's own line" in done.stdout  # (without --verbose: test_bad_input's lines)
     gcs, *addresses = [line for line in done.stdout.splitlines()
-                       if not line.startswith("[muppet-ray]")]
+                       if not line.startswith("[muppet-ray]") and "(<lambda> pid=" not in line]
     assert gcs.startswith("127.0.0.1:") and len(addresses) >= 3
     assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses

@@ -31,7 +31,7 @@ def exported(tokenizer, tmp_path, arch):
     torch.manual_seed(0)
     config = ModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64)
     tasks = [suite_task(name) for name in TASKS]
-    model = MuppetModel(build_backbone(config, tokenizer), [t.spec() for t in tasks], 0.1)
+    model = MuppetModel(build_backbone(config, tokenizer), [t.layout() for t in tasks], 0.1)
     with torch.no_grad():  # trained-looking heads: no zero biases that could hide a mix-up
         for p in model.heads.parameters():
             p.normal_(0, 0.5)

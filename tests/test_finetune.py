@@ -177,7 +177,7 @@ def test_a_missing_head_is_refused(tmp_path, capsys):
     tokenizer = train_tokenizer(texts_of(tasks[0].source.sample("train", 100)), 200, 64)
     backbone = build_backbone(ModelConfig(arch="bert", hidden_size=16, num_layers=1,
                                           num_heads=2, ffn_size=32), tokenizer)
-    write_export(MuppetModel(backbone, [t.spec() for t in tasks], 0.1), tokenizer,
+    write_export(MuppetModel(backbone, [t.layout() for t in tasks], 0.1), tokenizer,
                  RunDir(str(tmp_path)), 0, "{}")
     export = str(tmp_path / "export")
     for args, expected in [

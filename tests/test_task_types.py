@@ -96,7 +96,7 @@ def test_bad_rows_name_task_origin_and_row(tokenizer):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    specs = [task(n).spec() for n in suite.SUITE]
+    specs = [task(n).layout() for n in suite.SUITE]
     config = ModelConfig(hidden_size=32, ffn_size=64, num_heads=4, max_length=64)
     return MuppetModel(build_backbone(config, tokenizer), specs, dropout=0.0, tokenizer=tokenizer)
 
