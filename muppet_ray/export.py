@@ -98,11 +98,11 @@ MAPPABLE_BACKBONES = ("bert", "roberta", "xlm-roberta")
 
 def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
     """Write `task` of a local export as a `transformers` task model; returns its class name."""
-    model, tokenizer, info = load_exported(export_dir)
+    model, tokenizer, _ = load_exported(export_dir)
     layout = next((t for t in model.layouts if t.name == task), None)
     if layout is None:
         raise ConfigError(f"task {task!r} is not in the export {export_dir!r}; it has "
-                          f"{[t['name'] for t in info['tasks']]}")
+                          f"{[t.name for t in model.layouts]}")
     model_type = model.backbone.config.model_type
     if layout.type not in AUTO_CLASSES or model_type not in MAPPABLE_BACKBONES:
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""The run's metrics log (JSON Lines) and TensorBoard events, written by worker 0.
+"""The run's metrics: the log (JSON Lines) and TensorBoard events, written by worker 0; the
+window of steps a "train" record sums up; the console's progress lines.
 
 Records: {"kind": "train", "step", "loss", "lr", "examples_per_s", "tokens_per_s",
 "real_token_ratio", "task_loss": {task: loss}, "positions": [first, end)} every `log_every` steps
@@ -11,11 +12,98 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
 
 from muppet_ray.storage import RunDir
 
 LOG = "metrics.jsonl"
+CONSOLE_LINES = 20  # progress lines a run prints (metrics.jsonl keeps every record)
+
+
+@dataclass
+class Window:
+    """What the steps since the last training record add up to, over all workers."""
+
+    num_tasks: int
+    steps: int = 0
+    loss: float = 0.0  # sum of the steps' mean losses
+    tokens: float = 0.0  # real tokens
+    padded: float = 0.0  # tokens computed (padding included)
+    data_wait: float = 0.0  # seconds this worker waited for its micro-batches
+    task_loss: np.ndarray = field(init=False)  # [num_tasks] summed per-example losses
+    task_examples: np.ndarray = field(init=False)  # [num_tasks] examples
+    positions: list[int] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.task_loss = np.zeros(self.num_tasks)
+        self.task_examples = np.zeros(self.num_tasks)
+
+    def add(self, loss: float, task_loss, task_examples, tokens: float, padded: float,
+            positions: list[int]) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.task_loss += task_loss
+        self.task_examples += task_examples
+        self.tokens += tokens
+        self.padded += padded
+        self.positions += positions
+
+    def record(self, step: int, lr: float, workers: int, tasks: list[str], data_wait: float,
+               rss_mb: float, peak_rss_mb: float, gpu_peak_mb: float | None = None) -> dict:
+        """The window's "train" record (data wait and memory: the largest over workers)."""
+        seconds = time.perf_counter() - self.start
+        examples = self.task_examples
+        return {
+            "kind": "train", "step": step, "loss": self.loss / self.steps, "lr": lr,
+            "workers": workers,
+            "examples_per_s": float(examples.sum() / seconds),
+            "tokens_per_s": self.tokens / seconds,
+            "real_token_ratio": self.tokens / max(self.padded, 1),
+            "data_wait_share": data_wait / seconds,
+            "rss_mb": rss_mb,
+            "peak_rss_mb": peak_rss_mb,
+            **({"gpu_peak_mb": gpu_peak_mb} if gpu_peak_mb is not None else {}),
+            "task_loss": {name: float(self.task_loss[i] / examples[i])
+                          for i, name in enumerate(tasks) if examples[i]},
+            "positions": ranges(sorted(self.positions)),
+        }
+
+
+def progress_line(record: dict, window: Window, steps: int, log_every: int) -> str | None:
+    """The console's line for a train record, about CONSOLE_LINES a run (None between)."""
+    step = record["step"]
+    if step % (log_every * -(-steps // (CONSOLE_LINES * log_every))) and step != steps:
+        return None
+    left = (steps - step) * (time.perf_counter() - window.start) / window.steps
+    return (f"[muppet-ray] step {step}/{steps}  loss {record['loss']:.4f}  "
+            f"{record['tokens_per_s']:,.0f} tok/s  data wait {record['data_wait_share']:.0%}  "
+            f"rss {record['rss_mb']:,.0f} MB  ETA {int(left // 60)}m{int(left % 60):02d}s")
+
+
+def ranges(positions: list[int]) -> list[list[int]]:
+    """Sorted positions as half-open [first, end) runs."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return runs
+
+
+def resident_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_resident_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux)
 
 
 class MetricsLogger:

@@ -21,14 +21,12 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import psutil
 import ray
 import ray.data
 import ray.train
@@ -43,7 +41,14 @@ from muppet_ray.config import Config, micro_batches_per_step
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import write_export
 from muppet_ray.faults import FaultInjection
-from muppet_ray.metrics import MetricsLogger
+from muppet_ray.metrics import (
+    MetricsLogger,
+    Window,
+    peak_resident_mb,
+    progress_line,
+    ranges,
+    resident_mb,
+)
 from muppet_ray.mixture import Schedule, build_schedule
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.optim import build_optimizer, deepspeed_config
@@ -55,7 +60,6 @@ from muppet_ray.transfer import GradientSimilarity, heat_map
 # Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
 # `print` would show every line twice).
 log = logging.getLogger("muppet_ray")
-CONSOLE_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Trainer:
         self.accum = self.per_step // self.world  # (config.py checks that it divides)
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
         self.similarity: GradientSimilarity | None = None  # (set by `run`)
+        self.transfer_after = 0  # the step after which the next transfer record measures
         # Tests only (run.fail_at_step): kills this worker at a chosen step.
         self.fault = (FaultInjection(self.config, self.run_dir, self.rank, self.world)
                       if self.config.run.fail_at_step else None)
@@ -239,6 +244,7 @@ class Trainer:
                              self.tokenizer.pad_token_id)
         if start == 0:
             self.evaluate(0)
+        self.transfer_after = start
         train = self.config.training
         window = Window(len(self.layouts))
         if start % train.log_every:
@@ -427,59 +433,41 @@ class Trainer:
     def log_train(self, step: int, window: Window) -> None:
         # (on every worker: the data wait and memory figures are the largest over workers)
         worst = self._all_reduce(torch.tensor(
-            [window.data_wait, _resident_mb(), _peak_resident_mb(), self._gpu_peak_mb()],
-            dtype=torch.float64),
-            op=dist.ReduceOp.MAX)
+            [window.data_wait, resident_mb(), peak_resident_mb(), self._gpu_peak_mb()],
+            dtype=torch.float64), op=dist.ReduceOp.MAX).tolist()
         if not self.logger or not window.steps:
             return
-        seconds = time.perf_counter() - window.start
-        examples = window.task_examples
-        lr = self.engine.get_lr()[0]
-        record = {
-            "kind": "train", "step": step, "loss": window.loss / window.steps, "lr": lr,
-            "workers": self.world,
-            "examples_per_s": float(examples.sum() / seconds),
-            "tokens_per_s": window.tokens / seconds,
-            "real_token_ratio": window.tokens / max(window.padded, 1),
-            "data_wait_share": float(worst[0]) / seconds,
-            "rss_mb": float(worst[1]),
-            "peak_rss_mb": float(worst[2]),
-            **({"gpu_peak_mb": float(worst[3])} if self.device.type == "cuda" else {}),
-            "task_loss": {s.name: float(window.task_loss[i] / examples[i])
-                          for i, s in enumerate(self.layouts) if examples[i]},
-            "positions": _ranges(sorted(window.positions)),
-        }
+        on_gpu = self.device.type == "cuda"
+        record = window.record(step, self.engine.get_lr()[0], self.world,
+                               [t.name for t in self.layouts], *worst[:3],
+                               gpu_peak_mb=worst[3] if on_gpu else None)
         self.logger.log(record)
-        steps, every = self.config.training.max_steps, self.config.training.log_every
-        # The console gets about CONSOLE_LINES progress lines a run (metrics.jsonl all records).
-        console_every = every * -(-steps // (CONSOLE_LINES * every))
-        if step % console_every and step != steps:
-            return
-        left = (steps - step) * seconds / window.steps
-        log.info(f"[muppet-ray] step {step}/{steps}  loss {record['loss']:.4f}  "
-                 f"{record['tokens_per_s']:,.0f} tok/s  data wait "
-                 f"{record['data_wait_share']:.0%}  rss {record['rss_mb']:,.0f} MB  "
-                 f"ETA {int(left // 60)}m{int(left % 60):02d}s")
+        line = progress_line(record, window, self.config.training.max_steps,
+                             self.config.training.log_every)
+        if line:
+            log.info(line)
 
     def log_transfer(self, step: int) -> None:
         """The tasks' gradient similarities (transfer.py), logged and drawn by rank 0."""
         if self.similarity is None:
             return
         found = self.similarity.similarities(self.world)
+        after, self.transfer_after = self.transfer_after, step
         if found is None or not self.logger:
             return
         tasks, cosine = found
         names = [self.layouts[t].name for t in tasks]
-        self.logger.log({"kind": "transfer", "step": step, "tasks": names,
+        self.logger.log({"kind": "transfer", "step": step, "after_step": after, "tasks": names,
                          "cosine": np.round(cosine, 4).tolist()})
-        self.run_dir.write_bytes("gradient_similarity.png", heat_map(names, cosine, step))
+        self.run_dir.write_bytes("gradient_similarity.png",
+                                 heat_map(names, cosine, after, step))
 
     def log_skipped(self, step: int, tasks: list[str], positions: list[int]) -> None:
         if not self.logger:
             return
         # (the positions keep the audit whole: every micro-batch is in a train or skip record)
         self.logger.log({"kind": "skipped", "step": step, "tasks": tasks,
-                         "positions": _ranges(sorted(positions))})
+                         "positions": ranges(sorted(positions))})
         log.warning(f"[muppet-ray] step {step} skipped: non-finite loss or gradients "
                     f"(tasks {tasks or 'unknown: the loss was finite'})")
 
@@ -528,59 +516,9 @@ def one_reduction(engine, zero_stage: int):
             yield
 
 
-@dataclass
-class Window:
-    """What the steps since the last training record add up to, over all workers."""
-
-    num_tasks: int
-    steps: int = 0
-    loss: float = 0.0  # sum of the steps' mean losses
-    tokens: float = 0.0  # real tokens
-    padded: float = 0.0  # tokens computed (padding included)
-    data_wait: float = 0.0  # seconds this worker waited for its micro-batches
-    task_loss: np.ndarray = field(init=False)  # [num_tasks] summed per-example losses
-    task_examples: np.ndarray = field(init=False)  # [num_tasks] examples
-    positions: list[int] = field(default_factory=list)
-    start: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self):
-        self.task_loss = np.zeros(self.num_tasks)
-        self.task_examples = np.zeros(self.num_tasks)
-
-    def add(self, loss: float, task_loss, task_examples, tokens: float, padded: float,
-            positions: list[int]) -> None:
-        self.steps += 1
-        self.loss += loss
-        self.task_loss += task_loss
-        self.task_examples += task_examples
-        self.tokens += tokens
-        self.padded += padded
-        self.positions += positions
-
-
-def _resident_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _peak_resident_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux)
-
-
 def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"eval/{task}/{name}": value for task, values in metrics.items()
             for name, value in values.items() if math.isfinite(value)}
-
-
-def _ranges(positions: list[int]) -> list[list[int]]:
-    """Sorted positions as half-open [first, end) runs."""
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and runs[-1][1] == p:
-            runs[-1][1] = p + 1
-        else:
-            runs.append([p, p + 1])
-    return runs
-
 
 
 def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:

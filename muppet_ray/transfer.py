@@ -100,7 +100,7 @@ def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def heat_map(names: list[str], cosine: np.ndarray, step: int) -> bytes:
+def heat_map(names: list[str], cosine: np.ndarray, after: int, step: int) -> bytes:
     """The task x task similarity matrix as a PNG."""
     import matplotlib
 
@@ -112,7 +112,8 @@ def heat_map(names: list[str], cosine: np.ndarray, step: int) -> bytes:
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"cosine similarity of task gradients on the encoder, step {step}",
+    ax.set_title(f"cosine similarity of task gradients on the encoder: each task's first "
+                 f"micro-batch after step {after} (logged at step {step})",
                  fontsize=9)
     figure.colorbar(image, ax=ax, shrink=0.8)
     figure.tight_layout()

@@ -49,7 +49,7 @@ def test_similarities_sketched_while_training_match_the_exact_ones():
     assert truth[np.triu_indices(3, 1)].max() < 0.99  # (the tasks' gradients differ)
     # Nothing is measured again until tasks are trained on again.
     assert similarity.similarities(world=1) is None
-    assert heat_map(TASKS, cosine, 10)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert heat_map(TASKS, cosine, 0, 10)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_buckets_and_signs_are_spread_evenly():
