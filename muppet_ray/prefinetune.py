@@ -156,6 +156,20 @@ def _keep_ray_off_the_console() -> None:
         print(f"[muppet-ray] Ray's own log lines: {node.get_logs_dir_path()}", flush=True)
 
 
+def _warn_if_no_cpu_left(config: Config) -> None:
+    """The Ray Data tasks that feed the workers each need a CPU of their own: on a cluster whose
+    CPUs the workers take up (`ray start --head` on a 2-core laptop declares 2), they wait for
+    one, and on a fixed cluster the run waits with them, forever (an autoscaler adds a node)."""
+    cpus = ray.cluster_resources().get("CPU", 0)
+    taken = config.scaling.min_workers * config.scaling.cpus_per_worker
+    if cpus - taken < 1:
+        print(f"[muppet-ray] warning: the cluster has {cpus:g} CPUs and the workers take "
+              f"{taken:g} (scaling.num_workers x scaling.cpus_per_worker, at least), leaving "
+              "none for the Ray Data tasks that feed them: unless an autoscaler adds a node, "
+              "the run will wait for one. Declare more logical CPUs (`ray start --head "
+              f"--num-cpus {int(taken) + 2}`) or use fewer workers.", flush=True)
+
+
 def build_tokenizer(config: Config, tasks: list[Task]):
     if config.model.pretrained is not None:
         return load_tokenizer(config.model.pretrained)
@@ -226,6 +240,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     use_gpu = config.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    _warn_if_no_cpu_left(config)
     plan = WorkerPlan(
         config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,
         layouts=[t.layout() for t in tasks],

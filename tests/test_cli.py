@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from muppet_ray import cli
-from tests.conftest import ROOT, run_cli
+from muppet_ray.prefinetune import _warn_if_no_cpu_left
+from tests.conftest import ROOT, make_config, run_cli
 
 
 def assert_rejected(done, expected, storage):
@@ -75,3 +76,13 @@ ray.shutdown()
                        if not line.startswith("[muppet-ray]") and "(<lambda> pid=" not in line]
     assert gcs.startswith("127.0.0.1:") and len(addresses) >= 3
     assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
+
+
+def test_a_cluster_with_no_cpu_left_for_the_data_tasks_is_warned_of(ray_cluster, capsys):
+    # (without a CPU of their own, the Ray Data tasks feeding the workers wait, and the run too)
+    _warn_if_no_cpu_left(make_config("unused", "scaling.cpus_per_worker=3"))  # 6 CPUs: 2 x 3
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("[muppet-ray] warning: the cluster has 6 CPUs and the workers take 6")
+    assert "ray start --head --num-cpus 8" in line
+    _warn_if_no_cpu_left(make_config("unused"))  # 2 x 1 of 6: no warning
+    assert capsys.readouterr().out == ""
