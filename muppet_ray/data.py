@@ -159,16 +159,19 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
     return make_chunks
 
 
-def _fingerprint(task: Task, split: str, tokenizer, settings: ChunkSettings) -> str:
-    """Everything a task's chunks depend on: its spec, its data's content, the split, the
-    tokenizer's vocabulary and the chunk settings. Equal fingerprints, equal chunks: runs share
-    them."""
-    vocab = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    content = task.source.fingerprint(split)
+def _fingerprint(task: Task, split: str, content: str, vocab: str, settings: ChunkSettings
+                 ) -> str:
+    """Everything a task's chunks depend on: its spec, its data's content
+    (`source.fingerprint`), the split, the tokenizer's vocabulary (`_vocabulary`) and the chunk
+    settings. Equal fingerprints, equal chunks: runs share them."""
     if split != "train":  # (the training order and subset do not shape the other splits)
         settings = dataclasses.replace(settings, chunk_size=0, seed=0, train_fraction=1.0)
     key = repr((CACHE_FORMAT, task, task.source, content, split, vocab, settings))
     return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _vocabulary(tokenizer) -> str:
+    return hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
 
 
 def cache_root(storage: str) -> RunDir:
@@ -190,7 +193,12 @@ def prepare_each(requests: list[tuple[list[Task], ChunkSettings]], cache: RunDir
     """`prepare` for several (tasks, settings) at once: what is missing of all of them is
     tokenized side by side (a protocol's seeds and fractions: one Ray Data job after another
     would leave the cluster mostly idle), each cache entry once."""
-    entries = [{(task.name, split): _fingerprint(task, split, tokenizer, settings)
+    vocab = _vocabulary(tokenizer)
+    # (each file hashed once, however many seeds and fractions read it)
+    contents = {(task.name, split): task.source.fingerprint(split)
+                for tasks, _ in requests for task in tasks for split in splits}
+    entries = [{(task.name, split): _fingerprint(task, split, contents[task.name, split], vocab,
+                                                 settings)
                 for task in tasks for split in splits} for tasks, settings in requests]
     pending = {}
     for (tasks, settings), entry in zip(requests, entries):

@@ -36,7 +36,7 @@ class GradientSimilarity:
         self.num_tasks = num_tasks
         self.seed = seed
         self.sketches = torch.zeros(num_tasks, SKETCH, dtype=torch.float64, device=device)
-        self.measured = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        self.measured: set[int] = set()  # tasks sketched here since the last `similarities`
         self.task: int | None = None  # the task whose backward passes are being sketched
         offset = 0
         for name, p in encoder.named_parameters():
@@ -49,14 +49,14 @@ class GradientSimilarity:
         """Around a micro-batch's backward passes: sketch them if it is the first single-task
         micro-batch of its task since the last call of `similarities` (on this worker)."""
         tasks = np.unique(batch["example_task"])
-        if len(tasks) != 1 or self.measured[int(tasks[0])]:
+        if len(tasks) != 1 or int(tasks[0]) in self.measured:
             yield
             return
         self.task = int(tasks[0])
         try:
             yield
         finally:
-            self.measured[self.task] = 1
+            self.measured.add(self.task)
             self.task = None
 
     def _hook(self, offset: int):
@@ -69,13 +69,15 @@ class GradientSimilarity:
     def similarities(self, world: int) -> tuple[list[int], np.ndarray] | None:
         """(the tasks measured on any worker, their cosine similarity matrix), on every worker
         (a collective call); None when fewer than two tasks were measured since the last call."""
+        seen = torch.zeros(self.num_tasks, dtype=torch.float64, device=self.sketches.device)
+        seen[sorted(self.measured)] = 1
         if world > 1:
             dist.all_reduce(self.sketches)
-            dist.all_reduce(self.measured)
-        measured = [t for t in range(self.num_tasks) if self.measured[t]]
+            dist.all_reduce(seen)
+        measured = [t for t in range(self.num_tasks) if seen[t]]
         vectors = self.sketches[measured].cpu()
         self.sketches.zero_()
-        self.measured.zero_()
+        self.measured = set()
         if len(measured) < 2:
             return None
         vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-30)
