@@ -121,6 +121,10 @@ def prepare_local_cluster() -> None:
     # cluster has no dashboard to answer anyway: an address nothing listens on makes every
     # question fail, which the cleaner takes as "unknown, keep waiting".
     os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:0"
+    # Ray Train's controller looks at its workers every 2 s, and a worker's report (a checkpoint,
+    # an evaluation) waits until the controller has taken the one before: ~8 s of a 40 s laptop
+    # run. 0.2 s costs a small local cluster nothing. (Ray Train passes the driver's value on.)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def verbose() -> bool:
