@@ -521,10 +521,9 @@ def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
             for name, value in values.items() if math.isfinite(value)}
 
 
-def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:
-    """Ray Train's per-worker function (its loop config: {"plan": WorkerPlan})."""
+def train_loop_per_worker(plan: WorkerPlan) -> None:
+    """Ray Train's per-worker function (the launcher binds the plan: prefinetune.launch)."""
     log.setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    plan = loop_config["plan"]
     trainer = Trainer(plan)
     trainer.run_evaluation() if plan.evaluate_only else trainer.run()
