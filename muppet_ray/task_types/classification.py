@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,6 +160,8 @@ class Regression(TaskType):
         pearson = cov / np.sqrt(var_x * var_y) if var_x > 1e-12 and var_y > 1e-12 else 0.0
         metrics = {"pearson": float(pearson)}
         if pairs is not None and len(pairs) >= 2 and np.ptp(pairs, axis=0).min() > 0:
+            import scipy.stats  # (here: 0.5 s of every process's start-up otherwise)
+
             metrics["spearman"] = float(scipy.stats.spearmanr(pairs[:, 0], pairs[:, 1])[0])
         elif pairs is not None:
             metrics["spearman"] = 0.0  # (a constant prediction or target: no correlation)
