@@ -201,10 +201,15 @@ def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
         run.list("checkpoint_000008/deepspeed"))
-    # After the node went, one worker resumed from step 8 and finished alone.
-    assert [r["workers"] for r in train if r["step"] <= 8] == [2] * 4
+    # After the node went, one worker resumed from the newest checkpoint (step 8, or 16 where
+    # the run got past it before the node was gone: steps take ~0.1 s) and finished alone.
     resumed = [r for r in train if r["workers"] == 1]
-    assert resumed and resumed[0]["step"] == 10
+    assert resumed
+    resumed_from = resumed[0]["step"] - 2
+    assert resumed_from in (8, 16, 24)
+    assert json.loads(run.read_text(f"checkpoint_{resumed_from:06d}/checkpoint.json")
+                      )["world_size"] == 2
+    assert [r["workers"] for r in train if r["step"] <= resumed_from] == [2] * (resumed_from // 2)
     assert json.loads(run.read_text("checkpoint_000032/checkpoint.json"))["world_size"] == 1
     # What the docs promise: a step is the same micro-batches whatever the worker count, so the
     # optimizer's batch did not change, and no micro-batch was lost or trained twice.
