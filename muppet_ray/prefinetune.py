@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -42,6 +43,10 @@ from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
 from muppet_ray.train import WorkerPlan, train_loop_per_worker
 
 TOKENIZER_SAMPLE = 500  # examples per task that the run-time tokenizer is trained on
+# Ray Train's controller checks its workers this often (seconds), read from the environment. On a
+# local cluster muppet-ray lowers Ray's 2 s default (see prepare_local_cluster).
+CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_CHECK_INTERVAL_S = "0.2"
 
 
 @dataclass
@@ -90,6 +95,7 @@ def resolve_and_check(config: Config) -> list[Task]:
 
 
 def start_ray(config: Config) -> None:
+    _check_interval_setting()
     if ray.is_initialized():
         return
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
@@ -106,6 +112,17 @@ def start_ray(config: Config) -> None:
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
              logging_level=level, include_dashboard=False)
     _keep_ray_off_the_console()
+
+
+def _check_interval_setting() -> None:
+    """A bad CHECK_INTERVAL would fail the run inside Ray Train's controller, with its traceback."""
+    value = os.environ.get(CHECK_INTERVAL)
+    try:
+        good = value is None or (math.isfinite(float(value)) and float(value) > 0)
+    except ValueError:
+        good = False
+    if not good:
+        raise ConfigError(f"{CHECK_INTERVAL}: expected a number of seconds above 0, got {value!r}")
 
 
 def prepare_local_cluster() -> None:
@@ -125,7 +142,7 @@ def prepare_local_cluster() -> None:
     # Ray Train's controller looks at its workers every 2 s, and a worker's report (a checkpoint,
     # an evaluation) waits until the controller has taken the one before: ~8 s of a 40 s laptop
     # run. 0.2 s costs a small local cluster nothing. (Ray Train passes the driver's value on.)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault(CHECK_INTERVAL, LOCAL_CHECK_INTERVAL_S)
 
 
 def verbose() -> bool:

@@ -86,3 +86,16 @@ def test_a_cluster_with_no_cpu_left_for_the_data_tasks_is_warned_of(ray_cluster,
     assert "ray start --head --num-cpus 8" in line
     _warn_if_no_cpu_left(make_config("unused"))  # 2 x 1 of 6: no warning
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan"])
+def test_a_bad_ray_train_check_interval_is_refused_before_anything_starts(
+        tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", value)
+    storage = tmp_path / "runs"
+    code = cli.main(["prefinetune", "--set", f"run.storage_path={storage}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "muppet-ray: error: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: expected a number of seconds "
+        f"above 0, got {value!r}")
+    assert not storage.exists() or not any(storage.iterdir())

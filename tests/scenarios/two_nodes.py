@@ -23,12 +23,12 @@ from ray.cluster_utils import Cluster
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_config  # noqa: E402
 
-from muppet_ray.prefinetune import prefinetune  # noqa: E402
+from muppet_ray.prefinetune import CHECK_INTERVAL, LOCAL_CHECK_INTERVAL_S, prefinetune  # noqa: E402
 
 # Ray's defaults take about a minute to give up on the dead node and on a worker group that
 # cannot start there; tests need not wait that long.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
-os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # (as on a local cluster: prefinetune.py)
+os.environ[CHECK_INTERVAL] = LOCAL_CHECK_INTERVAL_S  # (as on a local cluster)
 FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
