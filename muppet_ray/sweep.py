@@ -47,6 +47,7 @@ AXES = {  # axis -> (config key it sets, values swept by default)
     "loss-scaling": ("training.loss_scaling", [True, False]),
     "mixing": ("mixture.rule", ["proportional", "temperature", "uniform"]),
 }
+MOST_LISTED = 6  # a sweep step adding more pool tasks than this cannot say which one moved a task
 
 
 def nested_task_sets(pool: list[str], counts: list[int], seed: int
@@ -279,7 +280,8 @@ def _cell(d: protocol.Difference | None) -> str:
 
 def moved_most(rows: list[dict], order: list[str]) -> list[str]:
     """Per eval task, the step of the nested task sets that moved its test score most (at the
-    largest fraction), and the pool tasks that step added."""
+    largest fraction), and the pool tasks that step added (by name where there are few enough
+    for the step to say which one did it)."""
     means = _test_means(rows)
     counts = {r["point"]: r["tasks"] for r in rows if "error" not in r}
     fraction = max(f for _, _, f in means)
@@ -292,7 +294,10 @@ def moved_most(rows: list[dict], order: list[str]) -> list[str]:
         steps = [(b[1] - a[1], a[0], b[0]) for a, b in zip(curve, curve[1:])]
         if steps:
             change, low, high = max(steps, key=lambda s: abs(s[0]))
-            lines.append(f"| {task} | {', '.join(order[low:high])} | {100 * change:+.1f} |")
+            added = (", ".join(order[low:high]) if high - low <= MOST_LISTED else
+                     f"tasks {low + 1} to {high} of task_order.json, all at once (counts in "
+                     "between would tell them apart)")
+            lines.append(f"| {task} | {added} | {100 * change:+.1f} |")
     return lines
 
 
