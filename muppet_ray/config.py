@@ -299,6 +299,10 @@ class ProtocolConfig(Section):
     """Fine-tuning epochs over the (fraction of the) train split."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of the fine-tuning steps spent warming up."""
+    head: Literal["auto", "new"] = "auto"
+    """Where each eval task's head starts: `auto` from the head the pre-finetuning trained, where
+    there is one (the shared multiple-choice and span heads; the task's own classification head,
+    same labels), `new` from a fresh one, so that only the encoder differs from the baseline."""
 
 
 class Config(Section):

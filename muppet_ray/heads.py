@@ -25,6 +25,22 @@ def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str 
                   ) -> tuple[dict, dict[str, str]]:
     """The trained head tensors to start `tasks` from (keyed as `MuppetModel.heads`), and for
     each task where its head comes from ('new', or the source task that trained it)."""
+    origin = head_origins(source, tasks, choice, asked_by)
+    reused = [t for t in tasks if is_reused(t, origin)]
+    if not reused:
+        return {}, origin
+    return _head_tensors(source, tasks, reused), origin
+
+
+def is_reused(task: Task, origin: dict[str, str]) -> bool:
+    """Whether `task` starts from a head a pre-finetuning trained (the LM head of generation is
+    part of the backbone: not counted)."""
+    return origin[task.name] != "new" and task.task_type.head != "generation"
+
+
+def head_origins(source: Source, tasks: list[Task], choice: str, asked_by: str = "--head reuse"
+                 ) -> dict[str, str]:
+    """For each task, where its head comes from: 'new', or the source task that trained it."""
     if choice not in HEAD_CHOICES:
         raise ConfigError(f"--head: expected one of {list(HEAD_CHOICES)}, got {choice!r}")
     trained = source.trained_heads()
@@ -47,11 +63,7 @@ def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str 
         if reason and choice == "reuse":
             raise ConfigError(f"{asked_by}: {reason}")
         origin[task.name] = "new" if reason or choice == "new" else trained[key]
-    reused = [t for t in tasks if origin[t.name] not in ("new",)
-              and t.task_type.head != "generation"]
-    if not reused:
-        return {}, origin
-    return _head_tensors(source, tasks, reused), origin
+    return origin
 
 
 def _head_tensors(source: Source, tasks: list[Task], reused: list[Task]) -> dict:

@@ -4,8 +4,10 @@ Each eval task is split once, seeded and fixed, into train / validation / test
 (`protocol.test_fraction`; its validation split as configured). For each model, eval task,
 training fraction (nested subsets of the train split, drawn with the seed) and seed, a fresh
 copy of the model is fine-tuned for `protocol.epochs` epochs at each of
-`protocol.learning_rates`. The learning rate is chosen per model, task and fraction on the mean
-validation score over seeds, never on test; the test scores of that choice are reported.
+`protocol.learning_rates`, its head starting from the one the model's pre-finetuning trained
+where there is one (`protocol.head: auto`) or fresh (`new`: only the encoders differ). The
+learning rate is chosen per model, task and fraction on the mean validation score over seeds,
+never on test; the test scores of that choice are reported.
 
 Models are compared paired: the same subsets and seeds, so a lucky subset helps both. The
 difference of a model to the baseline, per seed the mean over eval tasks, gets a mean and a
@@ -34,7 +36,7 @@ from muppet_ray import batch as mb
 from muppet_ray import data
 from muppet_ray.config import Config, validate
 from muppet_ray.finetune import finetune_config
-from muppet_ray.heads import initial_heads
+from muppet_ray.heads import head_origins, initial_heads, is_reused
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.model_source import Source
 from muppet_ray.optim import build_optimizer
@@ -99,7 +101,7 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     pending, keys, scores = [], {}, []
     for task, configs in groups:
         caches = {f: next(prepared)[task.name] for f in configs}
-        key = _group_key(configs, source, caches)
+        key = _group_key(configs, source, task, caches)
         if store.exists(f"{key}.json"):  # (scored before: another sweep, or a restart)
             scores += [replace(Score(**s), model=label)
                        for s in json.loads(store.read_text(f"{key}.json"))]
@@ -117,20 +119,25 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     return scores
 
 
-def _group_key(configs: dict[float, Config], source: Source,
+def _group_key(configs: dict[float, Config], source: Source, task: Task,
                caches: dict[float, dict[str, data.CacheIndex]]) -> str:
     """What a group's scores depend on: the settings its runs read (not where they are stored,
-    nor the pre-finetuning's own schedule), the model it starts from and its tokenized data."""
+    nor the pre-finetuning's own schedule), the model and head it starts from and its tokenized
+    data."""
     settings = []
     for config in configs.values():
         raw = config.model_dump(mode="json")
         raw["tasks"]["custom"] = [t for t in raw["tasks"]["custom"]  # (this task's spec only)
                                   if t["name"] in config.tasks.include]
+        del raw["protocol"]["head"]  # (the head a run starts from is keyed below)
         settings.append({**{k: raw[k] for k in ("model", "tasks", "batching", "protocol")},
                          "training": {k: raw["training"][k] for k in PROTOCOL_TRAINING}})
     data_dirs = [[index.directory for _, index in sorted(c.items())] for c in caches.values()]
-    text = json.dumps([settings, source.model, source.manifest, data_dirs], sort_keys=True,
-                      default=str)
+    keyed = [settings, source.model, source.manifest, data_dirs]
+    origin = head_origins(source, [task], next(iter(configs.values())).protocol.head)
+    if is_reused(task, origin):  # (a fresh head: the same runs under `auto` and `new`)
+        keyed.append(origin)
+    text = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -139,7 +146,7 @@ def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, ta
     """One eval task and seed: a run per fraction and learning rate (a Ray task)."""
     any_config = next(iter(configs.values()))
     torch.set_num_threads(max(1, int(any_config.scaling.cpus_per_worker)))
-    heads, origin = initial_heads(source, [task], "auto")
+    heads, origin = initial_heads(source, [task], any_config.protocol.head)
     tokenizer = load_tokenizer(source.model)
     scores = []
     for fraction, config in configs.items():

@@ -54,3 +54,29 @@ def test_train_validation_and_test_split_the_rows_without_overlap(validation_fil
     else:
         assert bands == {"validation": (0.0, 0.2), "test": (0.2, 0.45), "train": (0.45, 1.0)}
     assert FileSource("t", "train.jsonl", None, 0.2, "jsonl")._band("train") == (0.2, 1.0)
+
+
+def test_scores_are_keyed_by_the_head_each_run_starts_from():
+    # A cached group of scores is reused only by runs that would repeat it: `protocol.head=new`
+    # shares the plain model's scores and a fresh-headed task's, never a reused head's.
+    from muppet_ray.config import to_yaml, validate
+    from muppet_ray.data import CacheIndex
+    from muppet_ray.finetune import finetune_config
+    from muppet_ray.model_source import Source
+    from muppet_ray.protocol import _group_key, eval_config
+    from muppet_ray.tasks import resolve_tasks
+
+    def key(source, task, head):
+        base = eval_config(validate({"protocol": {"head": head}}))
+        configs = {1.0: finetune_config(base, source, task, 1.0, 0, "/tmp/x", "-")}
+        caches = {1.0: {split: CacheIndex(f"/cache/{task}/{split}", (), 10)
+                        for split in ("train", "validation", "test")}}
+        return _group_key(configs, source, resolve_tasks(configs[1.0])[0], caches)
+
+    plain = Source("plain", "/models/plain")
+    trained = Source("run", "/models/run", {"config": to_yaml(validate({})), "tasks": [
+        {"name": "needs", "type": "multiple_choice", "num_outputs": 0, "labels": []}]})
+    assert key(plain, "who_has", "auto") == key(plain, "who_has", "new")
+    assert key(trained, "review", "auto") == key(trained, "review", "new")  # no trained head
+    assert key(trained, "who_has", "auto") != key(trained, "who_has", "new")  # the MC head
+    assert key(trained, "who_has", "new") != key(plain, "who_has", "new")  # another encoder
