@@ -49,9 +49,8 @@ def test_search_spaces():
 def test_moved_most_names_the_tasks_a_step_added_only_when_it_can():
     def row(tasks, task, test):
         return {"point": f"{tasks} tasks", "model": f"{tasks} tasks", "tasks": tasks, "task": task,
-                "metric": "accuracy",
-                "fraction": 1.0, "seed": 0, "learning_rate": 1e-4, "validation": 0.5,
-                "test": test, "train_examples": 10, "steps": 3, "head": "new"}
+                "metric": "accuracy", "fraction": 1.0, "seed": 0, "learning_rate": 1e-4,
+                "validation": 0.5, "test": test, "train_examples": 10, "steps": 3, "head": "new"}
     rows = [row(0, "review", 0.50), row(2, "review", 0.60), row(7, "review", 0.58),
             row(0, "needs", 0.50), row(2, "needs", 0.51), row(7, "needs", 0.40)]
     lines = moved_most(rows, POOL)
