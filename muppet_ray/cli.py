@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write one task as a transformers task model")
     export.add_argument("--from", dest="source", required=True, metavar="MODEL")
     export.add_argument("--task", required=True)
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--out", required=True, help="output directory (a path or a URI)")
     sweep = commands.add_parser("sweep", help="Ray Tune sweeps: task count, ablations, "
                                 "fine-tuning hyperparameters").add_subparsers(
         dest="sweep", required=True)
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from muppet_ray.export import to_transformers
             from muppet_ray.model_source import resolve_source
+            from muppet_ray.storage import normalize
 
-            source = resolve_source(args.source, os.path.abspath(args.out) + ".work")
+            source = resolve_source(args.source, normalize(args.out) + ".work")
             if source.manifest is None:
                 raise ConfigError(f"--from {args.source!r}: not a muppet-ray export (no trained "
                                   "heads to export)")

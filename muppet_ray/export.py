@@ -29,7 +29,7 @@ from transformers import (
 
 from muppet_ray.errors import ConfigError
 from muppet_ray.model import MuppetModel, load_encoder
-from muppet_ray.storage import RunDir
+from muppet_ray.storage import RunDir, local_copy
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import HeadLayout
 
@@ -97,8 +97,9 @@ MAPPABLE_BACKBONES = ("bert", "roberta", "xlm-roberta")
 
 
 def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
-    """Write `task` of a local export as a `transformers` task model; returns its class name."""
-    model, tokenizer, _ = load_exported(export_dir)
+    """Write `task` of an export as a `transformers` task model in `out_dir` (each a local path
+    or a URI; the output appears whole or not at all); returns the model's class name."""
+    model, tokenizer, _ = load_exported(local_copy(export_dir))
     layout = next((t for t in model.layouts if t.name == task), None)
     if layout is None:
         raise ConfigError(f"task {task!r} is not in the export {export_dir!r}; it has "
@@ -134,8 +135,10 @@ def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
         else:  # BERT (any head), RoBERTa multiple choice: dense + tanh is the pooler
             hf.base_model.pooler.dense.load_state_dict(dense.state_dict())
             hf.classifier.load_state_dict(projection.state_dict())
-    hf.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory(prefix="muppet-task-model-") as local:
+        hf.save_pretrained(local)
+        tokenizer.save_pretrained(local)
+        RunDir(out_dir).upload(local, "")
     return type(hf).__name__
 
 

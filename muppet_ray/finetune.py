@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 
 import yaml
@@ -97,15 +96,11 @@ def _transformers_copy(export_uri: str, task: Task, out_uri: str) -> str:
     """The run's model as a `transformers` task model, where an Auto class fits its head."""
     if task.type not in AUTO_CLASSES:
         return ""
-    with tempfile.TemporaryDirectory(prefix="muppet-hf-") as local:
-        RunDir(export_uri).download("", f"{local}/export")
-        with open(f"{local}/export/config.json") as f:
-            if json.load(f).get("model_type") not in MAPPABLE_BACKBONES:
-                return ""
-        to_transformers(f"{local}/export", task.name, f"{local}/hf")
-        out = RunDir(out_uri)
-        out.upload(f"{local}/hf", "")
-    return out.root
+    config = json.loads(RunDir(export_uri).read_text("config.json"))
+    if config.get("model_type") not in MAPPABLE_BACKBONES:
+        return ""
+    to_transformers(export_uri, task.name, out_uri)
+    return RunDir(out_uri).root
 
 
 def check_fractions(fractions: list[float]) -> None:

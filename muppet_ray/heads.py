@@ -67,7 +67,7 @@ def head_origins(source: Source, tasks: list[Task], choice: str, asked_by: str =
 
 
 def _head_tensors(source: Source, tasks: list[Task], reused: list[Task]) -> dict:
-    heads = load_file(source.heads_file)
+    heads = load_file(source.heads_file())
     out: dict[str, torch.Tensor] = {}
     for shared in ("multiple_choice", "span"):
         if any(t.task_type.head == shared for t in reused):

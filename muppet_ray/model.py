@@ -30,6 +30,7 @@ from transformers import (
 
 from muppet_ray.config import ModelConfig
 from muppet_ray.errors import ConfigError
+from muppet_ray.storage import local_copy
 from muppet_ray.task_types import HEADS, IGNORE, TASK_TYPES
 from muppet_ray.task_types.classification import ClassificationHeads
 from muppet_ray.task_types.multiple_choice import MultipleChoiceHead
@@ -41,7 +42,7 @@ def is_encoder_decoder(config: ModelConfig) -> bool:
     if config.pretrained is None:
         return config.arch == "bart"
     try:
-        return bool(AutoConfig.from_pretrained(config.pretrained).is_encoder_decoder)
+        return bool(AutoConfig.from_pretrained(local_copy(config.pretrained)).is_encoder_decoder)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:200]
         raise ConfigError(f"model.pretrained: cannot load {config.pretrained!r} ({first})"
@@ -58,7 +59,7 @@ def check_positions(config: ModelConfig) -> None:
     if config.pretrained is None:
         return  # (built to fit)
     try:
-        pretrained = AutoConfig.from_pretrained(config.pretrained)
+        pretrained = AutoConfig.from_pretrained(local_copy(config.pretrained))
     except (OSError, ValueError):
         return  # (reported where the model is loaded)
     positions = getattr(pretrained, "max_position_embeddings", None)
@@ -71,11 +72,11 @@ def check_positions(config: ModelConfig) -> None:
 
 
 def build_backbone(config: ModelConfig, tokenizer) -> nn.Module:
-    """A pretrained backbone (hub id or directory), or a small one built from `config`."""
+    """A pretrained backbone (Hub id, directory or URI), or a small one built from `config`."""
     if config.pretrained is not None:
         if is_encoder_decoder(config):
-            return AutoModelForSeq2SeqLM.from_pretrained(config.pretrained)
-        return load_encoder(config.pretrained)
+            return AutoModelForSeq2SeqLM.from_pretrained(local_copy(config.pretrained))
+        return load_encoder(local_copy(config.pretrained))
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     size = dict(vocab_size=len(tokenizer), max_position_embeddings=config.max_length + 2)

@@ -1,8 +1,10 @@
 """Where a fine-tuning or evaluation starts from: `--from` resolved to a model directory.
 
 `--from` takes an export, a pre-finetuning run (its export, or else its newest intact
-checkpoint), a checkpoint, a `transformers` model directory or a Hub id; checkpoints become an
-export first. `baseline_source` is the backbone a pre-finetuned model started from.
+checkpoint), a checkpoint, a `transformers` model directory (each at a local path or a URI) or
+a Hub id; checkpoints become an export first. A source at a URI stays one: each node that loads
+it copies it into its own cache (storage.local_copy). `baseline_source` is the backbone a
+pre-finetuned model started from.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
 import torch
 from transformers import AutoConfig
 
@@ -21,7 +22,7 @@ from muppet_ray.config import Config, parse_config
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import MANIFEST, write_export
 from muppet_ray.model import MuppetModel, build_backbone
-from muppet_ray.storage import CHECKPOINT_SNAPSHOT, RunDir
+from muppet_ray.storage import CHECKPOINT_SNAPSHOT, RunDir, is_uri, local_copy, normalize
 from muppet_ray.tasks import HeadLayout
 from muppet_ray.tokenizer import load_tokenizer
 
@@ -32,12 +33,12 @@ class Source:
     and the muppet-ray manifest when it is one of our exports (None: no trained heads)."""
 
     given: str  # what the user named
-    model: str  # for model.pretrained
+    model: str  # for model.pretrained: a Hub id, a local directory or a URI
     manifest: dict | None = None
 
-    @property
     def heads_file(self) -> str:
-        return os.path.join(self.model, "heads.safetensors")
+        """The trained heads, as a local file (a stored export is copied to this node first)."""
+        return os.path.join(local_copy(self.model), "heads.safetensors")
 
     def layouts(self) -> list[HeadLayout]:
         """The tasks the source model was trained on (none for a plain model)."""
@@ -54,22 +55,26 @@ class Source:
 
 def resolve_source(given: str, work_dir: str) -> Source:
     """`--from`: an export, a run (its export, or else its latest checkpoint), a checkpoint, a
-    model directory, or a Hub id. Checkpoints are turned into an export under `work_dir`."""
-    path = os.path.expanduser(given)
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, MANIFEST)):
-            return _export_source(given, path)
-        if os.path.exists(os.path.join(path, "export", MANIFEST)):
-            return _export_source(given, os.path.join(path, "export"))
-        registered = RunDir(path).registered_checkpoints()
-        if os.path.exists(os.path.join(path, "config.yaml")) and registered:
-            intact = checkpoints.newest_intact(pafs.LocalFileSystem(), path, registered)
+    model directory (each a local path or a URI), or a Hub id. Checkpoints are turned into an
+    export under `work_dir`."""
+    local = os.path.expanduser(given)
+    if is_uri(given) or os.path.isdir(local):
+        where = RunDir(given)
+        if where.exists(MANIFEST):
+            return _export_source(given, where)
+        if where.exists(f"export/{MANIFEST}"):
+            return _export_source(given, RunDir(where.uri("export")))
+        registered = where.registered_checkpoints()
+        if where.exists("config.yaml") and registered:
+            intact = checkpoints.newest_intact(where.fs, where.path, registered)
             return _export_source(given, checkpoint_to_export(
-                os.path.join(path, intact or registered[-1]), work_dir, verified=bool(intact)))
-        if checkpoints.is_checkpoint(path):
-            return _export_source(given, checkpoint_to_export(path, work_dir))
-        if os.path.exists(os.path.join(path, "config.json")):
-            return Source(given, os.path.abspath(path))
+                where.uri(intact or registered[-1]), work_dir, verified=bool(intact)))
+        if where.exists(checkpoints.TAG):
+            return _export_source(given, checkpoint_to_export(where.root, work_dir))
+        if where.exists("config.json"):
+            return Source(given, where.root)
+        if is_uri(given) and not where.exists():
+            raise ConfigError(f"--from {given!r}: nothing is stored there")
         raise ConfigError(f"--from {given!r}: not an export, run, checkpoint or model directory "
                           "(no muppet.json, export/, checkpoint_*/ or config.json in it)")
     if given.startswith(("/", ".", "~")) or given.count("/") > 1:  # a path, not a Hub id
@@ -83,48 +88,47 @@ def resolve_source(given: str, work_dir: str) -> Source:
     return Source(given, given)
 
 
-def _export_source(given: str, export_dir: str) -> Source:
-    with open(os.path.join(export_dir, MANIFEST)) as f:
-        return Source(given, os.path.abspath(export_dir), json.load(f))
+def _export_source(given: str, export: RunDir) -> Source:
+    return Source(given, export.root, json.loads(export.read_text(MANIFEST)))
 
 
-def checkpoint_to_export(checkpoint_dir: str, work_dir: str, verified: bool = False) -> str:
-    """A Ray Train checkpoint of a run (DeepSpeed's sharded files) as an export directory.
-    `verified`: its manifests were checked already (they are not read twice)."""
-    checkpoint_dir = os.path.abspath(checkpoint_dir)
-    run = RunDir(os.path.dirname(checkpoint_dir))
-    name = os.path.basename(checkpoint_dir)
+def checkpoint_to_export(checkpoint: str, work_dir: str, verified: bool = False) -> RunDir:
+    """A Ray Train checkpoint of a run (DeepSpeed's sharded files, at a path or URI) as an
+    export under `work_dir`. `verified`: its manifests were checked already (not read twice)."""
+    checkpoint = normalize(checkpoint)
+    parent, name = checkpoint.rsplit("/", 1)
+    run = RunDir(parent)
     if not (run.exists("config.yaml") and run.exists("tasks.json") and run.exists("tokenizer")):
-        raise ConfigError(f"--from {checkpoint_dir!r}: a checkpoint must sit in its run "
+        raise ConfigError(f"--from {checkpoint!r}: a checkpoint must sit in its run "
                           "directory (next to config.yaml, tasks.json and tokenizer/)")
     if run.exists(CHECKPOINT_SNAPSHOT) and name not in run.registered_checkpoints():
-        raise ConfigError(f"--from {checkpoint_dir!r}: Ray Train did not register it (written in "
+        raise ConfigError(f"--from {checkpoint!r}: Ray Train did not register it (written in "
                           "part, by a run that stopped while saving it?); use an earlier one")
-    problem = None if verified else checkpoints.damage(pafs.LocalFileSystem(), checkpoint_dir)
+    problem = None if verified else checkpoints.damage(run.fs, f"{run.path}/{name}")
     if problem:
-        raise ConfigError(f"--from {checkpoint_dir!r}: the checkpoint is damaged ({problem}); "
+        raise ConfigError(f"--from {checkpoint!r}: the checkpoint is damaged ({problem}); "
                           "use an earlier one")
     out = RunDir(work_dir)
     if out.exists(f"from-{name}/{MANIFEST}"):
-        return out.uri(f"from-{name}")
+        return RunDir(out.uri(f"from-{name}"))
     config_yaml = run.read_text("config.yaml")
     config = parse_config(config_yaml)
     tokenizer = load_tokenizer(run.uri("tokenizer"))
     layouts = [HeadLayout.from_json(t) for t in json.loads(run.read_text("tasks.json"))]
     model = MuppetModel(build_backbone(config.model, tokenizer), layouts, config.model.dropout,
                         config.training.loss_scaling, config.model.max_target_length, tokenizer)
-    try:
-        state = checkpoints.weights(checkpoint_dir)
-    except FileNotFoundError:
-        raise ConfigError(f"--from {checkpoint_dir!r}: no DeepSpeed checkpoint in it") from None
+    with tempfile.TemporaryDirectory(prefix="muppet-checkpoint-") as local:
+        try:
+            run.download(f"{name}/{checkpoints.TAG}", f"{local}/{checkpoints.TAG}")
+            state = checkpoints.weights(local)
+        except FileNotFoundError:
+            raise ConfigError(f"--from {checkpoint!r}: no DeepSpeed checkpoint in it") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:  # (strict, but as a one-line error)
-        raise ConfigError(f"--from {checkpoint_dir!r}: the checkpoint does not match the run's "
+        raise ConfigError(f"--from {checkpoint!r}: the checkpoint does not match the run's "
                           f"model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return write_export(model, tokenizer, out, checkpoints.step_of(name), config_yaml,
-                        relative=f"from-{name}")
-
-
+    return RunDir(write_export(model, tokenizer, out, checkpoints.step_of(name), config_yaml,
+                               relative=f"from-{name}"))
 
 
 def baseline_source(source: Source, work_dir: str) -> Source:

@@ -1,4 +1,9 @@
-"""The run directory: a local path or an s3:// / gs:// URI, reached through pyarrow's filesystems.
+"""Storage: everything a run reads or writes, at a local path or an s3:// / gs:// URI, reached
+through pyarrow's filesystems (credentials and endpoint from the environment, as boto3 reads
+them: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...; never from a file of ours).
+
+`RunDir` is a directory there; `local_copy` brings a model or tokenizer stored at a URI into this
+node's cache, for the libraries that only load local directories (transformers, DeepSpeed).
 
 Layout of `<storage_path>/<run name>/`:
     config.yaml          the resolved config
@@ -14,18 +19,31 @@ Layout of `<storage_path>/<run name>/`:
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 
 
+CACHE_DIR_VARIABLE = "MUPPET_CACHE_DIR"  # this node's cache of models stored at URIs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
 def normalize(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+    return uri.rstrip("/") if is_uri(uri) else str(Path(uri).expanduser().resolve())
 
 
 class RunDir:
@@ -108,12 +126,68 @@ class RunDir:
                         destination_filesystem=pafs.LocalFileSystem())
 
 
+def node_cache_dir() -> str:
+    """This node's cache of stored models: `$MUPPET_CACHE_DIR`, else below the temporary
+    directory (a node's own disk: nodes share nothing but storage)."""
+    return os.environ.get(CACHE_DIR_VARIABLE) or os.path.join(tempfile.gettempdir(),
+                                                               "muppet-ray-cache")
+
+
+def local_copy(location: str) -> str:
+    """`location` as a local directory: the directory itself where it is local (a Hub id is
+    returned as it is); a URI's files copied once into this node's cache.
+
+    The copy is keyed by the URI and its files' names, sizes and modification times, so a model
+    written again is fetched again. Processes filling the cache at once (a node's workers) take
+    turns on a lock: one downloads, into a directory renamed into place when whole, and the
+    others then find it."""
+    if not is_uri(location):
+        return location
+    fs, path = pafs.FileSystem.from_uri(location)
+    path = path.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = sorted((info.path[len(path) + 1:], info.size, info.mtime_ns) for info in listing
+                   if info.type == pafs.FileType.File)
+    if not files:
+        raise FileNotFoundError(f"{location}: no files there")
+    key = hashlib.sha256(json.dumps([normalize(location), files]).encode()).hexdigest()[:24]
+    cache = node_cache_dir()
+    target = os.path.join(cache, key)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(target):
+            partial = tempfile.mkdtemp(prefix=f"{key}.partial-", dir=cache)
+            try:
+                pafs.copy_files(path, partial, source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                os.rename(partial, target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def check_writable(storage: str) -> None:
-    """A local storage path must be, or be creatable as, a writable directory (checked before
-    anything starts, so the error names the path instead of a traceback from deep inside)."""
+    """The storage path must be, or be creatable as, a writable directory; a URI must take a
+    write with the environment's credentials (checked before anything starts, so the error
+    names the path instead of a traceback from deep inside)."""
     from muppet_ray.errors import ConfigError
 
-    if "://" in storage:
+    if is_uri(storage):
+        try:
+            fs, path = pafs.FileSystem.from_uri(storage)
+            probe = f"{path.rstrip('/')}/.write-check-{uuid.uuid4().hex}"
+            with fs.open_output_stream(probe) as f:
+                f.write(b"")
+            fs.delete_file(probe)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"run.storage_path: cannot write to {storage!r} ({first})"
+                              ) from None
         return
     existing = Path(storage)
     while not existing.exists():
@@ -123,38 +197,6 @@ def check_writable(storage: str) -> None:
                           "file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.storage_path: {str(existing)!r} is not writable")
-
-
-def check_shared(storage: str) -> None:
-    """A multi-node run needs a storage path every node sees: the workers of one run write their
-    checkpoint shards there from different nodes, and a restarted worker reads them back from
-    any node. A URI (s3://, gs://) is shared by nature; a local path must be on a file system
-    mounted on every node (NFS). Checked by looking for a marker file from every node."""
-    import uuid
-
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from muppet_ray.errors import ConfigError
-
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    if "://" in storage or len(nodes) < 2:
-        return
-    os.makedirs(storage, exist_ok=True)
-    marker = os.path.join(storage, f".shared-check-{uuid.uuid4().hex}")
-    Path(marker).touch()
-    sees = ray.remote(num_cpus=0)(os.path.exists)
-    try:
-        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(marker) for n in nodes])
-    finally:
-        os.remove(marker)
-    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
-    if blind:
-        raise ConfigError(
-            f"run.storage_path: {storage!r} is not visible from nodes {blind}; a multi-node run "
-            "needs storage all nodes share (an NFS path mounted on every node, s3://, gs://)")
-
 
 
 def run_root(config, name: str) -> RunDir:

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from muppet_ray.storage import local_copy
+
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as in RoBERTa and BART
 TEXT_FIELDS = ("text", "text_pair", "context", "question", "answer", "source", "target")
 
@@ -45,5 +47,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int):
     )
 
 
-def load_tokenizer(name_or_path: str):
-    return AutoTokenizer.from_pretrained(name_or_path)
+def load_tokenizer(location: str):
+    """A Hub id, a directory, or a URI (copied into this node's cache first)."""
+    return AutoTokenizer.from_pretrained(local_copy(location))
