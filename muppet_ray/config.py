@@ -238,12 +238,16 @@ class ScalingConfig(Section):
     its latest checkpoint with a new count. The optimizer's batch stays the same (see
     BatchingConfig.grad_accum_steps)."""
     use_gpu: bool | None = None
-    """None: use GPUs when the cluster has them."""
+    """None: GPUs when the cluster has them, or its autoscaler adds nodes that have them (the
+    run then waits for those nodes: start_timeout_s)."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves per worker; on CPU also the worker's torch threads (at least 1)."""
     resources_per_worker: dict[str, float] = {}
     """Further Ray resources each worker holds, e.g. a custom resource that nodes advertise once
     (`ray start --resources='{"trainer": 1}'`) to place one worker per node."""
+    start_timeout_s: float = Field(1800.0, gt=0)
+    """How long a run waits for the autoscaler to add the nodes its workers need, with a
+    progress line every 30 s, before it fails."""
     resize_interval_s: float = Field(60.0, gt=0)
     """Elastic runs: how often Ray Train looks for room for more workers (growing the run
     restarts it from its latest checkpoint)."""

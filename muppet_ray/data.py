@@ -474,10 +474,16 @@ def _segment_starts(costs: np.ndarray) -> list[int]:
 
 def _segment(lookup, caches: list[CacheIndex], pad_id: int, start: int, end: int
              ) -> Iterator[dict[str, Any]]:
-    """Positions [start, end) of the stream (its execution starts at the first row read)."""
-    ds = ray.data.range(end - start, override_num_blocks=-(-(end - start) // FETCH_BLOCK))
+    """Positions [start, end) of the stream (its execution starts at the first row read).
+
+    Its tasks hold no CPU: they mostly wait on storage, and a CPU of their own could be one the
+    training workers already hold all of (`ray start --head` on a laptop declares as many CPUs
+    as the workers take), where they would wait forever. The ids are made here, not read by a
+    task (a read task would hold a CPU)."""
+    ids = [{"id": i} for i in range(end - start)]
+    ds = ray.data.from_items(ids, override_num_blocks=-(-(end - start) // FETCH_BLOCK))
     ds = ds.map_batches(_fetcher(lookup, caches, pad_id, start), batch_size=FETCH_BLOCK,
-                        batch_format="numpy")
+                        batch_format="numpy", num_cpus=0)
     ds.context.execution_options.preserve_order = True  # schedule order is the contract
     ds.context.set_config(BACKPRESSURE_POLICIES, [])  # a segment is small: produce it at once
     yield from ds.iter_rows()

@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
-import math
-import os
 import sys
 import tempfile
 import time
@@ -23,9 +20,8 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from muppet_ray import data, suite
+from muppet_ray import cluster, data, suite
 from muppet_ray.config import (
-    VERBOSE,
     Config,
     expand_variables,
     micro_batches_per_step,
@@ -36,17 +32,13 @@ from muppet_ray.errors import ConfigError, MuppetError, TrainingError, storage_f
 from muppet_ray.metrics import read_log
 from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
-from muppet_ray.storage import RunDir, check_shared, check_writable, normalize, run_root
+from muppet_ray.storage import RunDir, check_writable, normalize, run_root
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
 from muppet_ray.train import WorkerPlan, train_loop_per_worker
 
 TOKENIZER_SAMPLE = 500  # examples per task that the run-time tokenizer is trained on
-# Ray Train's controller checks its workers this often (seconds), read from the environment. On a
-# local cluster muppet-ray lowers Ray's 2 s default (see prepare_local_cluster).
-CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-LOCAL_CHECK_INTERVAL_S = "0.2"
 
 
 @dataclass
@@ -94,104 +86,6 @@ def resolve_and_check(config: Config) -> list[Task]:
     return tasks
 
 
-def start_ray(config: Config) -> None:
-    _check_interval_setting()
-    if ray.is_initialized():
-        return
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
-    level = logging.INFO if verbose() else logging.ERROR
-    if address:
-        ray.init(address=address, logging_level=level)
-        _keep_ray_off_the_console()
-        return
-    # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
-    # cores, so declare enough logical CPUs for both (the OS shares the real ones). "local":
-    # a new one, even where `ray start` left a cluster that plain ray.init() would join.
-    needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
-    prepare_local_cluster()
-    ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
-             logging_level=level, include_dashboard=False)
-    _keep_ray_off_the_console()
-
-
-def _check_interval_setting() -> None:
-    """A bad CHECK_INTERVAL would fail the run inside Ray Train's controller, with its traceback."""
-    value = os.environ.get(CHECK_INTERVAL)
-    try:
-        good = value is None or (math.isfinite(float(value)) and float(value) > 0)
-    except ValueError:
-        good = False
-    if not good:
-        raise ConfigError(f"{CHECK_INTERVAL}: expected a number of seconds above 0, got {value!r}")
-
-
-def prepare_local_cluster() -> None:
-    """Settings for a local cluster, read by this process and, from the environment, by the
-    cluster's processes that `ray.init` then starts."""
-    # One machine: listen on the loopback address only, not on the machine's routable one
-    # (Ray does that for single-machine clusters on macOS and Windows; this does it on Linux).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    # Ray Train's PlacementGroupCleaner asks Ray's state API every 2 s whether the run's
-    # controller is alive. With no address it asks the newest cluster on the machine: once a
-    # `ray start --head` runs beside this one, that cluster, which does not know the controller,
-    # and the cleaner removes the run's placement group, killing its workers mid-run. This
-    # cluster has no dashboard to answer anyway: an address nothing listens on makes every
-    # question fail, which the cleaner takes as "unknown, keep waiting".
-    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:0"
-    # Ray Train's controller looks at its workers every 2 s, and a worker's report (a checkpoint,
-    # an evaluation) waits until the controller has taken the one before: ~8 s of a 40 s laptop
-    # run. 0.2 s costs a small local cluster nothing. (Ray Train passes the driver's value on.)
-    os.environ.setdefault(CHECK_INTERVAL, LOCAL_CHECK_INTERVAL_S)
-
-
-def verbose() -> bool:
-    """`--verbose`: the console shows what Ray and the libraries print, not only our lines."""
-    return os.environ.get(VERBOSE) == "1"
-
-
-def _keep_ray_off_the_console() -> None:
-    """Ray forwards every line its processes print (its own logs, Ray Train's, DeepSpeed's and
-    transformers') to this console: ~100 lines a run. Only muppet-ray's own lines stay; the rest
-    are in Ray's session logs, where Ray writes them anyway. (A worker's error still reaches
-    this process, as the exception `fit()` raises.) Not with `--verbose`."""
-    if verbose():
-        return
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as forwarded
-
-    def ours(batch: dict) -> None:
-        for line in batch["lines"]:
-            if "[muppet-ray]" in line:
-                print(line, file=sys.stderr if batch["is_err"] else sys.stdout, flush=True)
-
-    forwarded.remove_handler("ray_print_logs")  # (Ray's printer, added by ray.init)
-    forwarded.add_handler("muppet_ray_lines", ours)
-    # Ray Data, in this process, prints each execution's plan and tips at INFO (its log file
-    # keeps them): errors only.
-    from ray._private.log import PlainRayHandler
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.ERROR)
-    node = ray._private.worker._global_node  # (None for a Ray Client connection)
-    if node is not None:
-        print(f"[muppet-ray] Ray's own log lines: {node.get_logs_dir_path()}", flush=True)
-
-
-def _warn_if_no_cpu_left(config: Config) -> None:
-    """The Ray Data tasks that feed the workers each need a CPU of their own: on a cluster whose
-    CPUs the workers take up (`ray start --head` on a 2-core laptop declares 2), they wait for
-    one, and on a fixed cluster the run waits with them, forever (an autoscaler adds a node)."""
-    cpus = ray.cluster_resources().get("CPU", 0)
-    taken = config.scaling.min_workers * config.scaling.cpus_per_worker
-    if cpus - taken < 1:
-        print(f"[muppet-ray] warning: the cluster has {cpus:g} CPUs and the workers take "
-              f"{taken:g} (scaling.num_workers x scaling.cpus_per_worker, at least), leaving "
-              "none for the Ray Data tasks that feed them: unless an autoscaler adds a node, "
-              "the run will wait for one. Declare more logical CPUs (`ray start --head "
-              f"--num-cpus {int(taken) + 2}`) or use fewer workers.", flush=True)
-
-
 def build_tokenizer(config: Config, tasks: list[Task]):
     if config.model.pretrained is not None:
         return load_tokenizer(config.model.pretrained)
@@ -228,8 +122,8 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
         # Another config would mean another schedule: resuming could repeat or skip data.
         raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config; "
                           "choose a new run.name (or repeat the original settings to resume)")
-    start_ray(config)
-    check_shared(storage)
+    cluster.start_ray(config)
+    cluster.check_shared(storage)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         with storage_faults(run_dir.root):  # (a full or read-only storage: one line)
@@ -259,17 +153,22 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     if not evaluate_only:
         _describe(config, tasks, caches)
 
-    use_gpu = config.scaling.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    _warn_if_no_cpu_left(config)
+    scaling = config.scaling
+    use_gpu, why = cluster.use_gpu(scaling)
+    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+              **scaling.resources_per_worker}
+    print(f"[muppet-ray] {scaling.min_workers}"
+          + (f" to {scaling.max_workers}" if scaling.elastic else "")
+          + f" workers on {'GPU' if use_gpu else 'CPU'} ({why})", flush=True)
+    cluster.wait_for_room(worker, scaling.min_workers, scaling.start_timeout_s,
+                          f"the workers of run {name!r}")
+    cluster.warn_if_no_cpu_left(config)
     plan = WorkerPlan(
         config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,
         layouts=[t.layout() for t in tasks],
         train_caches=[caches[t.name].get("train") for t in tasks],
         eval_caches=[caches[t.name]["validation"] for t in tasks],
         initial_heads=initial_heads or {}, evaluate_only=evaluate_only)
-    scaling = config.scaling
     trainer = TorchTrainer(
         # The plan is bound to the function rather than given as train_loop_config: Ray Train's
         # controller unpickles that one (importing torch, transformers and DeepSpeed to do so:

@@ -14,7 +14,7 @@ ones early on their periodic validation metric.
 Both keep Tune's state under `<storage>/<name>/tune`: run the same command again after the
 driver dies and Tune restores the sweep; finished trials are not run again (and an unfinished
 trial's Ray Train runs resume from their checkpoints). A failed trial is reported in the table,
-the rest of the sweep goes on.
+the rest of the sweep goes on, and the command then fails, naming the points that failed.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from muppet_ray import protocol
+from muppet_ray.cluster import start_ray, verbose
 from muppet_ray.config import Config, parse_config, to_yaml, validate
-from muppet_ray.errors import ConfigError
+from muppet_ray.errors import ConfigError, TrainingError
 from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
-from muppet_ray.prefinetune import build_tokenizer, prefinetune, start_ray, verbose
+from muppet_ray.prefinetune import build_tokenizer, prefinetune
 from muppet_ray.storage import RunDir, run_root, write_rows
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
@@ -116,6 +117,10 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     errors = {r.config["point"]["label"]: _error_line(r.error) for r in grid if r.error}
     rows = collect(root, [p["label"] for p in points], errors)
     write_results(root, rows, axis, report, command)
+    failed = [r for r in rows if "error" in r]
+    if failed:  # (after the results of the others are written)
+        raise TrainingError(f"{len(failed)} of {len(points)} sweep points failed: " + "; ".join(
+            f"{r['point']}: {r['error']}" for r in failed) + f" (results: {root.root})")
     return rows
 
 
@@ -433,6 +438,9 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
     grid = _run_tune(_finetune_trial, params, root, base, max_concurrent,
                      {"metric": metric, "mode": "max", "scheduler": scheduler,
                       "num_samples": samples})
+    if all(result.error for result in grid):
+        raise TrainingError(f"every trial of {root.root!r} failed: "
+                            + "; ".join(_error_line(result.error) for result in grid))
     rows = []
     for result in grid:
         row = {**result.config["space"], "status": "error" if result.error else "done",

@@ -27,13 +27,13 @@ def run_cli(*args, cwd=ROOT, timeout=600, env: dict | None = None):
 def ray_cluster():
     import ray
 
-    from muppet_ray.prefinetune import prepare_local_cluster
+    from muppet_ray.cluster import local_cluster_environment
 
     # As muppet-ray starts a local cluster, with more logical CPUs than cores: 2 training
     # workers plus the Ray Data tasks feeding them.
-    prepare_local_cluster()
-    ray.init(address="local", num_cpus=6, include_dashboard=False,
-             logging_level=logging.WARNING)
+    with local_cluster_environment():
+        ray.init(address="local", num_cpus=6, include_dashboard=False,
+                 logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from muppet_ray import cli
-from muppet_ray.prefinetune import _warn_if_no_cpu_left
-from tests.conftest import ROOT, make_config, run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def assert_rejected(done, expected, storage):
@@ -58,9 +57,13 @@ def test_a_local_cluster_listens_on_loopback_only_and_verbose_shows_its_output()
     probe = """
 import os, psutil, ray, time
 from muppet_ray.config import Config
-from muppet_ray.prefinetune import start_ray
+from muppet_ray.cluster import start_ray
 start_ray(Config())
 ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+# the local cluster's settings: its processes have them, this one got its environment back
+seen = ray.get(ray.remote(lambda: os.environ.get("RAY_API_SERVER_ADDRESS")).remote())
+print("environment", seen, os.environ.get("RAY_API_SERVER_ADDRESS"),
+      os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
 print(ray.get_runtime_context().gcs_address)
 for c in psutil.net_connections(kind="inet"):
     if c.status == "LISTEN" and c.pid in ours:
@@ -72,20 +75,12 @@ ray.shutdown()
     done = run_cli("-c", probe, timeout=120, env={"MUPPET_VERBOSE": "1"})  # (as --verbose)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "a worker's own line" in done.stdout  # (without --verbose: test_bad_input's lines)
+    assert "environment http://127.0.0.1:0 None None" in done.stdout
     gcs, *addresses = [line for line in done.stdout.splitlines()
-                       if not line.startswith("[muppet-ray]") and "(<lambda> pid=" not in line]
+                       if not line.startswith(("[muppet-ray]", "environment"))
+                       and "(<lambda> pid=" not in line]
     assert gcs.startswith("127.0.0.1:") and len(addresses) >= 3
     assert set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
-
-
-def test_a_cluster_with_no_cpu_left_for_the_data_tasks_is_warned_of(ray_cluster, capsys):
-    # (without a CPU of their own, the Ray Data tasks feeding the workers wait, and the run too)
-    _warn_if_no_cpu_left(make_config("unused", "scaling.cpus_per_worker=3"))  # 6 CPUs: 2 x 3
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("[muppet-ray] warning: the cluster has 6 CPUs and the workers take 6")
-    assert "ray start --head --num-cpus 8" in line
-    _warn_if_no_cpu_left(make_config("unused"))  # 2 x 1 of 6: no warning
-    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1", "nan"])
