@@ -3,8 +3,13 @@
 A checkpoint is a directory `checkpoint_<step>` (or `checkpoint_<step>_<n>`, see `dir_name`) in
 the run directory, registered by Ray Train once every worker has uploaded its part: DeepSpeed's
 sharded files under `deepspeed/` (TAG), rank 0's `checkpoint.json` (step, world size, the nodes
-that wrote the shards) and each worker's manifest. Nothing outside this module knows these
-names.
+that wrote the shards) and each worker's manifest. Once resumed by another number of workers, it
+also holds its `universal/` form (see `fetch_universal`). Nothing outside this module knows
+these names.
+
+On resume each worker fetches only the files it loads (`fetch`: all but the other workers' ZeRO
+partitions), checking them against the manifests as they arrive: the workers verify their own
+parts side by side, and none waits in a collective while another hashes the rest.
 
 Ray Train registers a checkpoint once every worker has uploaded its files, so a run killed while
 writing one never resumes from it. Registration says nothing of the bytes, though: a file cut
@@ -17,11 +22,14 @@ one it passes over.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 
 import pyarrow.fs as pafs
 import torch
@@ -29,7 +37,10 @@ import torch
 MANIFEST_PREFIX = "manifest-rank"
 CHECKPOINT_STATE = "checkpoint.json"  # rank 0: step, world size, nodes of the shards
 TAG = "deepspeed"  # DeepSpeed's folder (its "tag") inside a checkpoint
+UNIVERSAL = "universal"  # the checkpoint as DeepSpeed's universal checkpoint, once made
+UNIVERSAL_DONE = "universal.json"  # written last: {"problem": None or what was wrong}
 _READ = 1 << 22
+_PARTITION = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-worker ZeRO files
 
 
 # ------------------------------------------------------------------- write and load
@@ -45,14 +56,10 @@ def save(engine, directory: str, step: int, rank: int, world_size: int, nodes: l
     write_manifest(directory, rank)
 
 
-def load(engine, directory: str, reshard: bool) -> int:
-    """Load a checkpoint into the engine (`reshard`: written by another number of workers, so
-    first turned into DeepSpeed's universal checkpoint); returns its step."""
-    with tempfile.TemporaryDirectory(prefix="muppet-universal-") as universal:
-        if reshard:
-            _to_universal(directory, universal)
-            directory = universal
-        _, client_state = engine.load_checkpoint(directory, tag=TAG)
+def load(engine, directory: str) -> int:
+    """Load a fetched checkpoint (`fetch`, `fetch_universal`) into the engine; returns its
+    step."""
+    _, client_state = engine.load_checkpoint(directory, tag=TAG)
     return int(client_state["step"])
 
 
@@ -86,10 +93,6 @@ def weights(directory: str) -> dict[str, torch.Tensor]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
     return torch.load(path, map_location="cpu", weights_only=True)["module"]
-
-
-def is_checkpoint(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, TAG))
 
 
 def dir_name(step: int, existing: set[str]) -> str:
@@ -128,29 +131,97 @@ def write_manifest(directory: str, rank: int) -> None:
 def damage(fs: pafs.FileSystem, path: str) -> str | None:
     """What is wrong with the checkpoint at `path`, or None if its manifests verify. One written
     before checkpoints had manifests is taken as it is."""
+    return fetch(fs, path, None)
+
+
+def needed_by(relative: str, rank: int | None) -> bool:
+    """Whether worker `rank` (of as many as wrote the checkpoint) loads the file: all but the
+    other workers' ZeRO partitions. None: every file."""
+    found = _PARTITION.search(relative)
+    return rank is None or found is None or int(found[1]) == rank
+
+
+def fetch(fs: pafs.FileSystem, path: str, local: str | None, rank: int | None = None
+          ) -> str | None:
+    """Copy the files of the checkpoint at `path` that worker `rank` needs (every file: None)
+    into `local` (None: read them only), each checked against its manifest as it arrives;
+    returns what is wrong, or None."""
     names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path))]
     manifests = sorted(n for n in names if n.startswith(MANIFEST_PREFIX))
-    if not manifests:
-        return None
-    if CHECKPOINT_STATE not in names:
+    if not manifests:  # (from before manifests: taken as it is)
+        files = {info.path[len(path) + 1:]: None for info in fs.get_file_info(
+            pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.File}
+    elif CHECKPOINT_STATE not in names:
         return f"{CHECKPOINT_STATE} is missing"
-    with fs.open_input_stream(f"{path}/{CHECKPOINT_STATE}") as f:
-        world_size = json.loads(f.read())["world_size"]
-    if len(manifests) != world_size:
-        return f"it has the manifests of {len(manifests)} of its {world_size} workers"
-    for manifest in manifests:
-        with fs.open_input_stream(f"{path}/{manifest}") as f:
-            files = json.loads(f.read())
-        for relative, (size, digest) in files.items():
-            info = fs.get_file_info(f"{path}/{relative}")
-            if info.type == pafs.FileType.NotFound:
-                return f"{relative} is missing"
-            if info.size != size:
-                return f"{relative} has {info.size} bytes, its manifest says {size}"
-            with fs.open_input_stream(f"{path}/{relative}") as f:
-                if _sha256(f) != digest:
-                    return f"{relative} does not match its manifest's SHA-256"
+    else:
+        with fs.open_input_stream(f"{path}/{CHECKPOINT_STATE}") as f:
+            world_size = json.loads(f.read())["world_size"]
+        if len(manifests) != world_size:
+            return f"it has the manifests of {len(manifests)} of its {world_size} workers"
+        files = {}
+        for manifest in manifests:
+            with fs.open_input_stream(f"{path}/{manifest}") as f:
+                files.update(json.loads(f.read()))
+    for relative, expected in sorted(files.items()):
+        if needed_by(relative, rank) and not relative.startswith(f"{UNIVERSAL}/"):
+            problem = _copy_checked(fs, f"{path}/{relative}", relative, expected,
+                                    local and os.path.join(local, relative))
+            if problem:
+                return problem
     return None
+
+
+def _copy_checked(fs: pafs.FileSystem, source: str, relative: str, expected, target: str | None
+                  ) -> str | None:
+    """Copy one file to `target` (None: only read it), checked against its manifest entry
+    `expected` ([size, SHA-256]; None: not listed, so not checked)."""
+    info = fs.get_file_info(source)
+    if info.type == pafs.FileType.NotFound:
+        return f"{relative} is missing"
+    if expected is None and target is None:
+        return None
+    if expected is not None and info.size != expected[0]:
+        return f"{relative} has {info.size} bytes, its manifest says {expected[0]}"
+    digest = hashlib.sha256()
+    if target:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    with fs.open_input_stream(source) as stream, (
+            open(target, "wb") if target else contextlib.nullcontext()) as out:
+        while chunk := stream.read(_READ):
+            digest.update(chunk)
+            if out:
+                out.write(chunk)
+    if expected is not None and digest.hexdigest() != expected[1]:
+        return f"{relative} does not match its manifest's SHA-256"
+    return None
+
+
+def fetch_universal(fs: pafs.FileSystem, path: str, local: str, rank: int,
+                    poll_s: float = 1.0) -> str | None:
+    """A checkpoint written by another number of workers, as DeepSpeed's universal checkpoint
+    in `local` (which loads under any number). Worker 0 converts it once, into the checkpoint's
+    `universal/` in storage, then writes UNIVERSAL_DONE; the others wait for that file (not in
+    a collective, which could time out on a large model) and fetch the result. Returns what is
+    wrong with the checkpoint, or None."""
+    done = f"{path}/{UNIVERSAL_DONE}"
+    if rank == 0 and fs.get_file_info(done).type == pafs.FileType.NotFound:
+        with tempfile.TemporaryDirectory(prefix="muppet-reshard-") as whole:
+            problem = fetch(fs, path, f"{whole}/sharded")
+            if problem is None:
+                _to_universal(f"{whole}/sharded", f"{whole}/{UNIVERSAL}")
+                fs.create_dir(f"{path}/{UNIVERSAL}", recursive=True)
+                pafs.copy_files(f"{whole}/{UNIVERSAL}", f"{path}/{UNIVERSAL}",
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        with fs.open_output_stream(done) as f:
+            f.write(json.dumps({"problem": problem}).encode())
+    while fs.get_file_info(done).type == pafs.FileType.NotFound:
+        time.sleep(poll_s)
+    with fs.open_input_stream(done) as f:
+        problem = json.loads(f.read())["problem"]
+    if problem is None:
+        pafs.copy_files(f"{path}/{UNIVERSAL}", local, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    return problem
 
 
 def newest_intact(fs: pafs.FileSystem, parent: str, names: list[str], warn=None) -> str | None:

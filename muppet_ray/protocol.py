@@ -13,10 +13,12 @@ Models are compared paired: the same subsets and seeds, so a lucky subset helps 
 difference of a model to the baseline, per seed the mean over eval tasks, gets a mean and a
 Student-t 95% interval over seeds.
 
-Each fine-tuning run is small (hundreds of examples), so it is plain PyTorch in one process — a
-Ray task per eval task and seed, which a cluster runs side by side — rather than a Ray Train run,
-whose start-up (~35 s on a laptop) would outweigh its training. It uses the same model, heads,
-losses, tokenized chunks and metrics as every other run.
+Each fine-tuning run is small (hundreds of examples), so it runs in one process — a Ray task per
+eval task and seed, which a cluster runs side by side, on a GPU of its own where the workers of
+pre-finetuning would get one (cluster.use_gpu) — rather than as a Ray Train run, whose start-up
+(~35 s on a laptop) would outweigh its training. Its steps are pre-finetuning's (step.py: the
+same passes, precision and optimizer), as are its model, heads, losses, tokenized chunks and
+metrics.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from muppet_ray import batch as mb
-from muppet_ray import data
+from muppet_ray import cluster, data
 from muppet_ray.config import Config, validate
 from muppet_ray.finetune import finetune_config
 from muppet_ray.heads import head_origins, initial_heads, is_reused
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.model_source import Source
-from muppet_ray.optim import build_optimizer
+from muppet_ray.step import SingleDeviceEngine, forward_backward, passes
 from muppet_ray.storage import RunDir, normalize
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer
@@ -84,8 +86,9 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     tokenizer = load_tokenizer(source.model)
     cache = data.cache_root(normalize(base.run.storage_path))
     # (outside the placement group of a Tune trial that calls this, which holds no CPUs for it)
+    on_gpu, _ = cluster.use_gpu(base.scaling)
     run = ray.remote(_fine_tune_runs).options(
-        num_cpus=base.scaling.cpus_per_worker, max_retries=0,
+        num_cpus=base.scaling.cpus_per_worker, num_gpus=1 if on_gpu else 0, max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     store = RunDir(f"{normalize(base.run.storage_path)}/{SCORES_DIR}")
     groups = []  # per eval task and seed: (the task, {fraction: its config})
@@ -162,8 +165,9 @@ def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, ta
 def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
               caches: dict[str, data.CacheIndex], learning_rate: float
               ) -> tuple[float, float, int]:
-    """Fine-tune a fresh copy of `config.model.pretrained` on the task's train chunks; returns
-    the headline metric on validation and on test, and the number of steps."""
+    """Fine-tune a fresh copy of `config.model.pretrained` on the task's train chunks, one
+    chunk a step, on this process's GPU if Ray gave it one; returns the headline metric on
+    validation and on test, and the number of steps."""
     train, seed = caches["train"], config.training.seed
     steps = config.protocol.epochs * train.chunks
     schedule = validate({**config.model_dump(mode="json"), "training": {
@@ -174,31 +178,28 @@ def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
                         config.model.dropout, config.training.loss_scaling,
                         config.model.max_target_length, tokenizer)
     model.heads.load_state_dict(heads, strict=False)
-    optimizer, scheduler = build_optimizer(model, schedule)
-    budget = config.batching.max_tokens_per_pass
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    engine = SingleDeviceEngine(model, schedule, device)
     order = np.random.default_rng(seed)
     model.train()
     for _ in range(config.protocol.epochs):
         for chunk in order.permutation(train.chunks):
             batch = data.ChunkReader.read(train, int(chunk), 0)
-            passes = -(-batch["attention_mask"].size // budget) if budget else 1
-            for piece, share in mb.split(batch, min(passes, mb.num_examples(batch))):
-                (model(mb.to_torch(piece, torch.device("cpu")))["loss"] * share).backward()
-            if config.training.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    validation, test = (metric(model, task, caches[split]) for split in SPLITS)
+            forward_backward(engine, passes(batch, batch["attention_mask"].size,
+                                            config.batching.max_tokens_per_pass), 1.0, device)
+            engine.step()
+    validation, test = (metric(engine, task, caches[split]) for split in SPLITS)
     return validation, test, steps
 
 
 @torch.no_grad()
-def metric(model: MuppetModel, task: Task, cache: data.CacheIndex) -> float:
+def metric(engine: SingleDeviceEngine, task: Task, cache: data.CacheIndex) -> float:
+    model = engine.module
     model.eval()
-    stats = sum(model.evaluate(mb.to_torch(data.ChunkReader.read(cache, chunk, 0),
-                                           torch.device("cpu")))[0].double()
-                for chunk in range(cache.chunks))
+    with engine.autocast():
+        stats = sum(model.evaluate(mb.to_torch(data.ChunkReader.read(cache, chunk, 0),
+                                               engine.device))[0].double().cpu()
+                    for chunk in range(cache.chunks))
     model.train()
     pairs = model.take_pairs().get(0)
     return next(iter(task.task_type.finalize(stats.numpy(), pairs).values()))

@@ -4,7 +4,7 @@ One optimizer step = N micro-batches (N = grad_accum_steps x max workers), share
 workers that run now, N / W each (the largest spread over the workers); each worker adds up the
 gradients of its share and DeepSpeed averages them over the workers once per step, so with
 heterogeneous batching every update mixes N single-task micro-batches. A micro-batch larger than
-`batching.max_tokens_per_pass` goes through the model in several passes (`passes`), which bounds
+`batching.max_tokens_per_pass` goes through the model in several passes (step.py), which bounds
 activation memory without changing the update.
 Steps, evaluations, checkpoints and reports happen at the same points on every worker (Ray Train
 and DeepSpeed both need that).
@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from muppet_ray.metrics import (
 from muppet_ray.mixture import Schedule, build_schedule
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.optim import build_optimizer, deepspeed_config
+from muppet_ray.step import forward_backward, passes, uses_bf16
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import HeadLayout
@@ -93,7 +95,6 @@ class Trainer:
         self.config = plan.config
         self.config_yaml = plan.config_yaml
         self.run_dir = RunDir(plan.run_dir)
-        self.existing_checkpoints: set[str] = set()  # (see checkpoint.dir_name)
         self.tokenizer = plan.tokenizer
         self.layouts = plan.layouts
         self.train_caches = plan.train_caches
@@ -123,8 +124,7 @@ class Trainer:
         import deepspeed  # after DS_ACCELERATOR: it picks its accelerator at import
 
         self.deepspeed = deepspeed
-        precision = self.config.deepspeed.precision
-        bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+        bf16 = uses_bf16(self.config, self.device)
         torch.manual_seed(self.config.training.seed)  # identical initial weights everywhere
         model = MuppetModel(
             build_backbone(self.config.model, self.tokenizer), self.layouts,
@@ -149,44 +149,39 @@ class Trainer:
                 f"{type(self.engine.optimizer).__name__}, which cannot reduce gradients once per "
                 "step (remove data_types.grad_accum_dtype, or use another zero_stage)")
 
-    def needs_resharding(self, checkpoint: ray.train.Checkpoint | None) -> bool:
-        """Whether the checkpoint's ZeRO shards were written by another number of workers."""
-        if checkpoint is None or self.config.deepspeed.zero_stage == 0:
-            return False  # (stage 0 shards nothing)
-        saved = checkpoints.saved_world_size(checkpoint.filesystem, checkpoint.path)
-        if saved is None:
-            return False  # (written before checkpoints recorded their world size)
-        if saved != self.world and self.rank == 0:
-            log.warning(f"[muppet-ray] resuming with {self.world} workers from a checkpoint of "
-                        f"{saved}: each now runs {self.accum} of the step's {self.per_step} "
-                        "micro-batches")
-        return saved != self.world
-
-    def intact(self, latest: ray.train.Checkpoint | None) -> ray.train.Checkpoint | None:
-        """The newest registered checkpoint up to `latest` whose manifests verify (rank 0 reads
-        them, every worker takes its choice); None if none does."""
-        if latest is None:
-            return None
-        parent, newest = latest.path.rsplit("/", 1)
-        choice = [None]
-        if self.rank == 0:
-            candidates = [n for n in self.run_dir.registered_checkpoints() if n <= newest]
-            choice = [checkpoints.newest_intact(latest.filesystem, parent, candidates or [newest],
-                                              lambda m: log.warning(f"[muppet-ray] {m}"))]
+    def fetch_checkpoint(self, latest: ray.train.Checkpoint, local: str
+                         ) -> tuple[str, bool] | None:
+        """Fetch into `local` the newest registered checkpoint up to `latest` whose files verify
+        on every worker (each fetches and checks the files it loads); returns its name and
+        whether it is resharded (written by another number of workers: then fetched as
+        DeepSpeed's universal checkpoint), or None if none is intact."""
+        fs, (parent, newest) = latest.filesystem, latest.path.rsplit("/", 1)
+        names = [None]
+        if self.rank == 0:  # (rank 0 reads Ray Train's record; all take its list)
+            names = [[n for n in self.run_dir.registered_checkpoints() if n <= newest]
+                     or [newest]]
         if self.world > 1:
-            dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
-            return None
-        if choice[0] != newest and self.rank == 0:
-            log.warning(f"[muppet-ray] resuming from {choice[0]}, the newest intact checkpoint")
-        return ray.train.Checkpoint(f"{parent}/{choice[0]}", filesystem=latest.filesystem)
-
-    def restore(self, checkpoint: ray.train.Checkpoint | None, reshard: bool) -> int:
-        """Load the latest checkpoint, if any; returns the number of steps already done."""
-        if checkpoint is None:
-            return 0
-        with checkpoint.as_directory() as directory:
-            return checkpoints.load(self.engine, directory, reshard)
+            dist.broadcast_object_list(names, src=0)
+        for name in reversed(names[0]):
+            path = f"{parent}/{name}"
+            saved = checkpoints.saved_world_size(fs, path)
+            reshard = self.config.deepspeed.zero_stage > 0 and saved not in (None, self.world)
+            shutil.rmtree(local, ignore_errors=True)
+            problem = (checkpoints.fetch_universal(fs, path, local, self.rank) if reshard
+                       else checkpoints.fetch(fs, path, local, self.rank))
+            if problem and (self.rank == 0 or not reshard):
+                log.warning(f"[muppet-ray] {name} is damaged ({problem}): not resuming from it")
+            if not self._all_reduce(torch.tensor([float(bool(problem))]),
+                                    op=dist.ReduceOp.MAX).item():
+                if self.rank == 0 and name != newest:
+                    log.warning(f"[muppet-ray] resuming from {name}, the newest intact "
+                                "checkpoint")
+                if self.rank == 0 and reshard:
+                    log.warning(f"[muppet-ray] resuming with {self.world} workers from a "
+                                f"checkpoint of {saved}: each now runs {self.accum} of the "
+                                f"step's {self.per_step} micro-batches")
+                return name, reshard
+        return None
 
     # --------------------------------------------------------------- training
 
@@ -206,17 +201,20 @@ class Trainer:
     def resume(self) -> int | None:
         """Build the engine, load the newest intact checkpoint and lay out this worker's
         micro-batches; returns the steps already done (None: nothing to resume from)."""
-        # (listed before any worker can save: names taken now are not reused: checkpoint.dir_name)
-        self.existing_checkpoints = set(self.run_dir.list(""))
         latest = ray.train.get_checkpoint()
-        checkpoint = self.intact(latest)
-        reshard = self.needs_resharding(checkpoint)
-        self.build(load_universal=reshard)
-        if latest is not None and checkpoint is None:
-            self.stop(0, f"no checkpoint of {self.run_dir.root!r} is intact (each failed its "
-                      "manifest, see the warnings above); remove the damaged ones or start a "
-                      "new run")
-            return None
+        with tempfile.TemporaryDirectory(prefix="muppet-resume-") as local:
+            found = self.fetch_checkpoint(latest, local) if latest is not None else None
+            self.build(load_universal=bool(found and found[1]))
+            if latest is not None and found is None:
+                self.stop(0, f"no checkpoint of {self.run_dir.root!r} is intact (each failed "
+                          "its manifest, see the warnings above); remove the damaged ones or "
+                          "start a new run")
+                return None
+            self.lay_out()
+            return checkpoints.load(self.engine, local) if found else 0
+
+    def lay_out(self) -> None:
+        """The run's schedule, and this worker's share of it."""
         self.schedule = build_schedule(
             [c.chunks for c in self.train_caches], [c.examples for c in self.train_caches],
             self.config.mixture, self.config.batching, self.per_step,
@@ -234,7 +232,6 @@ class Trainer:
         self.pass_cost = cost[every].max(axis=0) if self.zero3 else cost[self.positions]
         self.similarity = (GradientSimilarity(self.engine.module, len(self.layouts), self.device)
                            if len(self.layouts) > 1 else None)
-        return self.restore(checkpoint, reshard)
 
     def train(self, start: int) -> None:
         """The training loop, from step `start`: steps, logs, evaluations, checkpoints, and at
@@ -296,12 +293,8 @@ class Trainer:
         return self.config.deepspeed.zero_stage == 3
 
     def passes(self, batch: mb.Batch, cost: int) -> list[tuple[mb.Batch, float]]:
-        """The micro-batch as pieces to run one at a time, with each one's share of its
-        examples: as many as `cost` (padded tokens) needs at `batching.max_tokens_per_pass`,
-        at most one per example, except under ZeRO-3, whose workers all make the same number."""
-        budget = self.config.batching.max_tokens_per_pass
-        count = -(-int(cost) // budget) if budget else 1
-        return mb.split(batch, count if self.zero3 else min(count, mb.num_examples(batch)))
+        """The micro-batch's passes (step.passes); under ZeRO-3 as many on every worker."""
+        return passes(batch, cost, self.config.batching.max_tokens_per_pass, self.zero3)
 
     def train_step(self, step: int, stream, window: Window) -> bool:
         """One optimizer step; False if it was skipped (a non-finite loss or gradients)."""
@@ -325,14 +318,9 @@ class Trainer:
                 batch = mb.from_bytes(row["payload"])
                 with (self.similarity.measuring(batch) if self.similarity
                       else contextlib.nullcontext()):
-                    for piece, share in self.passes(batch, self.pass_cost[step, micro]):
-                        out = self.engine(mb.to_torch(piece, self.device))
-                        # the step's loss: the mean over its micro-batches of each one's mean
-                        self.engine.backward(out["loss"] * (share / self.accum))
-                        if share:  # (a share-0 piece only keeps ZeRO-3's passes in step)
-                            sums["loss"] += out["loss"].detach() * share
-                            sums["task_loss"] += out["task_loss_sum"]
-                            sums["task_examples"] += out["task_examples"]
+                    # the step's loss: the mean over its micro-batches of each one's mean
+                    forward_backward(self.engine, self.passes(batch, self.pass_cost[step, micro]),
+                                     1 / self.accum, self.device, sums)
                 tokens += torch.tensor([int(row["num_tokens"]), int(row["padded_tokens"])])
                 slots[position - first] = position  # every slot of the step filled once
         # (every worker then has the same totals, so all take the same decision)
@@ -409,15 +397,20 @@ class Trainer:
         """DeepSpeed's sharded checkpoint, each worker's shards merged by Ray Train."""
         if self.logger:
             self.logger.flush()
-        nodes = [ray.get_runtime_context().get_node_id()]  # where each shard was written
+        # Rank 0 names the checkpoint (after those in the run directory) and every worker takes
+        # its name; each says on which node it writes its shards.
+        mine = (ray.get_runtime_context().get_node_id(),
+                checkpoints.dir_name(step, set(self.run_dir.list(""))) if self.rank == 0
+                else None)
+        every = [mine]
         if self.world > 1:
-            nodes = [None] * self.world
-            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        nodes, name = [node for node, _ in every], every[0][1]
         with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
             checkpoints.save(self.engine, directory, step, self.rank, self.world, nodes)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=checkpoints.dir_name(
-                                 step, self.existing_checkpoints),
+                             checkpoint_dir_name=name,
                              checkpoint_upload_fn=self.fault and self.fault.upload_fn(step))
 
     def export(self, step: int) -> str | None:
