@@ -1,6 +1,7 @@
-"""Cluster conventions, on this machine: a real Ray head started with `ray start --head` and a job
-sent with `ray job submit`, beside a local run that must not notice; an elastic run on two Ray
-nodes that loses one of them."""
+"""Cluster conventions, on this machine: a real Ray head started with `ray start --head` (as many
+CPUs as the job's workers take: the Ray Data tasks feeding them hold none) and a job sent with
+`ray job submit`, beside a local run that must not notice. Several nodes and object storage:
+test_multinode.py."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from transformers import AutoModel
 from muppet_ray.export import load_exported
 from muppet_ray.metrics import LOG
 from muppet_ray.prefinetune import prefinetune
-from muppet_ray.storage import RunDir
-from tests.conftest import ROOT, make_config, run_cli
+from tests.conftest import ROOT, make_config
 from tests.test_integration import assert_loss_falls, schedule_of
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ def ray_head():
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--dashboard-agent-grpc-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
+         f"--dashboard-agent-grpc-port={free_port()}", "--num-cpus=2", "--disable-usage-stats"],
         env=other_cluster_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -186,39 +186,82 @@ def check_zero2_run(result, config, storage, capfd) -> None:
         assert torch.allclose(tensor, state[f"heads.{name}"], atol=1e-6), name
 
 
-def test_elastic_run_loses_a_node_and_finishes_from_its_checkpoint(tmp_path):
-    scenario = run_cli("tests/scenarios/two_nodes.py", str(tmp_path), timeout=900)
-    assert scenario.returncode == 0, scenario.stdout[-3000:] + scenario.stderr[-3000:]
-    outcome = json.loads(scenario.stdout.strip().splitlines()[-1])
-    assert outcome["finished"]
-    run = RunDir(outcome["run_dir"])
-    records = [json.loads(line) for line in run.read_text("metrics.jsonl").splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
+# ------------------------------------------------ what the cluster can give a run (cluster.py)
 
-    # Both nodes trained, and wrote their shards of one checkpoint into the one run directory.
-    first = json.loads(run.read_text("checkpoint_000008/checkpoint.json"))
-    assert first["world_size"] == 2 and len(set(first["nodes"])) == 2
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
-        run.list("checkpoint_000008/deepspeed"))
-    # After the node went, one worker resumed from the newest checkpoint (step 8, or a later one
-    # where the run got past it before the node was gone: steps take ~0.1 s) and finished alone.
-    resumed = [r for r in train if r["workers"] == 1]
-    assert resumed
-    resumed_from = resumed[0]["step"] - 2
-    assert resumed_from in (8, 16, 24)
-    assert json.loads(run.read_text(f"checkpoint_{resumed_from:06d}/checkpoint.json")
-                      )["world_size"] == 2
-    assert [r["workers"] for r in train if r["step"] <= resumed_from] == [2] * (resumed_from // 2)
-    assert json.loads(run.read_text("checkpoint_000032/checkpoint.json"))["world_size"] == 1
-    # What the docs promise: a step is the same micro-batches whatever the worker count, so the
-    # optimizer's batch did not change, and no micro-batch was lost or trained twice.
-    per_step = 2 * 2  # batching.grad_accum_steps x max workers
-    final = {r["step"]: r for r in train}  # the last record of each step counts
-    for step, record in final.items():
-        assert record["positions"] == [[(step - 2) * per_step, step * per_step]], record
-    assert sorted(final) == list(range(2, 33, 2))
-    losses = [final[s]["loss"] for s in sorted(final)]
-    assert min(losses[-4:]) < losses[0]
-    assert outcome["removed_after_step"] >= 8
-    assert load_exported(run.uri("export"))[2]["step"] == 32
+
+@contextlib.contextmanager
+def autoscaler_offers(*groups: dict):
+    """The cluster config an autoscaler reports to Ray (its node groups: resources, counts), as
+    Ray Train and Ray Data read it; written into this cluster's GCS for the test's duration."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name=f"group{i}", min_count=0, max_count=2,
+                                       resources=resources)
+        for i, resources in enumerate(groups)])
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    namespace = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    internal_kv._internal_kv_put(key, config.SerializeToString(), namespace=namespace)
+    try:
+        yield
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
+
+
+def test_gpus_are_used_where_the_cluster_or_its_autoscaler_has_them(ray_cluster):
+    from muppet_ray.cluster import use_gpu
+    from muppet_ray.config import ScalingConfig
+
+    assert use_gpu(ScalingConfig()) == (False, "the cluster has no GPU")
+    assert use_gpu(ScalingConfig(use_gpu=True)) == (True, "scaling.use_gpu")
+    with autoscaler_offers({"CPU": 8}):
+        assert use_gpu(ScalingConfig()) == (
+            False, "the cluster has no GPU and its autoscaler adds none")
+    with autoscaler_offers({"CPU": 8}, {"CPU": 16, "GPU": 4}):
+        assert use_gpu(ScalingConfig()) == (True, "the cluster's autoscaler adds nodes with GPUs")
+        assert use_gpu(ScalingConfig(use_gpu=False)) == (False, "scaling.use_gpu")
+
+
+def test_a_run_waits_for_the_autoscaler_then_stops_in_one_line(ray_cluster, monkeypatch, capsys):
+    from muppet_ray import cluster
+    from muppet_ray.errors import ConfigError
+
+    gpu_worker = {"CPU": 1, "GPU": 1}
+    cluster.wait_for_room({"CPU": 1}, 2, 1, "the workers")  # (the cluster holds them: no wait)
+    # Nothing the cluster has or could add holds a GPU worker: at once, one line.
+    began = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^scaling: the run needs 2 x \{CPU: 1, GPU: 1\} for "
+                       r"the workers; the cluster has \{CPU: 6\} and no autoscaler \("):
+        cluster.wait_for_room(gpu_worker, 2, 600, "the workers")
+    assert time.monotonic() - began < 5
+    # Its autoscaler adds GPU nodes (none come here): it waits, saying so, then stops.
+    monkeypatch.setattr(cluster, "WAIT_LINE_EVERY_S", 1)
+    with autoscaler_offers({"CPU": 8, "GPU": 1}), pytest.raises(
+            ConfigError, match=r"^scaling.start_timeout_s: waited 3 s for the autoscaler to add "
+                               r"nodes for 2 x \{CPU: 1, GPU: 1\} for the workers; the cluster "
+                               r"still has \{CPU: 6\}$"):
+        cluster.wait_for_room(gpu_worker, 2, 3, "the workers")
+    # (Ray adds its own warning here: no autoscaler actually runs to take the request)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "[muppet-ray]" in line]
+    assert len(lines) >= 2 and all(line.startswith(
+        "[muppet-ray] waiting for the autoscaler: 2 x {CPU: 1, GPU: 1} for the workers (")
+        for line in lines), lines
+    # (the placement group that asked for them is gone)
+    from ray.util import placement_group_table
+
+    assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+
+
+def test_a_local_storage_path_is_refused_where_nodes_can_be_added(ray_cluster, tmp_path):
+    from muppet_ray.cluster import check_shared
+    from muppet_ray.errors import ConfigError
+
+    check_shared(str(tmp_path))  # one node, no autoscaler: fine
+    check_shared("s3://bucket/runs")
+    with autoscaler_offers({"CPU": 8}), pytest.raises(
+            ConfigError, match=r"run.storage_path: '.+' is a local path, and the cluster's "
+                               "autoscaler adds nodes that cannot be checked to see it"):
+        check_shared(str(tmp_path))
+    check_shared("s3://bucket/runs")

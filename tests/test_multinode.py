@@ -1,0 +1,213 @@
+"""Where users run it: a Ray cluster of three nodes (`ray start`, loopback) that share nothing but
+an S3 bucket (moto's server on 127.0.0.1), each worker node with its own scratch disk
+(tests/services.py). On it, as a user would, from the command line:
+
+- a task-count sweep scored by the protocol, its driver killed and the sweep restored;
+- a ZeRO-2 pre-finetuning run with a worker on each node, one worker SIGKILLed (it resumes from
+  its checkpoint in the bucket) and then a whole node lost (it resumes resharded on the node
+  left); every micro-batch trained once;
+- fine-tuning `--from s3://…` that run, and `export --out s3://…`.
+
+Nothing is mocked: real Ray, Ray Data, Ray Train, Ray Tune and DeepSpeed; the S3 server is moto's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.fs as pafs
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from muppet_ray.checkpoint import UNIVERSAL_DONE
+from muppet_ray.metrics import read_log
+from muppet_ray.storage import RunDir, local_copy
+from tests.conftest import ROOT, small_run
+from tests.services import BUCKET, SECRET, multinode_cluster, s3_server
+
+pytestmark = pytest.mark.integration
+STORAGE = f"s3://{BUCKET}/runs"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The server, and its address and credentials in this process's environment too (the
+    tests read the bucket), until the module's tests are done."""
+    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    with multinode_cluster(s3, workers=2, log_dir=tmp_path_factory.mktemp("nodes")) as nodes:
+        yield nodes
+
+
+def muppet(cluster, *args: str, **popen) -> subprocess.Popen:
+    """`muppet-ray ARGS` as a driver on the head's machine (its own scratch directory)."""
+    return subprocess.Popen([sys.executable, "-m", "muppet_ray", *args], cwd=ROOT,
+                            env={**os.environ, **cluster.driver_env(PYTHONUNBUFFERED="1")},
+                            text=True, start_new_session=True, **popen)
+
+
+def run(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    process = muppet(cluster, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+def sets(*settings: str) -> list[str]:
+    return [a for s in settings for a in ("--set", s)]
+
+
+def bucket(s3) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(STORAGE)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the command ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout:g} s"
+        time.sleep(0.5)
+
+
+def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_path):
+    tiny = ["tasks.suite_scale=0.1", "training.max_steps=4", "training.warmup_steps=1",
+            "training.checkpoint_every=4", "training.max_eval_examples=32",
+            "model.hidden_size=32", "model.ffn_size=64", "model.num_layers=1",
+            "scaling.num_workers=1", "batching.micro_batch_size=8",
+            "tasks.include=[sentiment, topic, entailment, rating, needs, next_number, what_has]",
+            f"run.storage_path={STORAGE}", "run.name=sweep"]
+    report = tmp_path / "docs" / "results.md"
+    command = ["sweep", "tasks", "--counts", "0,4", "--eval-tasks", "review", "--seeds", "0,1",
+               "--max-concurrent", "1", "--task-seed", "1", "--report", str(report), *sets(*tiny)]
+    root = RunDir(f"{STORAGE}/sweep")
+    with open(tmp_path / "first.log", "w") as log:
+        first = muppet(cluster, *command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # killed once the plain backbone's point is scored and the 4-task point has started
+        wait_for(lambda: root.exists("0-tasks-results.json")
+                 and root.exists("4-tasks-prefinetune/config.yaml"), "finished point", first)
+        time.sleep(3)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finished = root.fs.get_file_info(f"{root.path}/0-tasks-results.json").mtime_ns
+
+    second = run(cluster, *command)
+    assert second.returncode == 0, (tmp_path / "first.log").read_text()[-2000:] + \
+        second.stdout[-3000:] + second.stderr[-3000:]
+    assert "restoring the sweep" in second.stdout
+    assert root.fs.get_file_info(f"{root.path}/0-tasks-results.json").mtime_ns == finished
+
+    rows = json.loads(root.read_text("results.json"))
+    # the protocol: each point x 2 seeds x 2 learning rates, scored on validation and test
+    assert sorted({r["tasks"] for r in rows}) == [0, 4] and len(rows) == 8
+    assert all("error" not in r and 0 <= r["test"] <= 1 for r in rows)
+    order = json.loads(root.read_text("task_order.json"))["order"]
+    config = root.read_text("4-tasks-prefinetune/config.yaml")
+    assert "include:\n" + "".join(f"  - {t}\n" for t in order[:4]) in config
+    assert root.read_text("results.csv").count("\n") == 9
+    summary = root.read_text("summary.md")
+    assert "Paired difference to '0 tasks'" in summary
+    assert f"| review | {', '.join(order[:4])} |" in summary  # what moved it most
+    assert root.fs.get_file_info(f"{root.path}/plots/tasks_curve.png").size > 1000
+    text = report.read_text()
+    assert "muppet-ray sweep tasks --counts 0,4" in text and "at commit `" in text
+    assert summary.split("\n", 1)[1].split("Plots:")[0].strip() in text
+    assert (tmp_path / "docs" / "results-tasks_curve.png").stat().st_size > 1000
+
+
+def test_pre_finetuning_on_two_nodes_loses_a_worker_then_a_node_then_fine_tunes_from_the_bucket(
+        s3, cluster, tmp_path):
+    # A worker on each worker node (each has one "trainer"), ZeRO-2, an elastic [1, 2] run.
+    # Worker 1 is SIGKILLed at step 10 (the run resumes from step 8, in the bucket); once the
+    # step-16 checkpoint is in, node worker2 is killed (the run resumes on one worker, from a
+    # checkpoint of two: resharded).
+    settings = small_run(
+        STORAGE, "model.arch=roberta", "deepspeed.zero_stage=2", "scaling.num_workers=[1, 2]",
+        "scaling.resources_per_worker={trainer: 1}", "tasks.include=[sentiment, topic, needs, "
+        "what_has]", "training.max_steps=40", "run.fail_at_step=10", "run.fail_rank=1",
+        "run.max_failures=4", "run.keep_checkpoints=8")
+    run_dir = RunDir(f"{STORAGE}/run")
+    with open(tmp_path / "run.log", "w") as log:
+        driver = muppet(cluster, "prefinetune", *sets(*settings), stdout=log,
+                        stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "checkpoint_000016" in run_dir.registered_checkpoints(),
+                 "step-16 checkpoint", driver)
+        cluster.nodes[-1].kill()
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    console = (tmp_path / "run.log").read_text()
+    assert driver.returncode == 0, console[-4000:]
+    assert "worker 1 killed at step 10" in run_dir.read_text(".fault_injected")
+
+    records = read_log(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    # Both nodes wrote shards of the first checkpoints into the bucket.
+    first = json.loads(run_dir.read_text("checkpoint_000008/checkpoint.json"))
+    assert first["world_size"] == 2 and len(set(first["nodes"])) == 2
+    # After the node went, one worker resumed from a checkpoint of two (16, or a later one the
+    # run got to before the node was gone), converted once into its universal form.
+    alone = [r for r in train if r["workers"] == 1]
+    assert alone, "the run never went on with one worker"
+    resumed_from = alone[0]["step"] - 2
+    assert resumed_from in (16, 24, 32)
+    assert json.loads(run_dir.read_text(f"checkpoint_{resumed_from:06d}/checkpoint.json")
+                      )["world_size"] == 2
+    assert json.loads(run_dir.read_text(f"checkpoint_{resumed_from:06d}/{UNIVERSAL_DONE}")
+                      ) == {"problem": None}
+    assert "resuming with 1 workers from a checkpoint of 2" in console
+    # Every micro-batch position trained exactly once in the run that counts, in order: the same
+    # 4 a step before and after each failure.
+    per_step = 2 * 2  # grad_accum_steps x max workers
+    assert [p for r in train for a, b in r["positions"] for p in range(a, b)] == \
+        list(range(40 * per_step))
+    assert [r["workers"] for r in train if r["step"] <= resumed_from] == [2] * (resumed_from // 2)
+    assert run_dir.exists("export/muppet.json")
+
+    # Fine-tuned from the run in the bucket (its export), then exported as a transformers task
+    # model into the bucket; both as a user would.
+    finetune = run(cluster, "finetune", "--from", f"{STORAGE}/run", "--task", "review",
+                   *sets(f"run.storage_path={STORAGE}", "run.name=ft", "scaling.num_workers=1",
+                         "training.max_steps=6", "training.warmup_steps=1",
+                         "tasks.suite_scale=0.25", "training.max_eval_examples=32"))
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    assert f"results: {STORAGE}/ft/results.csv" in finetune.stdout
+    result = json.loads(RunDir(f"{STORAGE}/ft/pre-finetuned-f1-s0").read_text("results.json"))
+    assert result["source"] == f"{STORAGE}/run" and result["steps"] == 6
+    export = run(cluster, "export", "--from", f"{STORAGE}/ft/pre-finetuned-f1-s0", "--task",
+                 "review", "--out", f"s3://{BUCKET}/models/review")
+    assert export.returncode == 0, export.stderr[-3000:]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        local_copy(f"s3://{BUCKET}/models/review"))
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+
+    # The credentials were used, never written: not in any object of the bucket, nor in the
+    # temporary files of the head's machine (the worker nodes' went with them).
+    fs, _ = bucket(s3)
+    for info in fs.get_file_info(pafs.FileSelector(BUCKET, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                assert SECRET.encode() not in f.read(), info.path
+    for folder, _, files in os.walk(f"{cluster.scratch}/tmp"):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    assert SECRET.encode() not in f.read(), path
