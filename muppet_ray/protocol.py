@@ -67,6 +67,7 @@ class Score:
     train_examples: int
     steps: int
     head: str  # "new", or the source task whose trained head it started from
+    device: str = "cpu"  # where it trained
 
 
 def eval_config(base: Config) -> Config:
@@ -151,23 +152,25 @@ def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, ta
     torch.set_num_threads(max(1, int(any_config.scaling.cpus_per_worker)))
     heads, origin = initial_heads(source, [task], any_config.protocol.head)
     tokenizer = load_tokenizer(source.model)
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")  # (a GPU if Ray gave one)
     scores = []
     for fraction, config in configs.items():
         for lr in config.protocol.learning_rates:
             validation, test, steps = fine_tune(config, tokenizer, task, heads, caches[fraction],
-                                                lr)
+                                                lr, device)
             scores.append(Score(label, task.name, task.task_type.metric, fraction,
                                 config.training.seed, lr, validation, test,
-                                caches[fraction]["train"].examples, steps, origin[task.name]))
+                                caches[fraction]["train"].examples, steps, origin[task.name],
+                                device.type))
     return scores
 
 
 def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
-              caches: dict[str, data.CacheIndex], learning_rate: float
+              caches: dict[str, data.CacheIndex], learning_rate: float, device: torch.device
               ) -> tuple[float, float, int]:
     """Fine-tune a fresh copy of `config.model.pretrained` on the task's train chunks, one
-    chunk a step, on this process's GPU if Ray gave it one; returns the headline metric on
-    validation and on test, and the number of steps."""
+    chunk a step, on `device`; returns the headline metric on validation and on test, and the
+    number of steps."""
     train, seed = caches["train"], config.training.seed
     steps = config.protocol.epochs * train.chunks
     schedule = validate({**config.model_dump(mode="json"), "training": {
@@ -178,7 +181,6 @@ def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
                         config.model.dropout, config.training.loss_scaling,
                         config.model.max_target_length, tokenizer)
     model.heads.load_state_dict(heads, strict=False)
-    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
     engine = SingleDeviceEngine(model, schedule, device)
     order = np.random.default_rng(seed)
     model.train()

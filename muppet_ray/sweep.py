@@ -216,7 +216,7 @@ def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None 
     beside it."""
     columns = ["point", "axis_value", "tasks", "task", "metric", "fraction", "seed",
                "learning_rate", "validation", "test", "train_examples", "steps", "head",
-               "error"]
+               "device", "error"]
     write_rows(root, rows, columns)
     order = (json.loads(root.read_text("task_order.json"))["order"]
              if axis == "tasks" and root.exists("task_order.json") else [])
@@ -229,7 +229,7 @@ def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None 
 
 def _scores(rows: list[dict]) -> list[protocol.Score]:
     fields = protocol.Score.__dataclass_fields__
-    return [protocol.Score(**{**{k: r[k] for k in fields}, "model": r["point"]})
+    return [protocol.Score(**{**{k: r[k] for k in fields if k in r}, "model": r["point"]})
             for r in rows if "error" not in r]
 
 
