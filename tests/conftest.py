@@ -39,6 +39,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-protocol server (moto's, on 127.0.0.1) with a bucket, its address and credentials
+    in this process's environment too, until the module's tests are done; yields them."""
+    from tests.services import s3_server
+
+    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield env
+
+
 def small_run(storage, *overrides: str) -> list[str]:
     """A small, fast run of the default job, stored under `storage`, as `--set` settings."""
     return [f"run.storage_path={storage}", "run.name=run", "tasks.suite_scale=0.25",

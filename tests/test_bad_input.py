@@ -231,3 +231,19 @@ def test_bad_input(command, args, expected, needs_ray, workspace, request, capsy
 
 def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40
+
+
+def test_storage_and_sources_in_a_bucket_are_named_in_one_line(s3, tmp_path, capsys):
+    def error(*args: str) -> str:
+        assert cli.main(list(args)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("muppet-ray: error: "), lines
+        return lines[0]
+
+    line = error("prefinetune", "--set", "run.storage_path=s3://no-such-bucket/runs")
+    assert line.startswith("muppet-ray: error: run.storage_path: cannot write to "
+                           "'s3://no-such-bucket/runs' (") and "NO_SUCH_BUCKET" in line, line
+    assert error("finetune", "--from", "s3://muppet/nothing-here", "--task", "review", "--set",
+                 f"run.storage_path={tmp_path}") == (
+        "muppet-ray: error: --from 's3://muppet/nothing-here': nothing is stored there")
+    assert not any(tmp_path.iterdir())

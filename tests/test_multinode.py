@@ -28,20 +28,10 @@ from muppet_ray.checkpoint import UNIVERSAL_DONE
 from muppet_ray.metrics import read_log
 from muppet_ray.storage import RunDir, local_copy
 from tests.conftest import ROOT, small_run
-from tests.services import BUCKET, SECRET, multinode_cluster, s3_server
+from tests.services import BUCKET, SECRET, multinode_cluster
 
 pytestmark = pytest.mark.integration
 STORAGE = f"s3://{BUCKET}/runs"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """The server, and its address and credentials in this process's environment too (the
-    tests read the bucket), until the module's tests are done."""
-    with s3_server() as env, pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        yield env
 
 
 @pytest.fixture(scope="module")

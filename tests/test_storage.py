@@ -1,0 +1,54 @@
+"""Storage at a URI (storage.py) against a real S3-protocol server (moto's, on 127.0.0.1): a
+model stored in a bucket comes into a node's cache once, whole, however many processes ask at
+once, and again when it changes."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from muppet_ray.storage import RunDir, local_copy
+from tests.conftest import ROOT
+
+FILL = """
+import sys
+from muppet_ray.storage import local_copy
+print(local_copy(sys.argv[1]))
+"""
+
+
+def test_a_stored_model_is_copied_once_per_node_whole_and_again_when_it_changes(s3, tmp_path):
+    model = RunDir("s3://muppet/models/tiny")
+    model.write_bytes("config.json", b'{"model_type": "bert"}')
+    model.write_bytes("weights/model.safetensors", os.urandom(3 << 20))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MUPPET_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    fillers = [subprocess.Popen([sys.executable, "-c", FILL, model.root], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    paths = {filler.communicate(timeout=120)[0].strip() for filler in fillers}
+    assert all(filler.returncode == 0 for filler in fillers)
+    assert len(paths) == 1  # one copy, which all four processes load
+    copy = paths.pop()
+    with model.open_input("weights/model.safetensors") as f:
+        assert (Path(copy) / "weights" / "model.safetensors").read_bytes() == f.read()
+    # nothing half-made left beside it: the copy and its lock only
+    assert sorted(p.name for p in cache.iterdir()) == sorted([os.path.basename(copy),
+                                                             os.path.basename(copy) + ".lock"])
+    os.environ["MUPPET_CACHE_DIR"] = str(cache)
+    try:
+        assert local_copy(model.root) == copy  # (found: no second download)
+        time.sleep(1.1)  # (S3 keeps modification times in seconds)
+        model.write_bytes("config.json", b'{"model_type": "roberta"}')
+        changed = local_copy(model.root)
+        assert changed != copy
+        assert (Path(changed) / "config.json").read_text() == '{"model_type": "roberta"}'
+    finally:
+        del os.environ["MUPPET_CACHE_DIR"]
+    # local paths and Hub ids are left as they are
+    assert local_copy(str(tmp_path)) == str(tmp_path)
+    assert local_copy("bert-base-uncased") == "bert-base-uncased"
+    fs, _ = pafs.FileSystem.from_uri("s3://muppet")
+    fs.delete_dir("muppet/models")
