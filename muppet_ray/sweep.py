@@ -184,7 +184,9 @@ def _run_tune(trainable, params: dict, root: RunDir, base: Config,
                                         **(tune_config or {})),
             run_config=tune.RunConfig(name="tune", storage_path=root.root,
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=0))
+                                      # Tune's state reaches object storage every 5 s, not 300:
+                                      # a restored sweep then knows its finished points.
+                                      sync_config=tune.SyncConfig(sync_period=5), verbose=0))
     return tuner.fit()
 
 

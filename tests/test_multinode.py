@@ -41,10 +41,12 @@ def cluster(s3, tmp_path_factory):
 
 
 def muppet(cluster, *args: str, **popen) -> subprocess.Popen:
-    """`muppet-ray ARGS` as a driver on the head's machine (its own scratch directory)."""
+    """`muppet-ray ARGS` as a driver on the head's machine (its own scratch directory). Tune
+    snapshots a sweep's state every second (default: every 10 s at least)."""
+    env = cluster.driver_env(PYTHONUNBUFFERED="1", TUNE_GLOBAL_CHECKPOINT_S="1")
     return subprocess.Popen([sys.executable, "-m", "muppet_ray", *args], cwd=ROOT,
-                            env={**os.environ, **cluster.driver_env(PYTHONUNBUFFERED="1")},
-                            text=True, start_new_session=True, **popen)
+                            env={**os.environ, **env}, text=True, start_new_session=True,
+                            **popen)
 
 
 def run(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -87,10 +89,11 @@ def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_p
     with open(tmp_path / "first.log", "w") as log:
         first = muppet(cluster, *command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        # killed once the plain backbone's point is scored and the 4-task point has started
+        # killed once the plain backbone's point is scored and the 4-task point has started,
+        # and Tune has had the time to store that in the bucket (sweep.py: every 5 s)
         wait_for(lambda: root.exists("0-tasks-results.json")
                  and root.exists("4-tasks-prefinetune/config.yaml"), "finished point", first)
-        time.sleep(3)
+        time.sleep(8)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
