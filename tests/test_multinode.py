@@ -3,9 +3,10 @@ an S3 bucket (moto's server on 127.0.0.1), each worker node with its own scratch
 (tests/services.py). On it, as a user would, from the command line:
 
 - a task-count sweep scored by the protocol, its driver killed and the sweep restored;
-- a ZeRO-2 pre-finetuning run with a worker on each node, one worker SIGKILLed (it resumes from
-  its checkpoint in the bucket) and then a whole node lost (it resumes resharded on the node
-  left); every micro-batch trained once;
+- a ZeRO-2 pre-finetuning run with a worker on each node, one worker SIGKILLed while uploading
+  a checkpoint (it resumes from the one before, in the bucket), then a whole node lost (it
+  resumes resharded on the node left), then a checkpoint damaged in the bucket (passed over);
+  every micro-batch trained once;
 - fine-tuning `--from s3://…` that run, and `export --out s3://…`.
 
 Nothing is mocked: real Ray, Ray Data, Ray Train, Ray Tune and DeepSpeed; the S3 server is moto's.
@@ -24,8 +25,11 @@ import pyarrow.fs as pafs
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from muppet_ray.checkpoint import UNIVERSAL_DONE
-from muppet_ray.metrics import read_log
+from muppet_ray import data
+from muppet_ray.checkpoint import UNIVERSAL_DONE, damage, step_of
+from muppet_ray.config import micro_batches_per_step, parse_config
+from muppet_ray.metrics import LOG, read_log
+from muppet_ray.mixture import build_schedule
 from muppet_ray.storage import RunDir, local_copy
 from tests.conftest import ROOT, small_run
 from tests.services import BUCKET, SECRET, multinode_cluster
@@ -76,8 +80,8 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 6
 
 
 def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_path):
-    tiny = ["tasks.suite_scale=0.1", "training.max_steps=4", "training.warmup_steps=1",
-            "training.checkpoint_every=4", "training.max_eval_examples=32",
+    tiny = ["tasks.suite_scale=0.1", "training.max_steps=24", "training.warmup_steps=1",
+            "training.checkpoint_every=4", "training.log_every=2", "training.max_eval_examples=32",
             "model.hidden_size=32", "model.ffn_size=64", "model.num_layers=1",
             "scaling.num_workers=1", "batching.micro_batch_size=8",
             "tasks.include=[sentiment, topic, entailment, rating, needs, next_number, what_has]",
@@ -89,11 +93,12 @@ def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_p
     with open(tmp_path / "first.log", "w") as log:
         first = muppet(cluster, *command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        # killed once the plain backbone's point is scored and the 4-task point has started,
-        # and Tune has had the time to store that in the bucket (sweep.py: every 5 s)
-        wait_for(lambda: root.exists("0-tasks-results.json")
-                 and root.exists("4-tasks-prefinetune/config.yaml"), "finished point", first)
-        time.sleep(8)
+        # killed with its Tune trials and Ray Train run once the plain backbone's point is
+        # scored and the 4-task point's run has its first checkpoint in the bucket (Tune stores
+        # its own state there every 5 s: sweep.py)
+        wait_for(lambda: root.exists("0-tasks-results.json") and "checkpoint_000004" in RunDir(
+            root.uri("4-tasks-prefinetune")).registered_checkpoints(), "checkpoint", first)
+        time.sleep(6)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -104,6 +109,12 @@ def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_p
         second.stdout[-3000:] + second.stderr[-3000:]
     assert "restoring the sweep" in second.stdout
     assert root.fs.get_file_info(f"{root.path}/0-tasks-results.json").mtime_ns == finished
+    # The killed point's run resumed from its checkpoint: not started over, none lost.
+    point = RunDir(root.uri("4-tasks-prefinetune"))
+    logged = [(r["kind"], r["step"]) for r in map(json.loads, point.read_text(LOG).split(
+        "\n")[:-1])]
+    assert logged.count(("eval", 0)) == 1 and logged.count(("train", 2)) == 1
+    assert positions_trained(point) == list(range(24 * 2))  # (2 micro-batches a step)
 
     rows = json.loads(root.read_text("results.json"))
     # the protocol: each point x 2 seeds x 2 learning rates, scored on validation and test
@@ -123,24 +134,30 @@ def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_p
     assert (tmp_path / "docs" / "results-tasks_curve.png").stat().st_size > 1000
 
 
+def positions_trained(run_dir: RunDir) -> list[int]:
+    return [p for r in read_log(run_dir) if r["kind"] == "train" for a, b in r["positions"]
+            for p in range(a, b)]
+
+
 def test_pre_finetuning_on_two_nodes_loses_a_worker_then_a_node_then_fine_tunes_from_the_bucket(
         s3, cluster, tmp_path):
-    # A worker on each worker node (each has one "trainer"), ZeRO-2, an elastic [1, 2] run.
-    # Worker 1 is SIGKILLed at step 10 (the run resumes from step 8, in the bucket); once the
-    # step-16 checkpoint is in, node worker2 is killed (the run resumes on one worker, from a
-    # checkpoint of two: resharded).
+    # A worker on each worker node (each has one "trainer"), ZeRO-2, an elastic [1, 2] run with
+    # checkpoints at 9, 18, 27, 36. Worker 0 (which writes the run's log) is SIGKILLed halfway
+    # through uploading the step-18 checkpoint: the run resumes from step 9 (inside a logging
+    # window of 2 steps) and saves step 18 beside the half-written one. Once that is in, node
+    # worker2 is killed: the run resumes on one worker from a checkpoint of two (resharded).
     settings = small_run(
         STORAGE, "model.arch=roberta", "deepspeed.zero_stage=2", "scaling.num_workers=[1, 2]",
         "scaling.resources_per_worker={trainer: 1}", "tasks.include=[sentiment, topic, needs, "
-        "what_has]", "training.max_steps=40", "run.fail_at_step=10", "run.fail_rank=1",
-        "run.max_failures=4", "run.keep_checkpoints=8")
+        "what_has]", "training.max_steps=40", "training.checkpoint_every=9",
+        "run.fail_at_step=18", "run.fail_rank=0", "run.max_failures=4", "run.keep_checkpoints=8")
     run_dir = RunDir(f"{STORAGE}/run")
     with open(tmp_path / "run.log", "w") as log:
         driver = muppet(cluster, "prefinetune", *sets(*settings), stdout=log,
                         stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "checkpoint_000016" in run_dir.registered_checkpoints(),
-                 "step-16 checkpoint", driver)
+        wait_for(lambda: "checkpoint_000018_1" in run_dir.registered_checkpoints(),
+                 "step-18 checkpoint", driver)
         cluster.nodes[-1].kill()
         driver.wait(timeout=600)
     finally:
@@ -148,31 +165,72 @@ def test_pre_finetuning_on_two_nodes_loses_a_worker_then_a_node_then_fine_tunes_
             os.killpg(driver.pid, signal.SIGKILL)
     console = (tmp_path / "run.log").read_text()
     assert driver.returncode == 0, console[-4000:]
-    assert "worker 1 killed at step 10" in run_dir.read_text(".fault_injected")
+    assert run_dir.read_text(".fault_injected").startswith(
+        "worker 0 killed at step 18 while uploading")
+    # The half-written checkpoint was never registered, nor written into again.
+    assert damage(run_dir.fs, f"{run_dir.path}/checkpoint_000018") is not None
+    assert "checkpoint_000018" not in run_dir.registered_checkpoints()
 
     records = read_log(run_dir)
     train = [r for r in records if r["kind"] == "train"]
+    logged = [(r["kind"], r["step"]) for r in map(json.loads, run_dir.read_text(LOG).split(
+        "\n")[:-1])]
+    # Resumed from step 9: steps up to 8 logged once, 10..18 twice, and never started over.
+    assert logged.count(("eval", 0)) == 1
+    assert logged.count(("train", 8)) == 1 and logged.count(("train", 10)) == 2
+    assert logged.count(("train", 18)) == 2
     # Both nodes wrote shards of the first checkpoints into the bucket.
-    first = json.loads(run_dir.read_text("checkpoint_000008/checkpoint.json"))
+    first = json.loads(run_dir.read_text("checkpoint_000009/checkpoint.json"))
     assert first["world_size"] == 2 and len(set(first["nodes"])) == 2
-    # After the node went, one worker resumed from a checkpoint of two (16, or a later one the
+    # After the node went, one worker resumed from a checkpoint of two (18, or a later one the
     # run got to before the node was gone), converted once into its universal form.
     alone = [r for r in train if r["workers"] == 1]
     assert alone, "the run never went on with one worker"
-    resumed_from = alone[0]["step"] - 2
-    assert resumed_from in (16, 24, 32)
-    assert json.loads(run_dir.read_text(f"checkpoint_{resumed_from:06d}/checkpoint.json")
-                      )["world_size"] == 2
-    assert json.loads(run_dir.read_text(f"checkpoint_{resumed_from:06d}/{UNIVERSAL_DONE}")
-                      ) == {"problem": None}
+    resumed_from = next(n for n in run_dir.registered_checkpoints()
+                        if step_of(n) == alone[0]["step"] // 9 * 9)
+    assert json.loads(run_dir.read_text(f"{resumed_from}/checkpoint.json"))["world_size"] == 2
+    assert json.loads(run_dir.read_text(f"{resumed_from}/{UNIVERSAL_DONE}")) == {"problem": None}
     assert "resuming with 1 workers from a checkpoint of 2" in console
-    # Every micro-batch position trained exactly once in the run that counts, in order: the same
-    # 4 a step before and after each failure.
+    # Data guarantee: every micro-batch position trained exactly once in the run that counts,
+    # in order (the same 4 a step whatever the workers), and no example twice within a pass over
+    # its task.
     per_step = 2 * 2  # grad_accum_steps x max workers
-    assert [p for r in train for a, b in r["positions"] for p in range(a, b)] == \
-        list(range(40 * per_step))
-    assert [r["workers"] for r in train if r["step"] <= resumed_from] == [2] * (resumed_from // 2)
+    assert positions_trained(run_dir) == list(range(40 * per_step))
+    assert [r["workers"] for r in train if r["step"] <= step_of(resumed_from)] == \
+        [2] * (step_of(resumed_from) // 2)
+    config = parse_config(run_dir.read_text("config.yaml"))
+    caches = data.read_run_caches(run_dir)
+    names = [t["name"] for t in json.loads(run_dir.read_text("tasks.json"))]
+    train_caches = [caches[name]["train"] for name in names]
+    schedule = build_schedule(
+        [c.chunks for c in train_caches], [c.examples for c in train_caches], config.mixture,
+        config.batching, micro_batches_per_step(config), 40, config.training.seed, names)
+    seen: dict = {}
+    for p in positions_trained(run_dir):
+        task, chunk, epoch = (int(x[p, 0]) for x in (schedule.task, schedule.chunk,
+                                                     schedule.epoch))
+        ids = set(data.ChunkReader.read(train_caches[task], chunk)["example_id"].tolist())
+        assert not ids & seen.get((task, epoch), set()), (task, epoch)
+        seen.setdefault((task, epoch), set()).update(ids)
     assert run_dir.exists("export/muppet.json")
+
+    # A checkpoint damaged in the bucket after it was registered (a byte of its model states
+    # altered): the same command passes over it with a warning, resumes from the one before, and
+    # saves the retrained step beside it.
+    registered = run_dir.registered_checkpoints()
+    latest, previous = registered[-1], registered[-2]
+    states = next(n for n in run_dir.list(f"{latest}/deepspeed") if n.endswith("model_states.pt"))
+    with run_dir.open_input(f"{latest}/deepspeed/{states}") as f:
+        damaged = bytearray(f.read())
+    damaged[len(damaged) // 2] ^= 0xFF
+    run_dir.write_bytes(f"{latest}/deepspeed/{states}", bytes(damaged))
+    again = run(cluster, "prefinetune", *sets(*settings))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{latest} is damaged (deepspeed/{states} does not match its manifest's SHA-256)" \
+        in again.stdout + again.stderr
+    assert f"resuming from {previous}" in again.stdout + again.stderr
+    assert run_dir.registered_checkpoints()[-1] == f"{latest}_1"
+    assert positions_trained(run_dir) == list(range(40 * per_step))
 
     # Fine-tuned from the run in the bucket (its export), then exported as a transformers task
     # model into the bucket; both as a user would.
