@@ -64,12 +64,16 @@ def load(engine, directory: str) -> int:
 
 
 def saved_world_size(fs: pafs.FileSystem, path: str) -> int | None:
-    """The number of workers that wrote the checkpoint (None: from before this was recorded)."""
+    """The number of workers that wrote the checkpoint (None: from before this was recorded,
+    or unreadable: `fetch` then says what is wrong with it)."""
     state = f"{path}/{CHECKPOINT_STATE}"
     if fs.get_file_info(state).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(state) as f:
-        return json.loads(f.read())["world_size"]
+        try:
+            return int(json.loads(f.read())["world_size"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 def _to_universal(directory: str, out: str) -> None:
@@ -96,9 +100,10 @@ def weights(directory: str) -> dict[str, torch.Tensor]:
 
 
 def dir_name(step: int, existing: set[str]) -> str:
-    """checkpoint_<step>, or with a suffix where that directory was there when this attempt
-    began (one half-written before a kill, or a damaged one passed over): Ray Train would
-    upload into it, mixing old files with new, and later delete it as the old entry."""
+    """checkpoint_<step>, or with a suffix where that directory is there already (one
+    half-written before a kill, or a damaged one passed over): Ray Train would upload into it,
+    mixing old files with new, and later delete it as the old entry. (Worker 0 chooses it from
+    the run directory's listing; every worker takes its choice.)"""
     name, attempt = f"checkpoint_{step:06d}", 1
     while name in existing:
         name, attempt = f"checkpoint_{step:06d}_{attempt}", attempt + 1
@@ -154,14 +159,18 @@ def fetch(fs: pafs.FileSystem, path: str, local: str | None, rank: int | None = 
     elif CHECKPOINT_STATE not in names:
         return f"{CHECKPOINT_STATE} is missing"
     else:
-        with fs.open_input_stream(f"{path}/{CHECKPOINT_STATE}") as f:
-            world_size = json.loads(f.read())["world_size"]
+        world_size = saved_world_size(fs, path)
+        if world_size is None:
+            return f"{CHECKPOINT_STATE} is unreadable"
         if len(manifests) != world_size:
             return f"it has the manifests of {len(manifests)} of its {world_size} workers"
         files = {}
         for manifest in manifests:
             with fs.open_input_stream(f"{path}/{manifest}") as f:
-                files.update(json.loads(f.read()))
+                try:
+                    files.update(json.loads(f.read()))
+                except ValueError:
+                    return f"{manifest} is unreadable"
     for relative, expected in sorted(files.items()):
         if needed_by(relative, rank) and not relative.startswith(f"{UNIVERSAL}/"):
             problem = _copy_checked(fs, f"{path}/{relative}", relative, expected,
@@ -197,24 +206,33 @@ def _copy_checked(fs: pafs.FileSystem, source: str, relative: str, expected, tar
 
 
 def fetch_universal(fs: pafs.FileSystem, path: str, local: str, rank: int,
-                    poll_s: float = 1.0) -> str | None:
+                    poll_s: float = 1.0, timeout_s: float = 3600) -> str | None:
     """A checkpoint written by another number of workers, as DeepSpeed's universal checkpoint
     in `local` (which loads under any number). Worker 0 converts it once, into the checkpoint's
-    `universal/` in storage, then writes UNIVERSAL_DONE; the others wait for that file (not in
-    a collective, which could time out on a large model) and fetch the result. Returns what is
-    wrong with the checkpoint, or None."""
+    `universal/` in storage, then writes UNIVERSAL_DONE (with what was wrong, if the conversion
+    failed); the others wait for that file (not in a collective, which could time out on a large
+    model; at most `timeout_s`) and fetch the result. Returns what is wrong with the checkpoint,
+    or None."""
     done = f"{path}/{UNIVERSAL_DONE}"
     if rank == 0 and fs.get_file_info(done).type == pafs.FileType.NotFound:
         with tempfile.TemporaryDirectory(prefix="muppet-reshard-") as whole:
             problem = fetch(fs, path, f"{whole}/sharded")
             if problem is None:
-                _to_universal(f"{whole}/sharded", f"{whole}/{UNIVERSAL}")
+                try:
+                    _to_universal(f"{whole}/sharded", f"{whole}/{UNIVERSAL}")
+                except Exception as e:  # (a checkpoint DeepSpeed cannot convert: passed over)
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    problem = f"DeepSpeed could not make it universal: {first}"
+            if problem is None:
                 fs.create_dir(f"{path}/{UNIVERSAL}", recursive=True)
                 pafs.copy_files(f"{whole}/{UNIVERSAL}", f"{path}/{UNIVERSAL}",
                                 source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         with fs.open_output_stream(done) as f:
             f.write(json.dumps({"problem": problem}).encode())
+    deadline = time.monotonic() + timeout_s
     while fs.get_file_info(done).type == pafs.FileType.NotFound:
+        if time.monotonic() > deadline:
+            return f"worker 0 did not make it universal within {timeout_s:g} s"
         time.sleep(poll_s)
     with fs.open_input_stream(done) as f:
         problem = json.loads(f.read())["problem"]

@@ -1,9 +1,12 @@
 """The Ray cluster a run runs on: joining one or starting a local one, and what it can give a
 run — GPUs now or once its autoscaler adds them, room for the workers, storage every node sees.
 
-Ray's autoscaler describes the nodes it can add in its cluster config (node groups with their
-resources and counts, `ray._private.state`): Ray Train and Ray Data read it for the same
-decisions. On a cluster without an autoscaler (a laptop, `ray start` by hand) there is none.
+What nodes a cluster's autoscaler can add is read where Ray keeps it: the cluster config an
+autoscaler reports to Ray (node groups with their resources and counts, `ray._private.state`;
+Ray Train and Ray Data read it for the same decisions), else the cluster launcher's own config on
+the head node (`~/ray_bootstrap_config.yaml`, which Ray Tune reads to know it runs on such a
+cluster; `ray job submit` runs the driver there). KubeRay's autoscaler describes its node groups
+to neither: there, nodes that are not up yet are unknown (set `scaling.use_gpu: true` for GPUs).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import ray
+import yaml
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -30,6 +34,10 @@ from muppet_ray.storage import is_uri
 CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 LOCAL_CHECK_INTERVAL_S = "0.2"
 WAIT_LINE_EVERY_S = 30  # a progress line while waiting for the autoscaler
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # the cluster launcher's, on the head node
+# Set in the local cluster's processes (and so in Tune trials there): no autoscaler can add nodes.
+LOCAL_CLUSTER = "MUPPET_LOCAL_CLUSTER"
+_started_here = False  # this process started the local cluster it is connected to
 
 
 def verbose() -> bool:
@@ -47,6 +55,7 @@ def start_ray(config: Config) -> None:
         return
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
     level = logging.INFO if verbose() else logging.ERROR
+    global _started_here
     if address:
         ray.init(address=address, logging_level=level)
     else:
@@ -57,7 +66,27 @@ def start_ray(config: Config) -> None:
         with local_cluster_environment():
             ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
                      logging_level=level, include_dashboard=False)
+        _started_here = True
     _keep_ray_off_the_console()
+    _pin_autoscaling_coordinator()
+
+
+def _pin_autoscaling_coordinator() -> None:
+    """Ray Train's elastic runs ask Ray's autoscaling coordinator (a detached actor shared with
+    Ray Data) how many workers they may restart with. Ray pins it, for good, to the node of
+    whichever process first asks for it, which can be a training worker's data stream on a node
+    that is later lost: every elastic restart after that waits forever. Asked for first here,
+    by the driver, it lives on the driver's node (the head, for `ray job submit`)."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    get_or_create_autoscaling_coordinator()
+
+
+def is_local_cluster() -> bool:
+    """Whether this process runs on a local cluster muppet-ray started (no autoscaler)."""
+    return _started_here or os.environ.get(LOCAL_CLUSTER) == "1"
 
 
 def _check_interval_setting() -> None:
@@ -77,7 +106,8 @@ def local_cluster_environment():
     Ray Train controllers and workers they start later) keep them from their environment; this
     process gets its own back."""
     saved = {k: os.environ.get(k) for k in (
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_API_SERVER_ADDRESS", CHECK_INTERVAL)}
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_API_SERVER_ADDRESS", CHECK_INTERVAL,
+        LOCAL_CLUSTER)}
     cluster_flag = ray._private.ray_constants.ENABLE_RAY_CLUSTER
     # One machine: listen on the loopback address only, not on the machine's routable one
     # (Ray does that for single-machine clusters on macOS and Windows; this does it on Linux).
@@ -94,6 +124,7 @@ def local_cluster_environment():
     # an evaluation) waits until the controller has taken the one before: ~8 s of a 40 s laptop
     # run. 0.2 s costs a small local cluster nothing.
     os.environ.setdefault(CHECK_INTERVAL, LOCAL_CHECK_INTERVAL_S)
+    os.environ[LOCAL_CLUSTER] = "1"
     try:
         yield
     finally:
@@ -138,12 +169,20 @@ def _keep_ray_off_the_console() -> None:
 
 def autoscaler_node_groups() -> list[dict[str, float]] | None:
     """The resources of each kind of node the cluster's autoscaler can add (beyond those it
-    must keep), or None on a cluster without an autoscaler."""
+    must keep); [] where it is known to add none (a local cluster); None where unknown."""
+    if is_local_cluster():
+        return []
     config = ray._private.state.state.get_cluster_config()
-    if config is None or not config.node_group_configs:
-        return None
-    return [dict(group.resources) for group in config.node_group_configs
-            if group.resources and (group.max_count == -1 or group.max_count > group.min_count)]
+    if config is not None and config.node_group_configs:
+        return [dict(group.resources) for group in config.node_group_configs
+                if group.resources and (group.max_count == -1
+                                        or group.max_count > group.min_count)]
+    launcher = Path(LAUNCHER_CONFIG).expanduser()
+    if launcher.exists():
+        types = (yaml.safe_load(launcher.read_text()) or {}).get("available_node_types") or {}
+        return [dict(t.get("resources") or {}) for t in types.values()
+                if t.get("max_workers", 0) > t.get("min_workers", 0)]
+    return None
 
 
 def use_gpu(scaling: ScalingConfig) -> tuple[bool, str]:
@@ -156,8 +195,9 @@ def use_gpu(scaling: ScalingConfig) -> tuple[bool, str]:
     groups = autoscaler_node_groups()
     if any(group.get("GPU", 0) > 0 for group in groups or ()):
         return True, "the cluster's autoscaler adds nodes with GPUs"
-    return False, "the cluster has no GPU" + (" and its autoscaler adds none"
-                                              if groups is not None else "")
+    return False, "the cluster has no GPU" + (
+        "" if groups == [] else " and its autoscaler adds none" if groups else
+        ", and what its autoscaler adds is not known here (scaling.use_gpu: true for GPUs)")
 
 
 def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
@@ -167,10 +207,11 @@ def _fits(resources: dict[str, float], bundle: dict[str, float]) -> int:
 
 def wait_for_room(bundle: dict[str, float], count: int, timeout_s: float, what: str) -> None:
     """Return once the cluster's nodes can hold `count` workers of `bundle` (taken or free: Ray
-    schedules them when free). Where they cannot yet and the autoscaler can add such nodes, it
-    is asked for them (a placement group of the workers, pending until they fit) and this
-    waits, with a progress line every WAIT_LINE_EVERY_S, failing in one line after `timeout_s`.
-    Where no node the cluster has or can add would do, it fails at once."""
+    schedules them when free). Where they cannot yet and an autoscaler could add such nodes (or
+    what it adds is not known), it is asked for them (a placement group of the workers, pending
+    until they fit) and this waits, with a progress line every WAIT_LINE_EVERY_S, failing in one
+    line after `timeout_s`. Where no node the cluster has or can add would do, it fails at
+    once."""
     def held_now() -> int:
         return sum(_fits(node["Resources"], bundle) for node in ray.nodes() if node["Alive"])
 
@@ -178,10 +219,10 @@ def wait_for_room(bundle: dict[str, float], count: int, timeout_s: float, what: 
         return
     needs = f"{count} x {_resources(bundle)} for {what}"
     groups = autoscaler_node_groups()
-    if not any(_fits(group, bundle) for group in groups or ()):
+    if groups is not None and not any(_fits(group, bundle) for group in groups):
         have = _resources(ray.cluster_resources())
         raise ConfigError(f"scaling: the run needs {needs}; the cluster has {have}"
-                          + (" and no autoscaler" if groups is None else
+                          + (" and no autoscaler" if not groups else
                              " and its autoscaler adds no node that holds a worker")
                           + " (fewer workers, or other scaling.resources_per_worker)")
     demand = placement_group([bundle] * count, strategy="PACK")  # (what the autoscaler reads)
@@ -215,7 +256,7 @@ def warn_if_no_cpu_left(config: Config) -> None:
     take every CPU still trains; say so where that makes the stream share the workers' cores."""
     cpus = ray.cluster_resources().get("CPU", 0)
     taken = config.scaling.min_workers * config.scaling.cpus_per_worker
-    if cpus - taken < 1 and autoscaler_node_groups() is None:
+    if cpus - taken < 1 and not autoscaler_node_groups():
         print(f"[muppet-ray] note: the workers take {taken:g} of the cluster's {cpus:g} CPUs; "
               "the Ray Data tasks that feed them share their cores", flush=True)
 

@@ -25,7 +25,8 @@ class ConfigError(MuppetError):
 
 
 class TrainingError(MuppetError):
-    """A run that stopped itself (non-finite steps): names the step, the tasks and the setting."""
+    """A run that stopped itself (non-finite steps: names the step, the tasks and the setting),
+    or a sweep whose points failed (names them and their errors)."""
 
 
 class StorageError(MuppetError):

@@ -29,7 +29,7 @@ from transformers import (
 
 from muppet_ray.errors import ConfigError
 from muppet_ray.model import MuppetModel, load_encoder
-from muppet_ray.storage import RunDir, local_copy
+from muppet_ray.storage import RunDir, is_uri
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import HeadLayout
 
@@ -97,9 +97,18 @@ MAPPABLE_BACKBONES = ("bert", "roberta", "xlm-roberta")
 
 
 def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
-    """Write `task` of an export as a `transformers` task model in `out_dir` (each a local path
-    or a URI; the output appears whole or not at all); returns the model's class name."""
-    model, tokenizer, _ = load_exported(local_copy(export_dir))
+    """Write `task` of an export as a `transformers` task model into `out_dir` (each a local
+    path or a URI; other files there are kept, as `save_pretrained` keeps them); returns the
+    model's class name. Nothing is written before the model is built."""
+    with tempfile.TemporaryDirectory(prefix="muppet-export-in-") as local:
+        if is_uri(export_dir):  # (a one-off read: not kept in the node's model cache)
+            RunDir(export_dir).download("", local)
+            export_dir = local
+        return _to_transformers(export_dir, task, out_dir)
+
+
+def _to_transformers(export_dir: str, task: str, out_dir: str) -> str:
+    model, tokenizer, _ = load_exported(export_dir)
     layout = next((t for t in model.layouts if t.name == task), None)
     if layout is None:
         raise ConfigError(f"task {task!r} is not in the export {export_dir!r}; it has "
@@ -138,7 +147,7 @@ def to_transformers(export_dir: str, task: str, out_dir: str) -> str:
     with tempfile.TemporaryDirectory(prefix="muppet-task-model-") as local:
         hf.save_pretrained(local)
         tokenizer.save_pretrained(local)
-        RunDir(out_dir).upload(local, "")
+        RunDir(out_dir).upload(local, "", replace=False)
     return type(hf).__name__
 
 

@@ -124,6 +124,16 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
                           "choose a new run.name (or repeat the original settings to resume)")
     cluster.start_ray(config)
     cluster.check_shared(storage)
+    # (before anything is written: a run that can never get its workers leaves nothing behind)
+    scaling = config.scaling
+    use_gpu, why = cluster.use_gpu(scaling)
+    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+              **scaling.resources_per_worker}
+    print(f"[muppet-ray] {scaling.min_workers}"
+          + (f" to {scaling.max_workers}" if scaling.elastic else "")
+          + f" workers on {'GPU' if use_gpu else 'CPU'} ({why})", flush=True)
+    cluster.wait_for_room(worker, scaling.min_workers, scaling.start_timeout_s,
+                          f"the workers of run {name!r}")
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         with storage_faults(run_dir.root):  # (a full or read-only storage: one line)
@@ -153,15 +163,6 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     if not evaluate_only:
         _describe(config, tasks, caches)
 
-    scaling = config.scaling
-    use_gpu, why = cluster.use_gpu(scaling)
-    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
-              **scaling.resources_per_worker}
-    print(f"[muppet-ray] {scaling.min_workers}"
-          + (f" to {scaling.max_workers}" if scaling.elastic else "")
-          + f" workers on {'GPU' if use_gpu else 'CPU'} ({why})", flush=True)
-    cluster.wait_for_room(worker, scaling.min_workers, scaling.start_timeout_s,
-                          f"the workers of run {name!r}")
     cluster.warn_if_no_cpu_left(config)
     plan = WorkerPlan(
         config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,

@@ -41,7 +41,7 @@ from muppet_ray.finetune import finetune_config
 from muppet_ray.heads import head_origins, initial_heads, is_reused
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.model_source import Source
-from muppet_ray.step import SingleDeviceEngine, forward_backward, passes
+from muppet_ray.step import SingleDeviceEngine, forward_backward, passes, uses_bf16
 from muppet_ray.storage import RunDir, normalize
 from muppet_ray.tasks import Task, resolve_tasks
 from muppet_ray.tokenizer import load_tokenizer
@@ -105,7 +105,7 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     pending, keys, scores = [], {}, []
     for task, configs in groups:
         caches = {f: next(prepared)[task.name] for f in configs}
-        key = _group_key(configs, source, task, caches)
+        key = _group_key(configs, source, task, caches, on_gpu)
         if store.exists(f"{key}.json"):  # (scored before: another sweep, or a restart)
             scores += [replace(Score(**s), model=label)
                        for s in json.loads(store.read_text(f"{key}.json"))]
@@ -124,10 +124,10 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
 
 
 def _group_key(configs: dict[float, Config], source: Source, task: Task,
-               caches: dict[float, dict[str, data.CacheIndex]]) -> str:
+               caches: dict[float, dict[str, data.CacheIndex]], on_gpu: bool = False) -> str:
     """What a group's scores depend on: the settings its runs read (not where they are stored,
-    nor the pre-finetuning's own schedule), the model and head it starts from and its tokenized
-    data."""
+    nor the pre-finetuning's own schedule), the model and head it starts from, its tokenized
+    data, and the device and precision it trains in."""
     settings = []
     for config in configs.values():
         raw = config.model_dump(mode="json")
@@ -141,6 +141,10 @@ def _group_key(configs: dict[float, Config], source: Source, task: Task,
     origin = head_origins(source, [task], next(iter(configs.values())).protocol.head)
     if is_reused(task, origin):  # (a fresh head: the same runs under `auto` and `new`)
         keyed.append(origin)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    bf16 = uses_bf16(next(iter(configs.values())), device)
+    if on_gpu or bf16:  # (fp32 on a CPU keeps the keys from before runs could go elsewhere)
+        keyed.append({"device": device.type, "bf16": bf16})
     text = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 

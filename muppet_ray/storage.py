@@ -111,11 +111,13 @@ class RunDir:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self._p(relative))
 
-    def upload(self, local_dir: str, relative: str) -> None:
-        """Copy a local directory into the run directory (replacing what was there)."""
+    def upload(self, local_dir: str, relative: str, replace: bool = True) -> None:
+        """Copy a local directory into the run directory (`replace`: instead of what was there;
+        else the files of the same names are overwritten and the others kept)."""
         if self.is_local and os.path.abspath(local_dir) == self._p(relative):
             return
-        self.remove(relative)
+        if replace:
+            self.remove(relative)
         self.fs.create_dir(self._p(relative), recursive=True)
         pafs.copy_files(local_dir, self._p(relative), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
@@ -140,7 +142,8 @@ def local_copy(location: str) -> str:
     The copy is keyed by the URI and its files' names, sizes and modification times, so a model
     written again is fetched again. Processes filling the cache at once (a node's workers) take
     turns on a lock: one downloads, into a directory renamed into place when whole, and the
-    others then find it."""
+    others then find it. Nothing is ever removed from the cache: it can be deleted at any time
+    no run is starting."""
     if not is_uri(location):
         return location
     fs, path = pafs.FileSystem.from_uri(location)

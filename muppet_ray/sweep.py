@@ -459,6 +459,10 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
               "trials": rows}
     root.write_text("best.json", json.dumps(report, indent=2, default=str))
     print(json.dumps(report["best"], indent=2, default=str), flush=True)
+    failed = [row for row in rows if "error" in row]
+    if failed:  # (after best.json: the trials that ran are kept)
+        raise TrainingError(f"{len(failed)} of {len(rows)} trials failed: " + "; ".join(
+            row["error"] for row in failed) + f" (results: {root.uri('best.json')})")
     return report
 
 

@@ -1,5 +1,6 @@
 """Real services the tests start on this machine: an S3-protocol server (moto's, in this process,
-on 127.0.0.1) and a multi-node Ray cluster (`ray start`: a head and worker nodes on loopback).
+on 127.0.0.1) and a multi-node Ray cluster (`ray start`: a head and worker nodes, each on a
+loopback address of its own).
 
 Nodes share nothing but storage, as on a cloud cluster: each worker node runs in a mount
 namespace of its own where a fresh tmpfs covers the scratch path that every process uses as its
@@ -106,7 +107,9 @@ def multinode_cluster(env: dict, workers: int, log_dir: Path, head_cpus: int = 2
               "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:0", "RAY_DEDUP_LOGS": "0",
               "RAY_AUTH_MODE": "token"}  # (as Ray 2.60 starts a cluster: the token in ~/.ray)
     port = free_port()
-    cluster = MultiNodeCluster(f"127.0.0.1:{port}", scratch, common, private=private)
+    # Each node its own loopback address (127.0.0.2, .3, ...): Ray keeps it as the node's address
+    # (127.0.0.1 it would replace by the machine's routable one), so the nodes talk over loopback.
+    cluster = MultiNodeCluster(f"127.0.0.2:{port}", scratch, common, private=private)
 
     def start(name: str, args: list[str], own_scratch: bool) -> Node:
         node_scratch = scratch if private or not own_scratch else f"{scratch}/{name}"
@@ -114,7 +117,7 @@ def multinode_cluster(env: dict, workers: int, log_dir: Path, head_cpus: int = 2
                  f"--dashboard-agent-grpc-port={free_port()}",
                  f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                  f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
-        command = [RAY, "start", "--block", "--node-ip-address=127.0.0.1",
+        command = [RAY, "start", "--block", f"--node-ip-address=127.0.0.{len(cluster.nodes) + 2}",
                    f"--temp-dir={node_scratch}/ray", "--disable-usage-stats", *ports, *args]
         if own_scratch and private:
             # a fresh tmpfs over the scratch path, seen by this node's processes only

@@ -210,12 +210,24 @@ def autoscaler_offers(*groups: dict):
         internal_kv._internal_kv_del(key, namespace=namespace)
 
 
-def test_gpus_are_used_where_the_cluster_or_its_autoscaler_has_them(ray_cluster):
-    from muppet_ray.cluster import use_gpu
+def test_gpus_are_used_where_the_cluster_or_its_autoscaler_has_them(
+        ray_cluster, monkeypatch, tmp_path):
+    from muppet_ray.cluster import LOCAL_CLUSTER, use_gpu
     from muppet_ray.config import ScalingConfig
 
-    assert use_gpu(ScalingConfig()) == (False, "the cluster has no GPU")
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no cluster launcher's config there)
+    with monkeypatch.context() as local:  # (a local cluster of muppet-ray's: no autoscaler)
+        local.setenv(LOCAL_CLUSTER, "1")
+        assert use_gpu(ScalingConfig()) == (False, "the cluster has no GPU")
     assert use_gpu(ScalingConfig(use_gpu=True)) == (True, "scaling.use_gpu")
+    assert use_gpu(ScalingConfig()) == (False, "the cluster has no GPU, and what its autoscaler "
+                                        "adds is not known here (scaling.use_gpu: true for GPUs)")
+    # The cluster launcher's config on the head names its node types (cluster/aws.yaml's form)
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(
+        "available_node_types:\n  head: {resources: {CPU: 0}, min_workers: 0, max_workers: 0}\n"
+        "  gpu: {resources: {CPU: 8, GPU: 4}, min_workers: 0, max_workers: 4}\n")
+    assert use_gpu(ScalingConfig()) == (True, "the cluster's autoscaler adds nodes with GPUs")
+    (tmp_path / "ray_bootstrap_config.yaml").unlink()
     with autoscaler_offers({"CPU": 8}):
         assert use_gpu(ScalingConfig()) == (
             False, "the cluster has no GPU and its autoscaler adds none")
@@ -224,22 +236,29 @@ def test_gpus_are_used_where_the_cluster_or_its_autoscaler_has_them(ray_cluster)
         assert use_gpu(ScalingConfig(use_gpu=False)) == (False, "scaling.use_gpu")
 
 
-def test_a_run_waits_for_the_autoscaler_then_stops_in_one_line(ray_cluster, monkeypatch, capsys):
+def test_a_run_waits_for_the_autoscaler_then_stops_in_one_line(
+        ray_cluster, monkeypatch, tmp_path, capsys):
     from muppet_ray import cluster
     from muppet_ray.errors import ConfigError
 
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no cluster launcher's config there)
     gpu_worker = {"CPU": 1, "GPU": 1}
     cluster.wait_for_room({"CPU": 1}, 2, 1, "the workers")  # (the cluster holds them: no wait)
     # Nothing the cluster has or could add holds a GPU worker: at once, one line.
     began = time.monotonic()
-    with pytest.raises(ConfigError, match=r"^scaling: the run needs 2 x \{CPU: 1, GPU: 1\} for "
-                       r"the workers; the cluster has \{CPU: 6\} and no autoscaler \("):
+    with monkeypatch.context() as local, pytest.raises(
+            ConfigError, match=r"^scaling: the run needs 2 x \{CPU: 1, GPU: 1\} for the "
+                               r"workers; the cluster has \{CPU: 6\} and no autoscaler \("):
+        local.setenv(cluster.LOCAL_CLUSTER, "1")  # (a local cluster of muppet-ray's)
+        cluster.wait_for_room(gpu_worker, 2, 600, "the workers")
+    with autoscaler_offers({"CPU": 8}), pytest.raises(
+            ConfigError, match=r"and its autoscaler adds no node that holds a worker \("):
         cluster.wait_for_room(gpu_worker, 2, 600, "the workers")
     assert time.monotonic() - began < 5
     # Its autoscaler adds GPU nodes (none come here): it waits, saying so, then stops.
     monkeypatch.setattr(cluster, "WAIT_LINE_EVERY_S", 1)
     with autoscaler_offers({"CPU": 8, "GPU": 1}), pytest.raises(
-            ConfigError, match=r"^scaling.start_timeout_s: waited 3 s for the autoscaler to add "
+            ConfigError, match=r"^scaling.start_timeout_s: waited \d+ s for the autoscaler to add "
                                r"nodes for 2 x \{CPU: 1, GPU: 1\} for the workers; the cluster "
                                r"still has \{CPU: 6\}$"):
         cluster.wait_for_room(gpu_worker, 2, 3, "the workers")
@@ -258,7 +277,7 @@ def test_a_local_storage_path_is_refused_where_nodes_can_be_added(ray_cluster, t
     from muppet_ray.cluster import check_shared
     from muppet_ray.errors import ConfigError
 
-    check_shared(str(tmp_path))  # one node, no autoscaler: fine
+    check_shared(str(tmp_path))  # one node, no autoscaler known: fine
     check_shared("s3://bucket/runs")
     with autoscaler_offers({"CPU": 8}), pytest.raises(
             ConfigError, match=r"run.storage_path: '.+' is a local path, and the cluster's "

@@ -66,12 +66,13 @@ def test_scores_are_keyed_by_the_head_each_run_starts_from():
     from muppet_ray.protocol import _group_key, eval_config
     from muppet_ray.tasks import resolve_tasks
 
-    def key(source, task, head):
-        base = eval_config(validate({"protocol": {"head": head}}))
+    def key(source, task, head, on_gpu=False, precision="auto"):
+        base = eval_config(validate({"protocol": {"head": head},
+                                     "deepspeed": {"precision": precision}}))
         configs = {1.0: finetune_config(base, source, task, 1.0, 0, "/tmp/x", "-")}
         caches = {1.0: {split: CacheIndex(f"/cache/{task}/{split}", (), 10)
                         for split in ("train", "validation", "test")}}
-        return _group_key(configs, source, resolve_tasks(configs[1.0])[0], caches)
+        return _group_key(configs, source, resolve_tasks(configs[1.0])[0], caches, on_gpu)
 
     plain = Source("plain", "/models/plain")
     trained = Source("run", "/models/run", {"config": to_yaml(validate({})), "tasks": [
@@ -80,3 +81,7 @@ def test_scores_are_keyed_by_the_head_each_run_starts_from():
     assert key(trained, "review", "auto") == key(trained, "review", "new")  # no trained head
     assert key(trained, "who_has", "auto") != key(trained, "who_has", "new")  # the MC head
     assert key(trained, "who_has", "new") != key(plain, "who_has", "new")  # another encoder
+    # ... and by where and in which precision they train: a GPU's bf16 scores are not a CPU's
+    assert key(plain, "who_has", "new", on_gpu=True) != key(plain, "who_has", "new")
+    assert key(plain, "who_has", "new", precision="bf16") != key(plain, "who_has", "new")
+    assert key(plain, "who_has", "new", precision="fp32") == key(plain, "who_has", "new")

@@ -20,7 +20,8 @@ print(local_copy(sys.argv[1]))
 """
 
 
-def test_a_stored_model_is_copied_once_per_node_whole_and_again_when_it_changes(s3, tmp_path):
+def test_a_stored_model_comes_into_a_nodes_cache_whole_once_for_all_and_again_if_changed(
+        s3, tmp_path):
     model = RunDir("s3://muppet/models/tiny")
     model.write_bytes("config.json", b'{"model_type": "bert"}')
     model.write_bytes("weights/model.safetensors", os.urandom(3 << 20))

@@ -1,0 +1,77 @@
+"""Resuming, per worker (checkpoint.py): each worker fetches only the files it loads, each checked
+against the manifests as it arrives; a checkpoint to reshard is made universal by worker 0 alone
+while the others wait for its word. On a local file system; against a bucket and with real
+DeepSpeed shards in test_multinode.py."""
+
+import hashlib
+import json
+import threading
+
+import pyarrow.fs as pafs
+
+from muppet_ray.checkpoint import UNIVERSAL_DONE, damage, fetch, fetch_universal
+
+FILES = {"checkpoint.json": json.dumps({"step": 8, "world_size": 2, "nodes": ["a", "b"]}),
+         "deepspeed/mp_rank_00_model_states.pt": "weights",
+         "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt": "moments of worker 0",
+         "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt": "moments of worker 1"}
+WRITTEN_BY = {0: list(FILES)[:3], 1: list(FILES)[3:]}
+
+
+def checkpoint(tmp_path):
+    """A checkpoint of two workers as checkpoint.save writes one (each its files, manifest)."""
+    path = tmp_path / "checkpoint_000008"
+    for relative, text in FILES.items():
+        (path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (path / relative).write_text(text)
+    for rank, names in WRITTEN_BY.items():
+        manifest = {n: [len(FILES[n]), hashlib.sha256(FILES[n].encode()).hexdigest()]
+                    for n in names}
+        (path / f"manifest-rank{rank:03d}.json").write_text(json.dumps(manifest))
+    return path
+
+
+def fetched(local):
+    return sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+
+
+def test_each_worker_fetches_and_checks_only_what_it_loads(tmp_path):
+    path, fs = checkpoint(tmp_path), pafs.LocalFileSystem()
+    assert fetch(fs, str(path), str(tmp_path / "w1"), rank=1) is None
+    assert fetched(tmp_path / "w1") == sorted(["checkpoint.json",
+                                              "deepspeed/mp_rank_00_model_states.pt",
+                                              "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+    # Worker 0's partition altered: worker 1 never reads it, worker 0 finds it, so does a check
+    # of the whole checkpoint.
+    (path / "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("moments of worker ?")
+    assert fetch(fs, str(path), str(tmp_path / "again"), rank=1) is None
+    expected = "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt does not match its " \
+               "manifest's SHA-256"
+    assert fetch(fs, str(path), str(tmp_path / "w0"), rank=0) == expected
+    assert damage(fs, str(path)) == expected
+    (path / "deepspeed/mp_rank_00_model_states.pt").unlink()
+    assert fetch(fs, str(path), str(tmp_path / "w1b"), rank=1) == (
+        "deepspeed/mp_rank_00_model_states.pt is missing")
+    (path / "checkpoint.json").write_text('{"step": 8, "world_si')  # (cut short)
+    assert damage(fs, str(path)) == "checkpoint.json is unreadable"
+
+
+def test_the_others_wait_for_worker_0s_word_on_a_checkpoint_to_reshard(tmp_path):
+    path, fs = checkpoint(tmp_path), pafs.LocalFileSystem()
+    (path / "deepspeed/mp_rank_00_model_states.pt").write_text("weights, altered")
+    # Worker 1 of the new world waits (polling, not in a collective) until worker 0 has looked:
+    # the checkpoint is damaged, which both then say.
+    answer = {}
+    waiting = threading.Thread(target=lambda: answer.update(
+        w1=fetch_universal(fs, str(path), str(tmp_path / "w1"), rank=1, poll_s=0.05)))
+    waiting.start()
+    assert waiting.is_alive()
+    answer["w0"] = fetch_universal(fs, str(path), str(tmp_path / "w0"), rank=0)
+    waiting.join(timeout=30)
+    problem = "deepspeed/mp_rank_00_model_states.pt has 16 bytes, its manifest says 7"
+    assert answer == {"w0": problem, "w1": problem}
+    assert json.loads((path / UNIVERSAL_DONE).read_text()) == {"problem": problem}
+    # Without worker 0's word, a worker gives up after its deadline, in one line.
+    (path / UNIVERSAL_DONE).unlink()
+    assert fetch_universal(fs, str(path), str(tmp_path / "w2"), rank=1, poll_s=0.05,
+                           timeout_s=0.3) == "worker 0 did not make it universal within 0.3 s"
