@@ -288,6 +288,9 @@ class RunConfig(Section):
     (at a checkpoint step: halfway through uploading that checkpoint)."""
     fail_rank: int = Field(1, ge=0)
     """The worker that `fail_at_step` kills (the last one where there are fewer)."""
+    fail_node_at_step: int | None = Field(None, ge=1)
+    """Fault injection for tests: the last worker SIGKILLs its node's raylet (the node is lost,
+    with every process on it) once when it reaches this step."""
 
 
 class ProtocolConfig(Section):

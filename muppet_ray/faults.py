@@ -1,6 +1,7 @@
 """Fault injection, for the tests of recovery: `run.fail_at_step` SIGKILLs worker
 `run.fail_rank` once per run when it reaches that step — at a checkpoint step, halfway through
-uploading that checkpoint. The worker builds a FaultInjection only when the setting is given."""
+uploading that checkpoint; `run.fail_node_at_step` has the last worker SIGKILL its node's raylet
+(the node is lost). The worker builds a FaultInjection only when a setting is given."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ import time
 
 import ray.train
 
+from muppet_ray.checkpoint import step_of
 from muppet_ray.config import Config
 from muppet_ray.storage import RunDir
 
 MARKER = ".fault_injected"  # in the run directory, once the fault has struck
+NODE_MARKER = ".node_fault_injected"
 log = logging.getLogger("muppet_ray")
 
 
 class FaultInjection:
     def __init__(self, config: Config, run_dir: RunDir, rank: int, world: int):
-        self.step = config.run.fail_at_step
+        self.step, self.node_step = config.run.fail_at_step, config.run.fail_node_at_step
         self.checkpoint_every = config.training.checkpoint_every
         self.mine = rank == min(config.run.fail_rank, world - 1)
+        self.last = rank == world - 1
         self.run_dir, self.rank = run_dir, rank
 
     def due(self, step: int) -> bool:
@@ -31,6 +35,13 @@ class FaultInjection:
     def before_step(self, step: int) -> None:
         if self.due(step):
             self.die(step, "")
+        if self.last and step == self.node_step and not self.run_dir.exists(NODE_MARKER):
+            self.wait_for_checkpoint(step)
+            self.run_dir.write_text(NODE_MARKER, f"node of worker {self.rank} killed at step "
+                                                 f"{step}\n")
+            log.warning(f"[muppet-ray] fault injection: the node of worker {self.rank} killed "
+                        f"at step {step}")
+            os.kill(os.getppid(), signal.SIGKILL)  # (a worker's parent is its node's raylet)
 
     def upload_fn(self, step: int):
         """Ray Train's `checkpoint_upload_fn` for the checkpoint of `step`: None (Ray Train's
@@ -52,16 +63,18 @@ class FaultInjection:
         return upload
 
     def die(self, step: int, how: str) -> None:
-        """SIGKILL. It first waits (up to a minute) until Ray Train has registered the latest
-        checkpoint before this step, which it does on its next poll of the workers, so that the
-        restart resumes from it."""
-        latest = (step - 1) // self.checkpoint_every * self.checkpoint_every
-        deadline = time.monotonic() + 60
-        while latest and time.monotonic() < deadline and not self._registered(latest):
-            time.sleep(0.5)
+        """SIGKILL, once the latest checkpoint before this step is registered."""
+        self.wait_for_checkpoint(step)
         self.run_dir.write_text(MARKER, f"worker {self.rank} killed at step {step}{how}\n")
         log.warning(f"[muppet-ray] fault injection: worker {self.rank} killed at step {step}{how}")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def _registered(self, step: int) -> bool:
-        return f"checkpoint_{step:06d}" in self.run_dir.registered_checkpoints()
+    def wait_for_checkpoint(self, step: int) -> None:
+        """Wait (up to a minute) until Ray Train has registered the latest checkpoint before
+        `step`, which it does on its next poll of the workers, so that the restart resumes from
+        it."""
+        latest = (step - 1) // self.checkpoint_every * self.checkpoint_every
+        deadline = time.monotonic() + 60
+        while latest and time.monotonic() < deadline and latest not in {
+                step_of(name) for name in self.run_dir.registered_checkpoints()}:
+            time.sleep(0.5)

@@ -89,7 +89,7 @@ class Trainer:
     positions: np.ndarray  # [steps, micro-batches]: this worker's share of the schedule
     logger: MetricsLogger | None  # metrics.jsonl and TensorBoard (rank 0)
     similarity: GradientSimilarity | None  # task-transfer diagnostics (transfer.py)
-    fault: FaultInjection | None  # tests only: run.fail_at_step (faults.py)
+    fault: FaultInjection | None  # tests only: run.fail_at_step, fail_node_at_step (faults.py)
 
     def __init__(self, plan: WorkerPlan):
         self.config = plan.config
@@ -108,9 +108,10 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
         self.similarity: GradientSimilarity | None = None  # (set by `run`)
         self.transfer_after = 0  # the step after which the next transfer record measures
-        # Tests only (run.fail_at_step): kills this worker at a chosen step.
+        # Tests only (run.fail_at_step, run.fail_node_at_step): kills a worker or a node.
         self.fault = (FaultInjection(self.config, self.run_dir, self.rank, self.world)
-                      if self.config.run.fail_at_step else None)
+                      if self.config.run.fail_at_step or self.config.run.fail_node_at_step
+                      else None)
         if self.device.type == "cpu":
             # One compute thread per CPU Ray gave the worker: torch would otherwise start one per
             # core in every worker, and workers sharing a machine then fight over its cores.
