@@ -84,7 +84,7 @@ def main() -> None:
                         config.training.loss_scaling, config.model.max_target_length, tokenizer)
     optimizer, scheduler = build_optimizer(model, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(config, 1, bf16=on_gpu))
+                                      config=deepspeed_config(config, 1, on_gpu, args.zero_stage))
     dtype = next(engine.module.parameters()).dtype
     before = evaluate(engine, validation, specs, device)
 

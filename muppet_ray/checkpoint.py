@@ -46,13 +46,15 @@ _PARTITION = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-worker ZeRO f
 # ------------------------------------------------------------------- write and load
 
 
-def save(engine, directory: str, step: int, rank: int, world_size: int, nodes: list) -> None:
+def save(engine, directory: str, step: int, rank: int, world_size: int, nodes: list,
+         zero_stage: int) -> None:
     """This worker's part of the checkpoint of `step`, written into `directory` (for Ray Train
     to upload): DeepSpeed's shards, rank 0's state, and the worker's manifest, last."""
     engine.save_checkpoint(directory, tag=TAG, client_state={"step": step})
     if rank == 0:
         with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
-            json.dump({"step": step, "world_size": world_size, "nodes": nodes}, f)
+            json.dump({"step": step, "world_size": world_size, "nodes": nodes,
+                       "zero_stage": zero_stage}, f)
     write_manifest(directory, rank)
 
 
@@ -63,17 +65,26 @@ def load(engine, directory: str) -> int:
     return int(client_state["step"])
 
 
-def saved_world_size(fs: pafs.FileSystem, path: str) -> int | None:
-    """The number of workers that wrote the checkpoint (None: from before this was recorded,
-    or unreadable: `fetch` then says what is wrong with it)."""
+def saved_state(fs: pafs.FileSystem, path: str) -> dict:
+    """Rank 0's record of the checkpoint: its step, the number of workers that wrote it, their
+    nodes and ZeRO stage ({} if missing or unreadable: `fetch` then says what is wrong)."""
     state = f"{path}/{CHECKPOINT_STATE}"
     if fs.get_file_info(state).type == pafs.FileType.NotFound:
-        return None
+        return {}
     with fs.open_input_stream(state) as f:
         try:
-            return int(json.loads(f.read())["world_size"])
-        except (ValueError, KeyError, TypeError):
-            return None
+            saved = json.loads(f.read())
+        except ValueError:
+            return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def saved_world_size(fs: pafs.FileSystem, path: str) -> int | None:
+    """The number of workers that wrote the checkpoint (None: unknown)."""
+    try:
+        return int(saved_state(fs, path)["world_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _to_universal(directory: str, out: str) -> None:

@@ -50,6 +50,9 @@ class ModelConfig(Section):
     tokens."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout of the heads (and of a backbone built from scratch)."""
+    attention: Literal["packed", "padded"] = "packed"
+    """packed: the encoder runs on each micro-batch's real tokens only, its rows end to end
+    with attention kept inside each row (packing.py); padded: on rows padded to the longest."""
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> ModelConfig:
@@ -223,8 +226,9 @@ class TrainingConfig(Section):
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: int = Field(2, ge=0, le=3)
-    """DeepSpeed ZeRO stage, 0-3."""
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    """DeepSpeed ZeRO stage, 0-3; auto: ZeRO-2 where it fits a worker's memory with headroom,
+    else ZeRO-3 (optim.choose_zero_stage; said at start-up; a resumed run keeps its stage)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     config: dict[str, Any] = {}

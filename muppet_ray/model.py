@@ -28,6 +28,7 @@ from transformers import (
     RobertaModel,
 )
 
+from muppet_ray import packing
 from muppet_ray.config import ModelConfig
 from muppet_ray.errors import ConfigError
 from muppet_ray.storage import local_copy
@@ -72,7 +73,15 @@ def check_positions(config: ModelConfig) -> None:
 
 
 def build_backbone(config: ModelConfig, tokenizer) -> nn.Module:
-    """A pretrained backbone (Hub id, directory or URI), or a small one built from `config`."""
+    """A pretrained backbone (Hub id, directory or URI), or a small one built from `config`,
+    set up for `config.attention`."""
+    backbone = _backbone(config, tokenizer)
+    if config.attention == "packed":
+        packing.use_packed_attention(backbone)
+    return backbone
+
+
+def _backbone(config: ModelConfig, tokenizer) -> nn.Module:
     if config.pretrained is not None:
         if is_encoder_decoder(config):
             return AutoModelForSeq2SeqLM.from_pretrained(local_copy(config.pretrained))
@@ -160,6 +169,8 @@ class MuppetModel(nn.Module):
         if self.uses_token_types and "token_type_ids" in batch:
             inputs["token_type_ids"] = batch["token_type_ids"]
         encoder = self.backbone.get_encoder() if self.encoder_decoder else self.backbone
+        if packing.is_packed(self.backbone):
+            return packing.encode(encoder, inputs)
         return encoder(**inputs).last_hidden_state
 
     def head_outputs(self, batch, hidden) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 import ray
 import ray.data
 import ray.train
@@ -51,8 +52,13 @@ from muppet_ray.metrics import (
     resident_mb,
 )
 from muppet_ray.mixture import Schedule, build_schedule
-from muppet_ray.model import MuppetModel, build_backbone
-from muppet_ray.optim import build_optimizer, deepspeed_config
+from muppet_ray.model import MuppetModel, build_backbone, hidden_size
+from muppet_ray.optim import (
+    activation_memory,
+    build_optimizer,
+    choose_zero_stage,
+    deepspeed_config,
+)
 from muppet_ray.step import forward_backward, passes, uses_bf16
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import TASK_TYPES
@@ -119,7 +125,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def build(self, load_universal: bool = False) -> None:
+    def build(self, load_universal: bool = False, saved_stage: int | None = None) -> None:
+        """The model in DeepSpeed's engine. `saved_stage`: the ZeRO stage of the checkpoint to
+        be loaded (a resumed run keeps it)."""
         on_gpu = self.device.type == "cuda"
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
         import deepspeed  # after DS_ACCELERATOR: it picks its accelerator at import
@@ -138,24 +146,53 @@ class Trainer:
             if missing:
                 raise RuntimeError(f"initial heads {sorted(missing)} are not heads of the model")
             model.heads.load_state_dict(self.initial_heads, strict=False)
+        self.zero_stage = self.choose_zero_stage(model, bf16, saved_stage)
         optimizer, scheduler = build_optimizer(model, self.config, fused=on_gpu)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.config, self.world, bf16, load_universal),
+            config=deepspeed_config(self.config, self.world, bf16, self.zero_stage,
+                                    load_universal),
         )
-        if self.config.deepspeed.zero_stage and not hasattr(self.engine.optimizer,
+        if self.zero_stage and not hasattr(self.engine.optimizer,
                                                             "_coalesce_grad_reduction"):
             raise ConfigError(
                 f"deepspeed.config: DeepSpeed wraps the optimizer in "
                 f"{type(self.engine.optimizer).__name__}, which cannot reduce gradients once per "
                 "step (remove data_types.grad_accum_dtype, or use another zero_stage)")
 
+    def choose_zero_stage(self, model: torch.nn.Module, bf16: bool, saved: int | None) -> int:
+        """deepspeed.zero_stage, or for `auto` the checkpoint's stage, or the stage that fits the
+        smallest worker's memory (optim.choose_zero_stage), said once."""
+        stage = self.config.deepspeed.zero_stage
+        if stage != "auto":
+            return stage
+        if saved is not None:
+            return saved
+        if self.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+        else:  # (the node's memory, shared by the workers on it)
+            memory = psutil.virtual_memory().total // ray.train.get_context().get_local_world_size()
+        memory = int(self._all_reduce(torch.tensor([float(memory)], dtype=torch.float64),
+                                      op=dist.ReduceOp.MIN).item())
+        backbone = model.backbone.config
+        layers = (getattr(backbone, "num_hidden_layers", 0) if not backbone.is_encoder_decoder
+                  else backbone.encoder_layers + backbone.decoder_layers)
+        batching = self.config.batching
+        tokens = batching.max_tokens_per_pass or (batching.micro_batch_size
+                                                  * self.config.model.max_length)
+        stage, reason = choose_zero_stage(
+            sum(p.numel() for p in model.parameters()), self.world, memory, bf16,
+            activation_memory(tokens, layers, hidden_size(model.backbone), bf16))
+        if self.rank == 0:
+            log.info(f"[muppet-ray] deepspeed.zero_stage auto: ZeRO-{stage} ({reason})")
+        return stage
+
     def fetch_checkpoint(self, latest: ray.train.Checkpoint, local: str
-                         ) -> tuple[str, bool] | None:
+                         ) -> tuple[str, bool, dict] | None:
         """Fetch into `local` the newest registered checkpoint up to `latest` whose files verify
-        on every worker (each fetches and checks the files it loads); returns its name and
-        whether it is resharded (written by another number of workers: then fetched as
-        DeepSpeed's universal checkpoint), or None if none is intact."""
+        on every worker (each fetches and checks the files it loads); returns its name, whether
+        it is resharded (written by another number of workers: then fetched as DeepSpeed's
+        universal checkpoint) and its saved state, or None if none is intact."""
         fs, (parent, newest) = latest.filesystem, latest.path.rsplit("/", 1)
         names = [None]
         if self.rank == 0:  # (rank 0 reads Ray Train's record; all take its list)
@@ -165,8 +202,10 @@ class Trainer:
             dist.broadcast_object_list(names, src=0)
         for name in reversed(names[0]):
             path = f"{parent}/{name}"
-            saved = checkpoints.saved_world_size(fs, path)
-            reshard = self.config.deepspeed.zero_stage > 0 and saved not in (None, self.world)
+            state = checkpoints.saved_state(fs, path)
+            saved = state.get("world_size")
+            # (ZeRO-0 keeps no shards; `auto` is always 2 or 3)
+            reshard = self.config.deepspeed.zero_stage != 0 and saved not in (None, self.world)
             shutil.rmtree(local, ignore_errors=True)
             problem = (checkpoints.fetch_universal(fs, path, local, self.rank) if reshard
                        else checkpoints.fetch(fs, path, local, self.rank))
@@ -181,7 +220,7 @@ class Trainer:
                     log.warning(f"[muppet-ray] resuming with {self.world} workers from a "
                                 f"checkpoint of {saved}: each now runs {self.accum} of the "
                                 f"step's {self.per_step} micro-batches")
-                return name, reshard
+                return name, reshard, state
         return None
 
     # --------------------------------------------------------------- training
@@ -205,7 +244,8 @@ class Trainer:
         latest = ray.train.get_checkpoint()
         with tempfile.TemporaryDirectory(prefix="muppet-resume-") as local:
             found = self.fetch_checkpoint(latest, local) if latest is not None else None
-            self.build(load_universal=bool(found and found[1]))
+            self.build(load_universal=bool(found and found[1]),
+                       saved_stage=found[2].get("zero_stage") if found else None)
             if latest is not None and found is None:
                 self.stop(0, f"no checkpoint of {self.run_dir.root!r} is intact (each failed "
                           "its manifest, see the warnings above); remove the damaged ones or "
@@ -291,7 +331,7 @@ class Trainer:
 
     @property
     def zero3(self) -> bool:
-        return self.config.deepspeed.zero_stage == 3
+        return self.zero_stage == 3
 
     def passes(self, batch: mb.Batch, cost: int) -> list[tuple[mb.Batch, float]]:
         """The micro-batch's passes (step.passes); under ZeRO-3 as many on every worker."""
@@ -307,7 +347,7 @@ class Trainer:
         tokens = torch.zeros(2, dtype=torch.float64)  # real, padded
         slots = torch.zeros(self.per_step, dtype=torch.float64)  # the step's positions
         first = step * self.per_step
-        with one_reduction(self.engine, self.config.deepspeed.zero_stage):
+        with one_reduction(self.engine, self.zero_stage):
             for micro in range(self.accum):
                 waiting = time.perf_counter()
                 row = next(stream)
@@ -329,7 +369,7 @@ class Trainer:
         loss, task_loss = totals["loss"].item(), totals["task_loss"].numpy()
         positions = [int(p) for p in totals["positions"]]
         finite = math.isfinite(loss)
-        if finite or self.config.deepspeed.zero_stage:
+        if finite or self.zero_stage:
             # ZeRO's optimizers skip a step whose gradient norm is not finite by themselves
             # (weights, moments and learning-rate schedule untouched); ZeRO-0's does not.
             self.engine.step()
@@ -409,7 +449,8 @@ class Trainer:
             dist.all_gather_object(every, mine)
         nodes, name = [node for node, _ in every], every[0][1]
         with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
-            checkpoints.save(self.engine, directory, step, self.rank, self.world, nodes)
+            checkpoints.save(self.engine, directory, step, self.rank, self.world, nodes,
+                             self.zero_stage)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=name,
                              checkpoint_upload_fn=self.fault and self.fault.upload_fn(step))

@@ -8,7 +8,8 @@ def test_defaults_are_the_main_job():
     config = Config()
     assert config.model.arch == "bart"  # encoder-decoder, so all four task types train
     assert config.scaling.num_workers == 2
-    assert config.deepspeed.zero_stage == 2
+    assert config.deepspeed.zero_stage == "auto"  # (ZeRO-2 wherever it fits)
+    assert config.model.attention == "packed"
     assert config.batching.strategy == "heterogeneous"
     assert config.mixture.rule == "proportional"
     assert config.training.loss_scaling is True
@@ -28,8 +29,8 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be less than or equal "
-                                   "to 3 (got 4)"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: Input should be 'auto', 0, 1, 2 or 3 "
+                                   "(got 4)"),
         ("scaling.num_workers=0", "scaling.num_workers: expected a count >= 1 or [min, max] "
                                   "with 1 <= min <= max, got 0"),
         ("scaling.num_workers=[3,2]", "scaling.num_workers: expected a count >= 1 or [min, max]"),
