@@ -128,10 +128,10 @@ def main() -> None:
     batches = [{k: (torch.from_numpy(v).long() if v.dtype.kind in "iu" else
                     torch.from_numpy(v)).to(device)
                 for k, v in b.items() if k not in mb.TEXT_KEYS} for b in micro_batches]
-    tokens, padded, seconds = 0, 0, 0.0
+    tokens, padded, seconds, squares = 0, 0, 0.0, 0
     for step in range(args.steps):
         start = time.perf_counter()
-        step_tokens = step_padded = 0
+        step_tokens = step_padded = step_squares = 0
         for batch in batches[step * per_step:(step + 1) * per_step]:
             spec = specs[int(batch["example_task"][0])]
             with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
@@ -139,6 +139,7 @@ def main() -> None:
             (loss / per_step).backward()
             step_tokens += int(batch["attention_mask"].sum())
             step_padded += batch["attention_mask"].numel()
+            step_squares += int((batch["attention_mask"].sum(1) ** 2).sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -147,12 +148,15 @@ def main() -> None:
         if step >= WARMUP_STEPS:
             tokens += step_tokens
             padded += step_padded
+            squares += step_squares
             seconds += time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     print(json.dumps({"steps": args.steps - WARMUP_STEPS, "tokens_per_s": tokens / seconds,
                       "padded_tokens_per_s": padded / seconds, "peak_rss_mb": peak_mb,
-                      "gpu_peak_mb": gpu_mb}))
+                      "gpu_peak_mb": gpu_mb,
+                      # (attention's work per real token grows with its row's length)
+                      "attention_row_tokens": squares / max(tokens, 1)}))
 
 
 if __name__ == "__main__":

@@ -29,5 +29,5 @@ rows = json.load(open(sys.argv[1]))
 print("protocol runs by device:", dict(collections.Counter(r.get("device") for r in rows)),
       "errors:", [r["error"] for r in rows if "error" in r])
 PY
-timeout 280 python3 bench/gpu_throughput.py --out /tmp/tp --sizes large --zero 2 \
-  --micro-batch 384 --accum 1 --steps 30 2>&1 | tail -12 | tee "$out/throughput.txt"
+timeout 280 python3 bench/gpu_throughput.py --out /tmp/tp --workloads suite --sizes large --zero 2 \
+  --attention padded --micro-batch 384 --accum 1 --steps 30 2>&1 | tail -12 | tee "$out/throughput.txt"

@@ -13,6 +13,10 @@ if [ -f .gpu/site.tar.xz ]; then
   python3 -c "import tarfile; tarfile.open('.gpu/site.tar.xz').extractall('/tmp/site', filter='data')" || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -f .gpu/shared-mix.tar.xz ]; then  # (the `mix` workload's tasks)
+  mkdir -p /tmp/shared && tar -xJf .gpu/shared-mix.tar.xz -C /tmp/shared || exit 1
+  export MUPPET_SHARED=/tmp/shared
+fi
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import ray, deepspeed, torch, transformers, pyarrow, pydantic; print('ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__)" || exit 1

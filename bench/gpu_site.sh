@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Packs what a lent GPU machine lacks (Ray, DeepSpeed and their missing dependencies, for its
 # Python 3.12) into .gpu/site.tar.xz, under the 64 MiB a lease carries: Ray's Java jars, RLlib,
-# Serve, its LLM library and the dashboard's web client are left out (none is used here).
+# Serve, its LLM library and the dashboard's web client are left out (none is used here). And
+# the real BIG-bench tasks of gpu_throughput.py's `mix` workload into .gpu/shared-mix.tar.xz
+# (4 MB), from SHARED (default ../shared).
 #   bash bench/gpu_site.sh        # then: device run, carry [".gpu"], bash bench/gpu_lease.sh "$OUT"
 set -euo pipefail
 work=$(mktemp -d)
@@ -19,4 +21,8 @@ rm -rf "$work"/site/ray/{jars,rllib,serve,llm,dashboard/client/build}
 mkdir -p .gpu
 tar -cf - -C "$work/site" . | xz -T2 -6 > .gpu/site.tar.xz
 rm -rf "$work"
-ls -l .gpu/site.tar.xz
+shared=${SHARED:-../shared}
+files=$(grep -o 'data/bigbench/[^"]*task.json' jobs/configs/real-all.yaml | sort -u)
+# shellcheck disable=SC2086
+tar -cf - -C "$shared" $files | xz -T2 -6 > .gpu/shared-mix.tar.xz
+ls -l .gpu/site.tar.xz .gpu/shared-mix.tar.xz

@@ -146,6 +146,8 @@ class Trainer:
             if missing:
                 raise RuntimeError(f"initial heads {sorted(missing)} are not heads of the model")
             model.heads.load_state_dict(self.initial_heads, strict=False)
+        if self.config.training.compile:
+            model.backbone.compile(dynamic=True)  # (every micro-batch has its own shape)
         self.zero_stage = self.choose_zero_stage(model, bf16, saved_stage)
         optimizer, scheduler = build_optimizer(model, self.config, fused=on_gpu)
         self.engine, *_ = deepspeed.initialize(

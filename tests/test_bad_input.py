@@ -30,7 +30,7 @@ def custom(spec: dict) -> list[str]:
 case("workers-zero", ["--set", "scaling.num_workers=0"],
      "scaling.num_workers: expected a count >= 1")
 case("zero-stage", ["--set", "deepspeed.zero_stage=4"],
-     "deepspeed.zero_stage: Input should be less")
+     "deepspeed.zero_stage: Input should be 'auto', 0, 1, 2 or 3 (got 4)")
 case("unknown-key", ["--set", "training.nonsense=1"], "training.nonsense: unknown setting")
 case("unknown-section", ["--set", "nonsense.key=1"], "nonsense: unknown setting")
 case("no-equals", ["--set", "training"], "--set 'training': expected section.key=value")

@@ -103,3 +103,21 @@ def test_each_attention_keeps_every_row_to_itself(attend):
         assert torch.allclose(out[:, a:b], alone.transpose(1, 2), atol=1e-5)
     out.sum().backward()
     assert all(x.grad is not None and x.grad.isfinite().all() for x in (query, key, value))
+
+
+def test_a_compiled_packed_backbone_trains_as_the_eager_one(tokenizer):
+    # training.compile: torch.compile traces the packed encoder (dynamic shapes: every
+    # micro-batch its own); aot_eager runs the traced graphs without generating kernels, which
+    # is what the CPU suite can afford.
+    eager = build("bert", ["entailment"], "packed", tokenizer)
+    compiled = build("bert", ["entailment"], "packed", tokenizer)
+    compiled.backbone.compile(dynamic=True, backend="aot_eager")
+    for n in (6, 4):
+        batch = to_torch(collate(featurize("entailment", tokenizer, n), 0,
+                                 tokenizer.pad_token_id), CPU)
+        losses = [model(batch)["loss"] for model in (eager, compiled)]
+        for loss in losses:
+            loss.backward()
+        assert torch.allclose(losses[1], losses[0], atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(b.grad, a.grad, atol=1e-5), name
