@@ -18,11 +18,10 @@ Bad input (config, tasks, data) prints one line naming what is wrong and exits w
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
-from muppet_ray.config import VERBOSE, load_config
+from muppet_ray.config import load_config
 from muppet_ray.errors import ConfigError, MuppetError
 
 
@@ -140,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(args.config, args.overrides)
         if args.verbose:  # (read where Ray starts, and by the sweep's trial drivers)
-            os.environ[VERBOSE] = "1"
+            from muppet_ray.runtime import set_verbose
+
+            set_verbose()
         if args.command == "prefinetune":
             from muppet_ray.prefinetune import prefinetune  # imports Ray: only when running
 

@@ -1,8 +1,8 @@
-"""The Ray cluster a run runs on: joining one or starting a local one, and what it can give a
-run — GPUs now or once its autoscaler adds them, room for the workers, storage every node sees.
+"""What the Ray cluster a run runs on can give it — GPUs now or once its autoscaler adds them,
+room for the workers, storage every node sees (joining or starting one: runtime.py).
 
 What nodes a cluster's autoscaler can add is read where Ray keeps it: the cluster config an
-autoscaler reports to Ray (node groups with their resources and counts, `ray._private.state`;
+autoscaler reports to Ray (node groups with their resources and counts, runtime.cluster_config;
 Ray Train and Ray Data read it for the same decisions), else the cluster launcher's own config on
 the head node (`~/ray_bootstrap_config.yaml`, which Ray Tune reads to know it runs on such a
 cluster; `ray job submit` runs the driver there). KubeRay's autoscaler describes its node groups
@@ -11,11 +11,7 @@ to neither: there, nodes that are not up yet are unknown (set `scaling.use_gpu: 
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,144 +21,13 @@ import yaml
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from muppet_ray.config import VERBOSE, Config, ScalingConfig
+from muppet_ray import runtime
+from muppet_ray.config import Config, ScalingConfig
 from muppet_ray.errors import ConfigError
 from muppet_ray.storage import is_uri
 
-# Ray Train's controller checks its workers this often (seconds), read from the environment. On a
-# local cluster muppet-ray lowers Ray's 2 s default (see local_cluster_environment).
-CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-LOCAL_CHECK_INTERVAL_S = "0.2"
 WAIT_LINE_EVERY_S = 30  # a progress line while waiting for the autoscaler
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # the cluster launcher's, on the head node
-# Set in the local cluster's processes (and so in Tune trials there): no autoscaler can add nodes.
-LOCAL_CLUSTER = "MUPPET_LOCAL_CLUSTER"
-_started_here = False  # this process started the local cluster it is connected to
-
-
-def verbose() -> bool:
-    """`--verbose`: the console shows what Ray and the libraries print, not only our lines."""
-    return os.environ.get(VERBOSE) == "1"
-
-
-# --------------------------------------------------------------------------- joining one
-
-
-def start_ray(config: Config) -> None:
-    """Join `run.ray_address` (or RAY_ADDRESS), else start a local cluster for this process."""
-    _check_interval_setting()
-    if ray.is_initialized():
-        return
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
-    level = logging.INFO if verbose() else logging.ERROR
-    global _started_here
-    if address:
-        ray.init(address=address, logging_level=level)
-    else:
-        # A local cluster: the workers and the Ray Data tasks that feed them share the machine's
-        # cores, so declare enough logical CPUs for both (the OS shares the real ones). "local":
-        # a new one, even where `ray start` left a cluster that plain ray.init() would join.
-        needed = config.scaling.max_workers * config.scaling.cpus_per_worker + 2
-        with local_cluster_environment():
-            ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed)),
-                     logging_level=level, include_dashboard=False)
-        _started_here = True
-    _keep_ray_off_the_console()
-    _pin_autoscaling_coordinator()
-
-
-def _pin_autoscaling_coordinator() -> None:
-    """Ray Train's elastic runs ask Ray's autoscaling coordinator (a detached actor shared with
-    Ray Data) how many workers they may restart with. Ray pins it, for good, to the node of
-    whichever process first asks for it, which can be a training worker's data stream on a node
-    that is later lost: every elastic restart after that waits forever. Asked for first here,
-    by the driver, it lives on the driver's node (the head, for `ray job submit`)."""
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-        get_or_create_autoscaling_coordinator,
-    )
-
-    get_or_create_autoscaling_coordinator()
-
-
-def is_local_cluster() -> bool:
-    """Whether this process runs on a local cluster muppet-ray started (no autoscaler)."""
-    return _started_here or os.environ.get(LOCAL_CLUSTER) == "1"
-
-
-def _check_interval_setting() -> None:
-    """A bad CHECK_INTERVAL would fail the run inside Ray Train's controller, with its traceback."""
-    value = os.environ.get(CHECK_INTERVAL)
-    try:
-        good = value is None or (math.isfinite(float(value)) and float(value) > 0)
-    except ValueError:
-        good = False
-    if not good:
-        raise ConfigError(f"{CHECK_INTERVAL}: expected a number of seconds above 0, got {value!r}")
-
-
-@contextlib.contextmanager
-def local_cluster_environment():
-    """Settings for a local cluster, in force while `ray.init` starts it: its processes (and the
-    Ray Train controllers and workers they start later) keep them from their environment; this
-    process gets its own back."""
-    saved = {k: os.environ.get(k) for k in (
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_API_SERVER_ADDRESS", CHECK_INTERVAL,
-        LOCAL_CLUSTER)}
-    cluster_flag = ray._private.ray_constants.ENABLE_RAY_CLUSTER
-    # One machine: listen on the loopback address only, not on the machine's routable one
-    # (Ray does that for single-machine clusters on macOS and Windows; this does it on Linux).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    # Ray Train's PlacementGroupCleaner asks Ray's state API every 2 s whether the run's
-    # controller is alive. With no address it asks the newest cluster on the machine: once a
-    # `ray start --head` runs beside this one, that cluster, which does not know the controller,
-    # and the cleaner removes the run's placement group, killing its workers mid-run. This
-    # cluster has no dashboard to answer anyway: an address nothing listens on makes every
-    # question fail, which the cleaner takes as "unknown, keep waiting".
-    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:0"
-    # Ray Train's controller looks at its workers every 2 s, and a worker's report (a checkpoint,
-    # an evaluation) waits until the controller has taken the one before: ~8 s of a 40 s laptop
-    # run. 0.2 s costs a small local cluster nothing.
-    os.environ.setdefault(CHECK_INTERVAL, LOCAL_CHECK_INTERVAL_S)
-    os.environ[LOCAL_CLUSTER] = "1"
-    try:
-        yield
-    finally:
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _keep_ray_off_the_console() -> None:
-    """Ray forwards every line its processes print (its own logs, Ray Train's, DeepSpeed's and
-    transformers') to this console: ~100 lines a run. Only muppet-ray's own lines stay; the rest
-    are in Ray's session logs, where Ray writes them anyway. (A worker's error still reaches
-    this process, as the exception `fit()` raises.) Not with `--verbose`."""
-    if verbose():
-        return
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as forwarded
-
-    def ours(batch: dict) -> None:
-        for line in batch["lines"]:
-            if "[muppet-ray]" in line:
-                print(line, file=sys.stderr if batch["is_err"] else sys.stdout, flush=True)
-
-    forwarded.remove_handler("ray_print_logs")  # (Ray's printer, added by ray.init)
-    forwarded.add_handler("muppet_ray_lines", ours)
-    # Ray Data, in this process, prints each execution's plan and tips at INFO (its log file
-    # keeps them): errors only.
-    from ray._private.log import PlainRayHandler
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.ERROR)
-    node = ray._private.worker._global_node  # (None for a Ray Client connection)
-    if node is not None:
-        print(f"[muppet-ray] Ray's own log lines: {node.get_logs_dir_path()}", flush=True)
-
 
 # ------------------------------------------------------------------ what it can give a run
 
@@ -170,9 +35,9 @@ def _keep_ray_off_the_console() -> None:
 def autoscaler_node_groups() -> list[dict[str, float]] | None:
     """The resources of each kind of node the cluster's autoscaler can add (beyond those it
     must keep); [] where it is known to add none (a local cluster); None where unknown."""
-    if is_local_cluster():
+    if runtime.is_local_cluster():
         return []
-    config = ray._private.state.state.get_cluster_config()
+    config = runtime.cluster_config()
     if config is not None and config.node_group_configs:
         return [dict(group.resources) for group in config.node_group_configs
                 if group.resources and (group.max_count == -1

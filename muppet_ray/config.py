@@ -341,6 +341,17 @@ class Config(Section):
     protocol: ProtocolConfig = ProtocolConfig()
     """How sweeps score models on eval tasks."""
 
+    def replace(self, changes: dict[str, Any]) -> Config:
+        """A copy with `section.key` settings changed, validated as a loaded config is (a bad
+        value raises ConfigError naming it)."""
+        raw = self.model_dump(mode="json")
+        for key, value in changes.items():
+            section, name = key.split(".", 1)
+            if section not in raw or name not in raw[section]:
+                raise ConfigError(f"{key}: unknown setting")
+            raw[section][name] = value
+        return validate(raw)
+
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
         names = [t.name for t in self.tasks.custom]

@@ -38,11 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data._internal.execution.backpressure_policy import (
-    ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY as BACKPRESSURE_POLICIES,
-)
 
 from muppet_ray import batch as mb
+from muppet_ray import runtime
 from muppet_ray.config import Config
 from muppet_ray.errors import DataError, unwrap_data_error
 from muppet_ray.mixture import Schedule
@@ -485,7 +483,7 @@ def _segment(lookup, caches: list[CacheIndex], pad_id: int, start: int, end: int
     ds = ds.map_batches(_fetcher(lookup, caches, pad_id, start), batch_size=FETCH_BLOCK,
                         batch_format="numpy", num_cpus=0)
     ds.context.execution_options.preserve_order = True  # schedule order is the contract
-    ds.context.set_config(BACKPRESSURE_POLICIES, [])  # a segment is small: produce it at once
+    runtime.without_backpressure(ds.context)  # a segment is small: produce it at once
     yield from ds.iter_rows()
 
 

@@ -1,7 +1,7 @@
 """Fault injection, for the tests of recovery: `run.fail_at_step` SIGKILLs worker
 `run.fail_rank` once per run when it reaches that step — at a checkpoint step, halfway through
 uploading that checkpoint; `run.fail_node_at_step` has the last worker SIGKILL its node's raylet
-and itself (the node is lost). The worker builds a FaultInjection only when a setting is given."""
+(the node is lost). The worker builds a FaultInjection only when a setting is given."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ class FaultInjection:
             log.warning(f"[muppet-ray] fault injection: the node of worker {self.rank} killed "
                         f"at step {step}")
             os.kill(os.getppid(), signal.SIGKILL)  # (a worker's parent is its node's raylet)
-            # The node's processes go with it: left alone this worker could train on (and even
-            # save a checkpoint) before it learns that its raylet is gone.
-            os.kill(os.getpid(), signal.SIGKILL)
+            # This worker waits for its end (Ray ends a worker whose raylet is gone): left to
+            # train on, it once saved a checkpoint first. (Killing it, or failing its training
+            # function, made Ray Train take a minute longer to restart.)
+            time.sleep(600)
 
     def upload_fn(self, step: int):
         """Ray Train's `checkpoint_upload_fn` for the checkpoint of `step`: None (Ray Train's

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import yaml
 
-from muppet_ray.config import Config, ModelConfig, expand_variables, to_yaml, validate
+from muppet_ray.config import Config, ModelConfig, expand_variables, to_yaml
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import AUTO_CLASSES, MAPPABLE_BACKBONES, to_transformers
 from muppet_ray.heads import initial_heads
@@ -52,18 +52,15 @@ def finetune_config(base: Config, source: Source, task: str, fraction: float, se
                     storage: str, name: str, like: Source | None = None) -> Config:
     """The config of one run. Model settings the user left unset (max_length, doc_stride, ...)
     come from the pre-finetuning run of `like` (default: `source`), so inputs are cut alike."""
-    raw = base.model_dump(mode="json")
+    changes = {}
     manifest = (like or source).manifest
     if manifest:
         trained = expand_variables(yaml.safe_load(manifest["config"])).get("model", {})
-        for key in ModelConfig.model_fields.keys() - base.model.model_fields_set:
-            if key in trained:
-                raw["model"][key] = trained[key]
-    raw["model"]["pretrained"] = source.model
-    raw["tasks"].update(include=[task], train_fraction=fraction)
-    raw["training"]["seed"] = seed
-    raw["run"].update(storage_path=storage, name=name)
-    return validate(raw)
+        changes = {f"model.{key}": trained[key] for key in sorted(
+            ModelConfig.model_fields.keys() - base.model.model_fields_set) if key in trained}
+    return base.replace({**changes, "model.pretrained": source.model, "tasks.include": [task],
+                         "tasks.train_fraction": fraction, "training.seed": seed,
+                         "run.storage_path": storage, "run.name": name})
 
 
 def finetune(config: Config, source: Source, head: str = "auto", role: str = "pre-finetuned",
@@ -169,8 +166,7 @@ def evaluate(base: Config, given: str, tasks: list[str]) -> dict[str, dict[str, 
     source = resolve_source(given, root.root)
     config = finetune_config(base, source, tasks[0], 1.0, base.training.seed, root.root,
                              "scores")
-    config = validate({**config.model_dump(mode="json"),
-                       "tasks": {**config.tasks.model_dump(mode="json"), "include": tasks}})
+    config = config.replace({"tasks.include": tasks})
     resolved = resolve_and_check(config)
     heads, _ = initial_heads(source, resolved, "reuse", asked_by="evaluate")
     result = launch(config, "evaluate", initial_heads=heads, evaluate_only=True)

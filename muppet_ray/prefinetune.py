@@ -20,7 +20,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from muppet_ray import cluster, data, suite
+from muppet_ray import cluster, data, runtime, suite
 from muppet_ray.config import (
     Config,
     expand_variables,
@@ -122,7 +122,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
         # Another config would mean another schedule: resuming could repeat or skip data.
         raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config; "
                           "choose a new run.name (or repeat the original settings to resume)")
-    cluster.start_ray(config)
+    runtime.start_ray(config)
     cluster.check_shared(storage)
     # (before anything is written: a run that can never get its workers leaves nothing behind)
     scaling = config.scaling

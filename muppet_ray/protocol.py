@@ -31,12 +31,13 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import ray
+import scipy.stats
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from muppet_ray import batch as mb
 from muppet_ray import cluster, data
-from muppet_ray.config import Config, validate
+from muppet_ray.config import Config
 from muppet_ray.finetune import finetune_config
 from muppet_ray.heads import head_origins, initial_heads, is_reused
 from muppet_ray.model import MuppetModel, build_backbone
@@ -72,9 +73,7 @@ class Score:
 
 def eval_config(base: Config) -> Config:
     """`base` with the test split held out of every file task (the split every model sees)."""
-    raw = base.model_dump(mode="json")
-    raw["tasks"]["test_fraction"] = base.protocol.test_fraction
-    return validate(raw)
+    return base.replace({"tasks.test_fraction": base.protocol.test_fraction})
 
 
 def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
@@ -177,9 +176,9 @@ def fine_tune(config: Config, tokenizer, task: Task, heads: dict,
     number of steps."""
     train, seed = caches["train"], config.training.seed
     steps = config.protocol.epochs * train.chunks
-    schedule = validate({**config.model_dump(mode="json"), "training": {
-        **config.training.model_dump(mode="json"), "learning_rate": learning_rate,
-        "max_steps": steps, "warmup_steps": round(config.protocol.warmup_ratio * steps)}})
+    schedule = config.replace({
+        "training.learning_rate": learning_rate, "training.max_steps": steps,
+        "training.warmup_steps": round(config.protocol.warmup_ratio * steps)})
     torch.manual_seed(seed)
     model = MuppetModel(build_backbone(config.model, tokenizer), [task.layout()],
                         config.model.dropout, config.training.loss_scaling,
@@ -228,17 +227,13 @@ def chosen(scores: list[Score]) -> list[Score]:
     return out
 
 
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, df 1..20
-
-
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% Student-t interval (nan with one value)."""
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, math.nan
-    t = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+    t = scipy.stats.t.ppf(0.975, len(values) - 1)
+    return mean, float(t) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 @dataclass(frozen=True)

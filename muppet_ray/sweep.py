@@ -33,12 +33,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from muppet_ray import protocol
-from muppet_ray.cluster import start_ray, verbose
-from muppet_ray.config import Config, parse_config, to_yaml, validate
+from muppet_ray.config import Config, parse_config, to_yaml
 from muppet_ray.errors import ConfigError, TrainingError
 from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
 from muppet_ray.prefinetune import build_tokenizer, prefinetune
+from muppet_ray.runtime import quiet_tune_console, start_ray, verbose
 from muppet_ray.storage import RunDir, run_root, write_rows
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
@@ -64,15 +64,6 @@ def nested_task_sets(pool: list[str], counts: list[int], seed: int
     return order, {c: order[:c] for c in sorted(counts)}
 
 
-def _with(config: Config, **settings) -> Config:
-    """A copy of `config` with `section.key` (written section__key) settings."""
-    raw = config.model_dump(mode="json")
-    for key, value in settings.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    return validate(raw)
-
-
 # ------------------------------------------------------------------- ablation sweeps
 
 
@@ -90,7 +81,7 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     if overlap:
         raise ConfigError(f"--eval-tasks {overlap} are in the pre-finetuning pool: an eval task "
                           "must never be pre-finetuned on (leave it out of tasks.include)")
-    resolve_tasks(_with(base, tasks__include=eval_tasks))  # unknown eval task: fail now
+    resolve_tasks(base.replace({"tasks.include": eval_tasks}))  # unknown eval task: fail now
     name = base.run.name or f"sweep-{axis}"
     root = run_root(base, name)
     if axis == "tasks":
@@ -101,7 +92,7 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     elif axis in AXES:
         key, default = AXES[axis]
         points = [{"label": f"{key}={v}", "axis_value": v, "tasks": pool,
-                   "settings": {key.replace(".", "__"): v}} for v in (values or default)]
+                   "settings": {key: v}} for v in (values or default)]
     else:
         raise ConfigError(f"sweep axis {axis!r}: expected 'tasks' or one of {sorted(AXES)}")
     start_ray(base)
@@ -129,7 +120,7 @@ def _baseline_model(base: Config, pool: list[str], root: RunDir) -> str:
     scratch as a pre-finetuning run would start (with the tokenizer such a run trains)."""
     if base.model.pretrained is not None:
         return base.model.pretrained
-    tokenizer = build_tokenizer(base, resolve_tasks(_with(base, tasks__include=pool)))
+    tokenizer = build_tokenizer(base, resolve_tasks(base.replace({"tasks.include": pool})))
     return initial_weights(base, tokenizer, root.root)
 
 
@@ -143,8 +134,10 @@ def _point_trial(params: dict) -> None:
     base, point = parse_config(params["base"]), params["point"]
     root, slug = RunDir(params["root"]), _slug(point["label"])
     if point["tasks"]:
-        config = _with(base, tasks__include=point["tasks"], run__storage_path=root.root,
-                       run__name=f"{slug}-prefinetune", **point["settings"])
+        # (points of sweeps started before 2026-12 wrote their settings as section__key)
+        settings = {key.replace("__", "."): v for key, v in point["settings"].items()}
+        config = base.replace({"tasks.include": point["tasks"], "run.storage_path": root.root,
+                               "run.name": f"{slug}-prefinetune", **settings})
         run = prefinetune(config, callbacks=[TuneReportCallback()])
         source = resolve_source(run.run_dir, root.uri(slug))
     else:
@@ -168,9 +161,7 @@ def _run_tune(trainable, params: dict, root: RunDir, base: Config,
     if max_concurrent is None:  # trials whose workers fit the cluster at once
         max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // (per_trial + 1)))
     if not verbose():
-        # Tune's default console engine prints its configuration box even at verbose=0; the
-        # legacy one prints nothing at 0 (the trials' own progress lines still show).
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        quiet_tune_console()
     # The trial itself only drives Ray Train runs, whose workers hold the resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = root.uri("tune")
@@ -425,12 +416,12 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
     source = resolve_source(given, root.root)
     steps = base.training.max_steps
     every = base.training.eval_every or max(1, steps // 4)
-    base = _with(base, training__eval_every=every, training__checkpoint_every=steps)
+    base = base.replace({"training.eval_every": every, "training.checkpoint_every": steps})
     for key in space:  # a bad key fails here, not in every trial
         section, _, field = key.partition(".")
         if field not in type(getattr(base, section, None) or base).model_fields:
             raise ConfigError(f"--search {key!r}: unknown setting")
-    kind = resolve_tasks(_with(base, tasks__include=[task]))[0].type
+    kind = resolve_tasks(base.replace({"tasks.include": [task]}))[0].type
     metric = f"eval/{task}/{TASK_TYPES[kind].metric}"
     start_ray(base)
     params = {"base": to_yaml(base), "root": root.root, "task": task,
@@ -467,8 +458,7 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
 
 
 def _finetune_trial(params: dict) -> None:
-    settings = {k.replace(".", "__"): v for k, v in params["space"].items()}
-    base = _with(parse_config(params["base"]), **settings)
+    base = parse_config(params["base"]).replace(params["space"])
     source = Source(**params["source"])
     trial = tune.get_context().get_trial_id()
     config = finetune_config(base, source, params["task"], base.tasks.train_fraction,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch.distributed as dist
 
 from muppet_ray import batch as mb
 from muppet_ray import checkpoint as checkpoints
-from muppet_ray import data
+from muppet_ray import data, runtime
 from muppet_ray.config import Config, micro_batches_per_step
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import write_export
@@ -129,7 +128,7 @@ class Trainer:
         """The model in DeepSpeed's engine. `saved_stage`: the ZeRO stage of the checkpoint to
         be loaded (a resumed run keeps it)."""
         on_gpu = self.device.type == "cuda"
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+        runtime.use_deepspeed_accelerator(on_gpu)
         import deepspeed  # after DS_ACCELERATOR: it picks its accelerator at import
 
         self.deepspeed = deepspeed
@@ -155,8 +154,7 @@ class Trainer:
             config=deepspeed_config(self.config, self.world, bf16, self.zero_stage,
                                     load_universal),
         )
-        if self.zero_stage and not hasattr(self.engine.optimizer,
-                                                            "_coalesce_grad_reduction"):
+        if self.zero_stage and not runtime.reduces_once_per_step(self.engine.optimizer):
             raise ConfigError(
                 f"deepspeed.config: DeepSpeed wraps the optimizer in "
                 f"{type(self.engine.optimizer).__name__}, which cannot reduce gradients once per "

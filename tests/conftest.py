@@ -27,7 +27,7 @@ def run_cli(*args, cwd=ROOT, timeout=600, env: dict | None = None):
 def ray_cluster():
     import ray
 
-    from muppet_ray.cluster import local_cluster_environment
+    from muppet_ray.runtime import local_cluster_environment
 
     # As muppet-ray starts a local cluster, with more logical CPUs than cores: 2 training
     # workers plus the Ray Data tasks feeding them.

@@ -57,7 +57,7 @@ def test_a_local_cluster_listens_on_loopback_only_and_verbose_shows_its_output()
     probe = """
 import os, psutil, ray, time
 from muppet_ray.config import Config
-from muppet_ray.cluster import start_ray
+from muppet_ray.runtime import start_ray
 start_ray(Config())
 ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
 # the local cluster's settings: its processes have them, this one got its environment back

@@ -89,8 +89,9 @@ def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
     monkeypatch.setenv("MUPPET_TEST_TOKEN", "tok-5ecret-91f3")
     config = make_config(tmp_path / "beside", "deepspeed.zero_stage=2",
                          "deepspeed.config={tensorboard: {enabled: false, job_name: "
-                         "'run-${MUPPET_TEST_TOKEN}'}}", "training.max_steps=80",
-                         "training.log_every=10", "training.checkpoint_every=80")
+                         "'run-${MUPPET_TEST_TOKEN}'}}", "training.max_steps=60",
+                         "training.warmup_steps=15", "training.log_every=10",
+                         "training.checkpoint_every=60")
     assert config.deepspeed.config["tensorboard"]["job_name"] == "run-tok-5ecret-91f3"
     beside: dict = {}
 
@@ -134,8 +135,8 @@ def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
     assert "error" not in beside, beside.get("error")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     logged = [(r["kind"], r["step"]) for r in records]
-    assert logged == [("eval", 0), *[("train", s) for s in range(10, 81, 10)], ("eval", 80),
-                      ("transfer", 80)]
+    assert logged == [("eval", 0), *[("train", s) for s in range(10, 61, 10)], ("eval", 60),
+                      ("transfer", 60)]
     check_zero2_run(beside["result"], config, tmp_path / "beside", capfd)
 
     # Task-transfer diagnostics (transfer.py): every task's gradient similarity to every other,
@@ -212,8 +213,9 @@ def autoscaler_offers(*groups: dict):
 
 def test_gpus_are_used_where_the_cluster_or_its_autoscaler_has_them(
         ray_cluster, monkeypatch, tmp_path):
-    from muppet_ray.cluster import LOCAL_CLUSTER, use_gpu
+    from muppet_ray.cluster import use_gpu
     from muppet_ray.config import ScalingConfig
+    from muppet_ray.runtime import LOCAL_CLUSTER
 
     monkeypatch.setenv("HOME", str(tmp_path))  # (no cluster launcher's config there)
     with monkeypatch.context() as local:  # (a local cluster of muppet-ray's: no autoscaler)
@@ -238,7 +240,7 @@ def test_gpus_are_used_where_the_cluster_or_its_autoscaler_has_them(
 
 def test_a_run_waits_for_the_autoscaler_then_stops_in_one_line(
         ray_cluster, monkeypatch, tmp_path, capsys):
-    from muppet_ray import cluster
+    from muppet_ray import cluster, runtime
     from muppet_ray.errors import ConfigError
 
     monkeypatch.setenv("HOME", str(tmp_path))  # (no cluster launcher's config there)
@@ -249,7 +251,7 @@ def test_a_run_waits_for_the_autoscaler_then_stops_in_one_line(
     with monkeypatch.context() as local, pytest.raises(
             ConfigError, match=r"^scaling: the run needs 2 x \{CPU: 1, GPU: 1\} for the "
                                r"workers; the cluster has \{CPU: 6\} and no autoscaler \("):
-        local.setenv(cluster.LOCAL_CLUSTER, "1")  # (a local cluster of muppet-ray's)
+        local.setenv(runtime.LOCAL_CLUSTER, "1")  # (a local cluster of muppet-ray's)
         cluster.wait_for_room(gpu_worker, 2, 600, "the workers")
     with autoscaler_offers({"CPU": 8}), pytest.raises(
             ConfigError, match=r"and its autoscaler adds no node that holds a worker \("):

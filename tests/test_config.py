@@ -119,3 +119,15 @@ def test_the_config_reference_in_docs_is_generated_from_config_py():
     assert written == reference(), ("docs/config.md is stale: run "
                                     "`python -m muppet_ray.config_reference > docs/config.md`")
     assert "| `learning_rates` | `[3e-05, 0.0001]` |" in written  # (every section is in it)
+
+
+def test_a_derived_config_is_validated_like_a_loaded_one():
+    base = Config()
+    derived = base.replace({"training.seed": 3, "tasks.include": ["topic"]})
+    assert (derived.training.seed, derived.tasks.include) == (3, ["topic"])
+    assert base.training.seed == 0  # (a copy)
+    with pytest.raises(ConfigError, match=r"^training.max_steps: Input should be greater than "
+                                          r"or equal to 1 \(got 0\)"):
+        base.replace({"training.max_steps": 0})
+    with pytest.raises(ConfigError, match="^training.nonsense: unknown setting$"):
+        base.replace({"training.nonsense": 1})

@@ -2,6 +2,7 @@
 only, and models are compared paired, with Student-t intervals over seeds."""
 
 import math
+import statistics
 
 import pytest
 
@@ -21,9 +22,13 @@ def test_the_learning_rate_is_chosen_on_validation_never_on_test():
 
 def test_interval_is_the_student_t_one():
     mean, half = interval([1.0, 2.0, 3.0, 4.0, 5.0])
-    # mean 3, sd sqrt(2.5), t(0.975, df 4) = 2.776
-    assert mean == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    # mean 3, sd sqrt(2.5), t(0.975, df 4) = 2.7764
+    assert mean == 3.0 and half == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5), rel=1e-4)
     assert math.isnan(interval([1.0])[1])
+    # past 20 degrees of freedom too (t(0.975, df 29) = 2.045, not the normal's 1.96)
+    values = [float(i % 2) for i in range(30)]
+    half = interval(values)[1]
+    assert half == pytest.approx(2.045 * statistics.stdev(values) / math.sqrt(30), rel=1e-3)
 
 
 def test_differences_are_paired_by_seed_and_averaged_over_tasks_per_seed():
