@@ -23,7 +23,7 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.export import AUTO_CLASSES, MAPPABLE_BACKBONES, to_transformers
 from muppet_ray.heads import initial_heads
 from muppet_ray.model_source import Source, baseline_source, resolve_source
-from muppet_ray.prefinetune import launch, resolve_and_check, training_settings
+from muppet_ray.prefinetune import changed_settings, launch, resolve_and_check
 from muppet_ray.storage import RunDir, run_root, write_rows
 from muppet_ray.tasks import Task, resolve_tasks
 
@@ -68,8 +68,8 @@ def finetune(config: Config, source: Source, head: str = "auto", role: str = "pr
     """One fine-tuning run: `config` names one task in tasks.include. A run that already
     finished with this config is not run again: its results.json is the result."""
     done = run_root(config, config.run.name)
-    if done.exists("results.json") and done.exists("config.yaml") and training_settings(
-            done.read_text("config.yaml")) == training_settings(to_yaml(config)):
+    if done.exists("results.json") and done.exists("config.yaml") and not changed_settings(
+            done.read_text("config.yaml"), to_yaml(config)):
         return FinetuneResult(**json.loads(done.read_text("results.json")))
     tasks = resolve_and_check(config)
     if len(tasks) != 1:

@@ -117,11 +117,12 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     resuming = run_dir.exists("config.yaml")
     config_yaml = to_yaml(config.model_copy(update={"run": config.run.model_copy(
         update={"name": name})}))
-    if resuming and training_settings(run_dir.read_text("config.yaml")) != training_settings(
-            config_yaml):
+    changed = changed_settings(run_dir.read_text("config.yaml"), config_yaml) if resuming else []
+    if changed:
         # Another config would mean another schedule: resuming could repeat or skip data.
-        raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config; "
-                          "choose a new run.name (or repeat the original settings to resume)")
+        raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config "
+                          f"({', '.join(changed)}); choose a new run.name (or repeat the "
+                          "original settings to resume)")
     runtime.start_ray(config)
     cluster.check_shared(storage)
     # (before anything is written: a run that can never get its workers leaves nothing behind)
@@ -222,6 +223,25 @@ def training_settings(config_yaml: str) -> dict:
     for section in ("run", "scaling", "protocol"):
         settings.pop(section, None)
     return settings
+
+
+def changed_settings(stored_yaml: str, config_yaml: str) -> list[str]:
+    """The settings (`section.key`) that decide a run's data and updates (training_settings) in
+    which a config differs from a run's stored one. `deepspeed.zero_stage: auto` matches any
+    stage (a resumed run keeps its checkpoint's), so runs from before it was the default resume."""
+    old, new = training_settings(stored_yaml), training_settings(config_yaml)
+    changed = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            changed += [section] if a != b else []
+            continue
+        for key in sorted(set(a) | set(b)):
+            auto = section == "deepspeed" and key == "zero_stage" and "auto" in (a.get(key),
+                                                                                 b.get(key))
+            if a.get(key) != b.get(key) and not auto:
+                changed.append(f"{section}.{key}")
+    return changed
 
 
 def _save_tokenizer(tokenizer, run_dir: RunDir) -> None:

@@ -49,8 +49,19 @@ def test_resuming_a_run_with_another_config_is_refused(tmp_path, capsys):
     code = cli.main(["prefinetune", "--set", f"run.storage_path={storage}", "--set",
                      "run.name=old"])
     assert code == 2
-    assert "exists with a different config" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "exists with a different config (training.max_steps)" in \
+        capsys.readouterr().err.strip().splitlines()[-1]
     assert sorted(p.name for p in (storage / "old").iterdir()) == ["config.yaml"]
+
+
+def test_a_run_from_before_zero_stage_auto_resumes_with_it():
+    from muppet_ray.config import Config, to_yaml
+    from muppet_ray.prefinetune import changed_settings
+
+    stored = to_yaml(Config().replace({"deepspeed.zero_stage": 2}))
+    assert changed_settings(stored, to_yaml(Config())) == []  # auto: the checkpoint's stage
+    assert changed_settings(stored, to_yaml(Config().replace({"deepspeed.zero_stage": 3}))) == [
+        "deepspeed.zero_stage"]
 
 
 def test_a_local_cluster_listens_on_loopback_only_and_verbose_shows_its_output():
