@@ -104,11 +104,14 @@ def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
     thread = threading.Thread(target=run_beside, daemon=True)
     thread.start()
     log = tmp_path / "beside" / "run" / LOG
-    with ray_head() as address:  # (started while the run beside starts)
-        deadline = time.monotonic() + 300
-        while '"train"' not in (log.read_text() if log.exists() else "") and thread.is_alive():
-            assert time.monotonic() < deadline, "the run beside never trained"
-            time.sleep(0.5)
+    deadline = time.monotonic() + 300
+    while '"train"' not in (log.read_text() if log.exists() else "") and thread.is_alive():
+        assert time.monotonic() < deadline, "the run beside never trained"
+        time.sleep(0.5)
+
+    # (not started while the run beside tokenizes: once then a Ray Data task of that run
+    # aborted importing grpc, "absl::log_internal::SetTimeZone() has already been called")
+    with ray_head() as address:
         submit = ray_cli(
             "job", "submit", f"--address={address}", "--submission-id=muppet-test",
             "--working-dir", ".", "--", "python", "jobs/prefinetune.py",
