@@ -81,10 +81,20 @@ def saved_state(fs: pafs.FileSystem, path: str) -> dict:
 
 def saved_world_size(fs: pafs.FileSystem, path: str) -> int | None:
     """The number of workers that wrote the checkpoint (None: unknown)."""
+    return world_size_in(saved_state(fs, path))
+
+
+def world_size_in(state: dict) -> int | None:
     try:
-        return int(saved_state(fs, path)["world_size"])
+        return int(state["world_size"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def zero_stage_in(state: dict) -> int | None:
+    """The ZeRO stage a checkpoint was written under (None: not recorded, or not a stage)."""
+    stage = state.get("zero_stage")
+    return stage if stage in (0, 1, 2, 3) and not isinstance(stage, bool) else None
 
 
 def _to_universal(directory: str, out: str) -> None:

@@ -203,7 +203,7 @@ class Trainer:
         for name in reversed(names[0]):
             path = f"{parent}/{name}"
             state = checkpoints.saved_state(fs, path)
-            saved = state.get("world_size")
+            saved = checkpoints.world_size_in(state)
             # (ZeRO-0 keeps no shards; `auto` is always 2 or 3)
             reshard = self.config.deepspeed.zero_stage != 0 and saved not in (None, self.world)
             shutil.rmtree(local, ignore_errors=True)
@@ -245,7 +245,7 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="muppet-resume-") as local:
             found = self.fetch_checkpoint(latest, local) if latest is not None else None
             self.build(load_universal=bool(found and found[1]),
-                       saved_stage=found[2].get("zero_stage") if found else None)
+                       saved_stage=checkpoints.zero_stage_in(found[2]) if found else None)
             if latest is not None and found is None:
                 self.stop(0, f"no checkpoint of {self.run_dir.root!r} is intact (each failed "
                           "its manifest, see the warnings above); remove the damaged ones or "

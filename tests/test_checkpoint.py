@@ -9,6 +9,7 @@ import threading
 
 import pyarrow.fs as pafs
 
+from muppet_ray import checkpoint as checkpoints
 from muppet_ray.checkpoint import UNIVERSAL_DONE, damage, fetch, fetch_universal
 
 FILES = {"checkpoint.json": json.dumps({"step": 8, "world_size": 2, "nodes": ["a", "b"]}),
@@ -75,3 +76,12 @@ def test_the_others_wait_for_worker_0s_word_on_a_checkpoint_to_reshard(tmp_path)
     (path / UNIVERSAL_DONE).unlink()
     assert fetch_universal(fs, str(path), str(tmp_path / "w2"), rank=1, poll_s=0.05,
                            timeout_s=0.3) == "worker 0 did not make it universal within 0.3 s"
+
+
+def test_a_checkpoints_recorded_stage_and_workers_are_read_only_when_well_formed():
+    assert checkpoints.zero_stage_in({"zero_stage": 3}) == 3
+    assert [checkpoints.zero_stage_in(s) for s in ({}, {"zero_stage": "3"},
+                                                  {"zero_stage": 7}, {"zero_stage": True})] == [
+        None] * 4
+    assert checkpoints.world_size_in({"world_size": 2}) == 2
+    assert checkpoints.world_size_in({"world_size": "two"}) is None
