@@ -26,43 +26,50 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
+import ray
+import ray.train
 import torch
+
+from muppet_ray.errors import RunStopped
+from muppet_ray.storage import RunDir
+from muppet_ray.workers import Workers
 
 MANIFEST_PREFIX = "manifest-rank"
 CHECKPOINT_STATE = "checkpoint.json"  # rank 0: step, world size, nodes of the shards
 TAG = "deepspeed"  # DeepSpeed's folder (its "tag") inside a checkpoint
 UNIVERSAL = "universal"  # the checkpoint as DeepSpeed's universal checkpoint, once made
+KEPT = ("step", "before")  # what a checkpoint keeps for the run beside DeepSpeed's state
 UNIVERSAL_DONE = "universal.json"  # written last: {"problem": None or what was wrong}
 _READ = 1 << 22
 _PARTITION = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-worker ZeRO files
+log = logging.getLogger("muppet_ray")
 
 
 # ------------------------------------------------------------------- write and load
 
 
-def save(engine, directory: str, step: int, rank: int, world_size: int, nodes: list,
+def save(engine, directory: str, kept: dict, rank: int, world_size: int, nodes: list,
          zero_stage: int) -> None:
-    """This worker's part of the checkpoint of `step`, written into `directory` (for Ray Train
-    to upload): DeepSpeed's shards, rank 0's state, and the worker's manifest, last."""
-    engine.save_checkpoint(directory, tag=TAG, client_state={"step": step})
+    """This worker's part of the checkpoint of step `kept["step"]`, written into `directory` (for
+    Ray Train to upload): DeepSpeed's shards (with `kept`, DeepSpeed's client state), rank 0's
+    state, and the worker's manifest, last."""
+    step = kept["step"]
+    engine.save_checkpoint(directory, tag=TAG, client_state=kept)
     if rank == 0:
         with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
             json.dump({"step": step, "world_size": world_size, "nodes": nodes,
                        "zero_stage": zero_stage}, f)
     write_manifest(directory, rank)
-
-
-def load(engine, directory: str) -> int:
-    """Load a fetched checkpoint (`fetch`, `fetch_universal`) into the engine; returns its
-    step."""
-    _, client_state = engine.load_checkpoint(directory, tag=TAG)
-    return int(client_state["step"])
 
 
 def saved_state(fs: pafs.FileSystem, path: str) -> dict:
@@ -280,3 +287,96 @@ def _sha256(stream) -> str:
     while chunk := stream.read(_READ):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the workers' side
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A checkpoint fetched to resume from."""
+
+    name: str
+    local: str  # where its files are, for the engine to load
+    resharded: bool  # written by another number of workers: fetched as a universal checkpoint
+    state: dict  # rank 0's record of it (CHECKPOINT_STATE)
+
+    @property
+    def zero_stage(self) -> int | None:
+        return zero_stage_in(self.state)
+
+
+class Checkpointer:
+    """A training worker's checkpoints: it finds the newest intact one to resume from (fetching
+    it resharded if another number of workers wrote it), restores it, and saves new ones, at the
+    same steps and under the same names on every worker."""
+
+    def __init__(self, run_dir: RunDir, workers: Workers, sharded: bool, per_step: int):
+        self.run_dir, self.workers = run_dir, workers
+        self.sharded = sharded  # ZeRO 1-3: a checkpoint of another world size needs resharding
+        self.per_step = per_step  # micro-batches per step (for the resharding warning)
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Fetched | None]:
+        """The newest checkpoint that Ray Train registered and whose files verify on every
+        worker, fetched for the duration of the block; None for a run with none yet. A run
+        whose checkpoints are all damaged stops."""
+        latest = ray.train.get_checkpoint()
+        with tempfile.TemporaryDirectory(prefix="muppet-resume-") as local:
+            found = self._newest_intact(latest, local) if latest is not None else None
+            if latest is not None and found is None:
+                raise RunStopped(0, f"no checkpoint of {self.run_dir.root!r} is intact (each "
+                                 "failed its manifest, see the warnings above); remove the "
+                                 "damaged ones or start a new run")
+            yield found
+
+    def _newest_intact(self, latest: ray.train.Checkpoint, local: str) -> Fetched | None:
+        fs, (parent, newest) = latest.filesystem, latest.path.rsplit("/", 1)
+        rank, world = self.workers.rank, self.workers.world
+        # (rank 0 reads Ray Train's record; all take its list)
+        names = self.workers.from_rank0(
+            [n for n in self.run_dir.registered_checkpoints() if n <= newest] or [newest]
+            if rank == 0 else None)
+        for name in reversed(names):
+            path = f"{parent}/{name}"
+            state = saved_state(fs, path)
+            saved = world_size_in(state)
+            reshard = self.sharded and saved not in (None, world)
+            shutil.rmtree(local, ignore_errors=True)
+            problem = (fetch_universal(fs, path, local, rank) if reshard
+                       else fetch(fs, path, local, rank))
+            if problem and (rank == 0 or not reshard):
+                log.warning(f"[muppet-ray] {name} is damaged ({problem}): not resuming from it")
+            if not self.workers.any(bool(problem)):
+                if rank == 0 and name != newest:
+                    log.warning(f"[muppet-ray] resuming from {name}, the newest intact "
+                                "checkpoint")
+                if rank == 0 and reshard:
+                    log.warning(f"[muppet-ray] resuming with {world} workers from a checkpoint "
+                                f"of {saved}: each now runs {self.per_step // world} of the "
+                                f"step's {self.per_step} micro-batches")
+                return Fetched(name, local, reshard, state)
+        return None
+
+    @staticmethod
+    def restore(engine, fetched: Fetched) -> dict:
+        """Load a fetched checkpoint into the engine; returns what `save` kept with it."""
+        _, client_state = engine.load_checkpoint(fetched.local, tag=TAG)
+        # (DeepSpeed hands back its own metadata too, which it refuses to be given again)
+        return {key: client_state[key] for key in KEPT if key in client_state}
+
+    def save(self, engine, step: int, zero_stage: int, kept: dict, metrics: dict,
+             upload=None) -> None:
+        """Checkpoint `step` (with `kept`, handed back by `restore`), reported to Ray Train
+        with `metrics`; `upload`: a `checkpoint_upload_fn` (tests' fault injection)."""
+        # Rank 0 names the checkpoint (after those in the run directory) and every worker takes
+        # its name; each says on which node it writes its shards.
+        every = self.workers.gather((
+            ray.get_runtime_context().get_node_id(),
+            dir_name(step, set(self.run_dir.list(""))) if self.workers.rank == 0 else None))
+        nodes, name = [node for node, _ in every], every[0][1]
+        with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
+            save(engine, directory, {**kept, "step": step}, self.workers.rank,
+                 self.workers.world, nodes, zero_stage)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)

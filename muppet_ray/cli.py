@@ -50,9 +50,17 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="source", required=True, metavar="MODEL")
     export.add_argument("--task", required=True)
     export.add_argument("--out", required=True, help="output directory (a path or a URI)")
-    sweep = commands.add_parser("sweep", help="Ray Tune sweeps: task count, ablations, "
-                                "fine-tuning hyperparameters").add_subparsers(
-        dest="sweep", required=True)
+    _sweep_parsers(commands.add_parser("sweep", help="Ray Tune sweeps: task count, ablations, "
+                                       "fine-tuning hyperparameters"))
+    tasks = commands.add_parser("tasks", help="the task catalog")
+    listing = tasks.add_subparsers(dest="action", required=True).add_parser(
+        "list", help="print the catalog: name, type, labels, families, source, size")
+    listing.add_argument("--family", help="only this family (e.g. glue, commonsense, span)")
+    return root
+
+
+def _sweep_parsers(command: argparse.ArgumentParser) -> None:
+    sweep = command.add_subparsers(dest="sweep", required=True)
     counts = sweep.add_parser("tasks", help="downstream quality vs number of pre-finetuning "
                               "tasks (nested task sets; 0 = the plain backbone)")
     counts.add_argument("--counts", required=True, help="task counts, e.g. 0,2,4,8")
@@ -85,11 +93,6 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--samples", type=int, default=4, help="trials (default 4)")
     search.add_argument("--grace-steps", type=int, help="steps before ASHA may stop a trial")
     search.add_argument("--max-concurrent", type=int)
-    tasks = commands.add_parser("tasks", help="the task catalog")
-    listing = tasks.add_subparsers(dest="action", required=True).add_parser(
-        "list", help="print the catalog: name, type, labels, families, source, size")
-    listing.add_argument("--family", help="only this family (e.g. glue, commonsense, span)")
-    return root
 
 
 def _config_options(command: argparse.ArgumentParser) -> None:
@@ -115,28 +118,11 @@ def _numbers(option: str, text: str, kind: type) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "tasks":
-        from muppet_ray.catalog import families, table
-
-        if args.family and args.family not in families():
-            print(f"muppet-ray: error: unknown family {args.family!r}; families are "
-                  f"{sorted(families())}", file=sys.stderr)
-            return 2
-        print(table(args.family))
-        return 0
     try:
+        if args.command == "tasks":
+            return _list_tasks(args.family)
         if args.command == "export":
-            from muppet_ray.export import to_transformers
-            from muppet_ray.model_source import resolve_source
-            from muppet_ray.storage import normalize
-
-            source = resolve_source(args.source, normalize(args.out) + ".work")
-            if source.manifest is None:
-                raise ConfigError(f"--from {args.source!r}: not a muppet-ray export (no trained "
-                                  "heads to export)")
-            name = to_transformers(source.model, args.task, args.out)
-            print(f"[muppet-ray] {args.out}: {name} (loads with transformers' Auto classes)")
-            return 0
+            return _export(args.source, args.task, args.out)
         config = load_config(args.config, args.overrides)
         if args.verbose:  # (read where Ray starts, and by the sweep's trial drivers)
             from muppet_ray.runtime import set_verbose
@@ -153,25 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds = _numbers("--seeds", args.seeds, int)
             compare(config, args.source, args.task, fractions, seeds, args.baseline, args.head)
         elif args.command == "sweep":
-            from muppet_ray import sweep
-
-            if args.sweep == "finetune":
-                sweep.sweep_finetune(config, args.source, args.task, args.search, args.samples,
-                                     args.grace_steps, args.max_concurrent)
-                return 0
-            common = dict(eval_tasks=_numbers("--eval-tasks", args.eval_tasks, str),
-                          fractions=_numbers("--fractions", args.fractions, float),
-                          seeds=_numbers("--seeds", args.seeds, int),
-                          max_concurrent=args.max_concurrent, report=args.report,
-                          command=shlex.join(["muppet-ray", *(argv or sys.argv[1:])]))
-            if args.sweep == "tasks":
-                sweep.sweep_points(config, "tasks", counts=_numbers("--counts", args.counts, int),
-                                   task_seed=args.task_seed, **common)
-            else:
-                values = None
-                if args.values:
-                    values = [sweep.parse_value(v) for v in args.values.split(",")]
-                sweep.sweep_points(config, args.axis, values=values, **common)
+            _sweep(config, args, shlex.join(["muppet-ray", *(argv or sys.argv[1:])]))
         elif args.command == "evaluate":
             from muppet_ray.finetune import evaluate
 
@@ -180,6 +148,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"muppet-ray: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _list_tasks(family: str | None) -> int:
+    from muppet_ray.catalog import families, table
+
+    if family and family not in families():
+        raise ConfigError(f"unknown family {family!r}; families are {sorted(families())}")
+    print(table(family))
+    return 0
+
+
+def _export(given: str, task: str, out: str) -> int:
+    from muppet_ray.export import to_transformers
+    from muppet_ray.model_source import resolve_source
+    from muppet_ray.storage import normalize
+
+    source = resolve_source(given, normalize(out) + ".work")
+    if source.manifest is None:
+        raise ConfigError(f"--from {given!r}: not a muppet-ray export (no trained heads to "
+                          "export)")
+    name = to_transformers(source.model, task, out)
+    print(f"[muppet-ray] {out}: {name} (loads with transformers' Auto classes)")
+    return 0
+
+
+def _sweep(config, args: argparse.Namespace, command: str) -> None:
+    from muppet_ray import sweep
+
+    if args.sweep == "finetune":
+        sweep.sweep_finetune(config, args.source, args.task, args.search, args.samples,
+                             args.grace_steps, args.max_concurrent)
+        return
+    common = dict(eval_tasks=_numbers("--eval-tasks", args.eval_tasks, str),
+                  fractions=_numbers("--fractions", args.fractions, float),
+                  seeds=_numbers("--seeds", args.seeds, int),
+                  max_concurrent=args.max_concurrent, report=args.report, command=command)
+    if args.sweep == "tasks":
+        sweep.sweep_points(config, "tasks", counts=_numbers("--counts", args.counts, int),
+                           task_seed=args.task_seed, **common)
+    else:
+        values = None
+        if args.values:
+            values = [sweep.parse_value(v) for v in args.values.split(",")]
+        sweep.sweep_points(config, args.axis, values=values, **common)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,16 @@ class TrainingError(MuppetError):
     or a sweep whose points failed (names them and their errors)."""
 
 
+class RunStopped(Exception):
+    """Raised on every worker at the same step when the run must end early (train.py): the
+    per-worker function turns it into the run's last report, and the driver into a
+    TrainingError (a raised worker error would have Ray Train restart the run instead)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
 class StorageError(MuppetError):
     """Storage a run cannot write (full, read-only, forbidden): names the path."""
 

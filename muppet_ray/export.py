@@ -52,6 +52,20 @@ def manifest(model: MuppetModel, step: int, config_yaml: str) -> dict:
     }
 
 
+def export_from_engine(engine, rank: int, tokenizer, run_dir: RunDir, step: int,
+                       config_yaml: str) -> str | None:
+    """Write the export of a DeepSpeed engine's model from worker 0 (a collective call: under
+    ZeRO-3 every worker holds a shard of each parameter, which are gathered; a no-op otherwise).
+    Returns its URI on worker 0."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if rank == 0:
+            return write_export(module, tokenizer, run_dir, step, config_yaml)
+    return None
+
+
 def write_export(model: MuppetModel, tokenizer, run_dir: RunDir, step: int, config_yaml: str,
                  relative: str = "export") -> str:
     """Write the export (call on one worker, with the full parameters in hand)."""

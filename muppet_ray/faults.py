@@ -1,7 +1,8 @@
 """Fault injection, for the tests of recovery: `run.fail_at_step` SIGKILLs worker
 `run.fail_rank` once per run when it reaches that step — at a checkpoint step, halfway through
 uploading that checkpoint; `run.fail_node_at_step` has the last worker SIGKILL its node's raylet
-(the node is lost). The worker builds a FaultInjection only when a setting is given."""
+(the node is lost). The worker attaches a FaultInjection (a training-loop callback) only when a
+setting is given."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 import ray.train
 
+from muppet_ray.callbacks import Callback
 from muppet_ray.checkpoint import step_of
 from muppet_ray.config import Config
 from muppet_ray.storage import RunDir
@@ -21,7 +23,7 @@ NODE_MARKER = ".node_fault_injected"
 log = logging.getLogger("muppet_ray")
 
 
-class FaultInjection:
+class FaultInjection(Callback):
     def __init__(self, config: Config, run_dir: RunDir, rank: int, world: int):
         self.step, self.node_step = config.run.fail_at_step, config.run.fail_node_at_step
         self.checkpoint_every = config.training.checkpoint_every
@@ -47,7 +49,7 @@ class FaultInjection:
             # function, made Ray Train take a minute longer to restart.)
             time.sleep(600)
 
-    def upload_fn(self, step: int):
+    def checkpoint_upload(self, step: int):
         """Ray Train's `checkpoint_upload_fn` for the checkpoint of `step`: None (Ray Train's
         own upload), or one that uploads half of this worker's files, then the first half of
         the next one's bytes, and dies."""

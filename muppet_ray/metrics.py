@@ -11,6 +11,7 @@ one that counts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -24,6 +25,9 @@ from muppet_ray.storage import RunDir
 
 LOG = "metrics.jsonl"
 CONSOLE_LINES = 20  # progress lines a run prints (metrics.jsonl keeps every record)
+# Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
+# `print` would show every line twice).
+log = logging.getLogger("muppet_ray")
 
 
 @dataclass
@@ -44,6 +48,15 @@ class Window:
     def __post_init__(self):
         self.task_loss = np.zeros(self.num_tasks)
         self.task_examples = np.zeros(self.num_tasks)
+
+    @classmethod
+    def resumed(cls, num_tasks: int, start: int, log_every: int, per_step: int) -> Window:
+        """The first window of a run (re)started at step `start`. Resumed inside a window: its
+        steps up to the checkpoint were trained before, and the record that now closes the
+        window replaces the earlier one, so it lists their positions too (its loss and rates
+        cover the steps trained now)."""
+        first = start // log_every * log_every
+        return cls(num_tasks, positions=list(range(first * per_step, start * per_step)))
 
     def add(self, loss: float, task_loss, task_examples, tokens: float, padded: float,
             positions: list[int]) -> None:
@@ -151,6 +164,59 @@ class MetricsLogger:
         self.flush()
         self._file.close()
         self._tensorboard.close()
+
+
+class RunMetrics:
+    """What a training worker says of its run. Every worker makes the same calls; worker 0
+    writes metrics.jsonl, TensorBoard, the run directory's figures and the console lines, the
+    others nothing."""
+
+    def __init__(self, run_dir: RunDir, rank: int):
+        self.run_dir = run_dir
+        self.logger = MetricsLogger(run_dir) if rank == 0 else None
+
+    def log(self, record: dict) -> None:
+        if self.logger:
+            self.logger.log(record)
+
+    def write_figure(self, name: str, png: bytes) -> None:
+        if self.logger:
+            self.run_dir.write_bytes(name, png)
+
+    def train(self, record: dict, line: str | None) -> None:
+        self.log(record)
+        if self.logger and line:
+            log.info(line)
+
+    def eval(self, step: int, metrics: dict[str, dict[str, float]], seconds: float) -> None:
+        if not self.logger:
+            return
+        self.logger.log({"kind": "eval", "step": step, "seconds": seconds, "metrics": metrics})
+        self.logger.flush()
+        summary = "  ".join(
+            f"{task} {next(iter(values.values())):.3f}" for task, values in metrics.items())
+        log.info(f"[muppet-ray] eval @ step {step}: {summary}")
+
+    def skipped(self, step: int, tasks: list[str], positions: list[int]) -> None:
+        if not self.logger:
+            return
+        # (the positions keep the audit whole: every micro-batch is in a train or skip record)
+        self.logger.log({"kind": "skipped", "step": step, "tasks": tasks,
+                         "positions": ranges(sorted(positions))})
+        log.warning(f"[muppet-ray] step {step} skipped: non-finite loss or gradients "
+                    f"(tasks {tasks or 'unknown: the loss was finite'})")
+
+    def stopped(self, step: int, reason: str) -> None:
+        self.log({"kind": "stopped", "step": step, "reason": reason})
+
+    def flush(self) -> None:
+        if self.logger:
+            self.logger.flush()
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+            self.logger = None
 
 
 def read_log(run_dir: RunDir) -> list[dict]:

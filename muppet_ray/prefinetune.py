@@ -114,19 +114,57 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
     run_dir = run_root(config, name)
-    resuming = run_dir.exists("config.yaml")
-    config_yaml = to_yaml(config.model_copy(update={"run": config.run.model_copy(
-        update={"name": name})}))
-    changed = changed_settings(run_dir.read_text("config.yaml"), config_yaml) if resuming else []
+    config_yaml = to_yaml(config.replace({"run.name": name}))
+    resuming = check_resumable(run_dir, config_yaml)
+    runtime.start_ray(config)
+    cluster.check_shared(storage)
+    use_gpu = _wait_for_workers(config.scaling, name)
+    tokenizer, caches = _prepare_run_dir(config, tasks, run_dir, config_yaml, resuming,
+                                         evaluate_only)
+    if not evaluate_only:
+        _describe(config, tasks, caches)
+    cluster.warn_if_no_cpu_left(config)
+    plan = WorkerPlan(
+        config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,
+        layouts=[t.layout() for t in tasks],
+        train_caches=[caches[t.name].get("train") for t in tasks],
+        eval_caches=[caches[t.name]["validation"] for t in tasks],
+        initial_heads=initial_heads or {}, evaluate_only=evaluate_only)
+    with storage_faults(run_dir.root):
+        # (the metrics of its latest checkpoint: the final one's hold the evaluations)
+        metrics = _torch_trainer(config, plan, name, storage, use_gpu, callbacks).fit().metrics
+    if "after" not in (metrics or {}):  # (the run stopped itself, and logged why)
+        reasons = [r["reason"] for r in read_log(run_dir) if r["kind"] == "stopped"]
+        raise TrainingError(f"run {run_dir.root!r} stopped: "
+                            f"{reasons[-1] if reasons else 'without a final checkpoint'}")
+    export = "" if evaluate_only else run_dir.uri("export")
+    train_examples = {t.name: caches[t.name]["train"].examples for t in tasks
+                      if "train" in caches[t.name]}
+    result = RunResult(run_dir.root, export, metrics["before"], metrics["after"], tasks,
+                       train_examples)
+    print("\n" + result.table(), flush=True)
+    if export:
+        print(f"\n[muppet-ray] export: {export}", flush=True)
+    return result
+
+
+def check_resumable(run_dir: RunDir, config_yaml: str) -> bool:
+    """Whether the run exists already (then it resumes), after checking that its config
+    decides the same data and updates."""
+    if not run_dir.exists("config.yaml"):
+        return False
+    changed = changed_settings(run_dir.read_text("config.yaml"), config_yaml)
     if changed:
         # Another config would mean another schedule: resuming could repeat or skip data.
         raise ConfigError(f"run.name: run {run_dir.root!r} exists with a different config "
                           f"({', '.join(changed)}); choose a new run.name (or repeat the "
                           "original settings to resume)")
-    runtime.start_ray(config)
-    cluster.check_shared(storage)
-    # (before anything is written: a run that can never get its workers leaves nothing behind)
-    scaling = config.scaling
+    return True
+
+
+def _wait_for_workers(scaling, name: str) -> bool:
+    """Wait until the cluster has room for the run's workers (before anything is written: a run
+    that can never get its workers leaves nothing behind); returns whether they use GPUs."""
     use_gpu, why = cluster.use_gpu(scaling)
     worker = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
               **scaling.resources_per_worker}
@@ -135,6 +173,14 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
           + f" workers on {'GPU' if use_gpu else 'CPU'} ({why})", flush=True)
     cluster.wait_for_room(worker, scaling.min_workers, scaling.start_timeout_s,
                           f"the workers of run {name!r}")
+    return use_gpu
+
+
+def _prepare_run_dir(config: Config, tasks: list[Task], run_dir: RunDir, config_yaml: str,
+                     resuming: bool, evaluate_only: bool) -> tuple:
+    """The run directory's config, task layouts and tokenizer, and the tasks tokenized into the
+    chunk cache; returns (tokenizer, caches). A new run's directory is removed again if its
+    data turns out to be bad."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         with storage_faults(run_dir.root):  # (a full or read-only storage: one line)
@@ -151,6 +197,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
             print(f"[muppet-ray] run directory {run_dir.root}; tokenizing {len(tasks)} tasks "
                   "with Ray Data", flush=True)
             splits = ("validation",) if evaluate_only else ("train", "validation")
+            storage = normalize(config.run.storage_path)
             caches = data.prepare(tasks, data.cache_root(storage), tokenizer,
                                   data.ChunkSettings.from_config(config), splits)
             if resuming and run_dir.exists(data.DATA_RECORD):
@@ -161,17 +208,13 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
             with contextlib.suppress(OSError):
                 run_dir.remove()
         raise
-    if not evaluate_only:
-        _describe(config, tasks, caches)
+    return tokenizer, caches
 
-    cluster.warn_if_no_cpu_left(config)
-    plan = WorkerPlan(
-        config=config, config_yaml=config_yaml, run_dir=run_dir.root, tokenizer=tokenizer,
-        layouts=[t.layout() for t in tasks],
-        train_caches=[caches[t.name].get("train") for t in tasks],
-        eval_caches=[caches[t.name]["validation"] for t in tasks],
-        initial_heads=initial_heads or {}, evaluate_only=evaluate_only)
-    trainer = TorchTrainer(
+
+def _torch_trainer(config: Config, plan: WorkerPlan, name: str, storage: str, use_gpu: bool,
+                   callbacks: list | None) -> TorchTrainer:
+    scaling = config.scaling
+    return TorchTrainer(
         # The plan is bound to the function rather than given as train_loop_config: Ray Train's
         # controller unpickles that one (importing torch, transformers and DeepSpeed to do so:
         # ~5 s of every run's start on a laptop), though only the workers read it.
@@ -188,22 +231,6 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints)),
     )
-    with storage_faults(run_dir.root):
-        trainer.fit()
-    stopped = [r["reason"] for r in read_log(run_dir) if r["kind"] == "stopped"]
-    if stopped:
-        raise TrainingError(f"run {run_dir.root!r} stopped: {stopped[-1]}")
-    evaluations = [r for r in read_log(run_dir) if r["kind"] == "eval"]
-    before = next((r["metrics"] for r in evaluations if r["step"] == 0), {})
-    after = evaluations[-1]["metrics"] if evaluations else {}
-    export = "" if evaluate_only else run_dir.uri("export")
-    train_examples = {t.name: caches[t.name]["train"].examples for t in tasks
-                      if "train" in caches[t.name]}
-    result = RunResult(run_dir.root, export, before, after, tasks, train_examples)
-    print("\n" + result.table(), flush=True)
-    if export:
-        print(f"\n[muppet-ray] export: {export}", flush=True)
-    return result
 
 
 def training_settings(config_yaml: str) -> dict:

@@ -25,8 +25,38 @@ import torch
 import torch.distributed as dist
 
 from muppet_ray import batch as mb
+from muppet_ray.callbacks import Callback
+from muppet_ray.metrics import RunMetrics
+from muppet_ray.workers import Workers
 
 SKETCH = 2**16
+
+
+class TransferSketch(Callback):
+    """The training loop's hook for the diagnostics: sketches as micro-batches train, and the
+    similarities logged and drawn at each evaluation."""
+
+    def __init__(self, model: torch.nn.Module, tasks: list[str], workers: Workers,
+                 metrics: RunMetrics, start: int):
+        self.similarity = GradientSimilarity(model, len(tasks), workers.device)
+        self.tasks, self.workers, self.metrics = tasks, workers, metrics
+        self.after = start  # the step after which the next record measures
+
+    def micro_batch(self, batch: mb.Batch):
+        return self.similarity.measuring(batch)
+
+    def after_evaluation(self, step: int) -> None:
+        found = self.similarity.similarities(self.workers.world)
+        after, self.after = self.after, step
+        if found is None:
+            return
+        measured, cosine = found
+        names = [self.tasks[t] for t in measured]
+        self.metrics.log({"kind": "transfer", "step": step, "after_step": after,
+                          "tasks": names, "cosine": np.round(cosine, 4).tolist()})
+        if self.workers.rank == 0:  # (drawing costs a second)
+            self.metrics.write_figure("gradient_similarity.png",
+                                      heat_map(names, cosine, after, step))
 
 
 class GradientSimilarity:
