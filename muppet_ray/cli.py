@@ -6,6 +6,8 @@
     muppet-ray evaluate --from MODEL --tasks TASK,... [--config FILE] [--set ...]
     muppet-ray export --from MODEL --task TASK --out DIR
     muppet-ray sweep tasks --counts N,... --eval-tasks TASK,... [--fractions] [--seeds]
+                           [--task-seed S,...] [--prefinetune-seeds S,...] [--ablate K=V ...]
+    muppet-ray sweep report --from SWEEP_DIR [--report FILE.md]
     muppet-ray sweep ablation --axis batching|loss-scaling|mixing --eval-tasks TASK,... [...]
     muppet-ray sweep finetune --from MODEL --task TASK --search KEY=SPACE ... [--samples N]
     muppet-ray tasks list [--family FAMILY]
@@ -64,8 +66,23 @@ def _sweep_parsers(command: argparse.ArgumentParser) -> None:
     counts = sweep.add_parser("tasks", help="downstream quality vs number of pre-finetuning "
                               "tasks (nested task sets; 0 = the plain backbone)")
     counts.add_argument("--counts", required=True, help="task counts, e.g. 0,2,4,8")
-    counts.add_argument("--task-seed", type=int, default=0, help="seeds the order in which "
-                        "tasks join the nested sets (recorded in task_order.json)")
+    counts.add_argument("--task-seed", default="0", help="seeds the order in which "
+                        "tasks join the nested sets (recorded in task_order.json); several, "
+                        "comma separated: each further order's nested sets again at every count "
+                        "between 0 and the pool (points 'N tasks, order S')")
+    counts.add_argument("--prefinetune-seeds", help="training.seed of the largest count's "
+                        "pre-finetuning, comma separated, one of them training.seed: each "
+                        "other seed adds that point again (points 'N tasks, seed S')")
+    counts.add_argument("--ablate", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="also the largest count with this one pre-finetuning setting "
+                        "changed, compared with it (repeatable; points 'N tasks, KEY=VALUE')")
+    report = sweep.add_parser("report", help="rewrite a sweep's results, summary, plots and "
+                              "report from what its points stored (no Ray; a running sweep: "
+                              "its finished points)")
+    report.add_argument("--from", dest="source", required=True, metavar="SWEEP_DIR",
+                        help="the sweep's directory (<run.storage_path>/<run.name>)")
+    report.add_argument("--report", metavar="FILE.md", help="also write the report to this "
+                        "markdown file (its plots beside it)")
     ablation = sweep.add_parser("ablation", help="the same over batching, loss scaling or "
                                 "mixing")
     ablation.add_argument("--axis", required=True, choices=["batching", "loss-scaling",
@@ -123,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             return _list_tasks(args.family)
         if args.command == "export":
             return _export(args.source, args.task, args.out)
+        if args.command == "sweep" and args.sweep == "report":
+            from muppet_ray import sweep
+
+            sweep.report_from(args.source, args.report)
+            return 0
         config = load_config(args.config, args.overrides)
         if args.verbose:  # (read where Ray starts, and by the sweep's trial drivers)
             from muppet_ray.runtime import set_verbose
@@ -185,8 +207,11 @@ def _sweep(config, args: argparse.Namespace, command: str) -> None:
                   seeds=_numbers("--seeds", args.seeds, int),
                   max_concurrent=args.max_concurrent, report=args.report, command=command)
     if args.sweep == "tasks":
+        seeds = (_numbers("--prefinetune-seeds", args.prefinetune_seeds, int)
+                 if args.prefinetune_seeds else None)
         sweep.sweep_points(config, "tasks", counts=_numbers("--counts", args.counts, int),
-                           task_seed=args.task_seed, **common)
+                           task_seed=_numbers("--task-seed", args.task_seed, int),
+                           prefinetune_seeds=seeds, ablate=args.ablate, **common)
     else:
         values = None
         if args.values:

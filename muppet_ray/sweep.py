@@ -6,7 +6,11 @@ rule. A trial is a Tune driver function (the Ray Train V2 pattern): it runs one 
 run (a `TorchTrainer`, reporting to Tune through `TuneReportCallback`), then fine-tunes every
 eval task x fraction x seed from it. Point 0 of the task-count axis is the baseline: the plain
 backbone, fine-tuned the same way. Task sets are nested by construction: a seeded order of the
-pool, and each count takes its first tasks.
+pool, and each count takes its first tasks. The task-count curve can also replicate its points
+(`task_points`: further task orders, further pre-finetuning seeds) and ablate its largest count;
+its pre-registered comparisons (`comparisons`: each count against 0, the slope past the paper's
+critical number, each ablation against its full setting, Holm-Bonferroni across all) and their
+plot come from the stored results alone (`report_from`).
 
 `sweep_finetune`: trials are fine-tuning runs with sampled hyperparameters; ASHA stops the weak
 ones early on their periodic validation metric.
@@ -25,9 +29,11 @@ import os
 import random
 import re
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import ray
+import scipy.stats
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -49,6 +55,8 @@ AXES = {  # axis -> (config key it sets, values swept by default)
     "mixing": ("mixture.rule", ["proportional", "temperature", "uniform"]),
 }
 MOST_LISTED = 6  # a sweep step adding more pool tasks than this cannot say which one moved a task
+CRITICAL_COUNT = 15  # the paper's critical number of tasks, past which gains grow with the count
+FAMILY_ALPHA = 0.05  # family-wise error rate of the pre-registered comparisons (Holm-Bonferroni)
 
 
 def nested_task_sets(pool: list[str], counts: list[int], seed: int
@@ -64,17 +72,91 @@ def nested_task_sets(pool: list[str], counts: list[int], seed: int
     return order, {c: order[:c] for c in sorted(counts)}
 
 
+def task_points(pool: list[str], counts: list[int], task_seeds: list[int],
+                prefinetune_seeds: list[int], training_seed: int,
+                ablations: list[tuple[str, Any]]) -> tuple[dict[int, list[str]], list[dict]]:
+    """The task-count sweep's points, and each task seed's order of the pool.
+
+    The curve: each count's first tasks in the first seed's order ("N tasks"; 0 is the plain
+    backbone); each further task seed again at every count strictly between 0 and the pool
+    ("N tasks, order S": nested subsets of an order of its own); the largest count again at
+    each pre-finetuning seed other than `training_seed` ("N tasks, seed S": training.seed);
+    and the largest count with each ablation's one setting changed ("N tasks, key=value"),
+    which is compared with "N tasks". Replicates ("order", "seed") of a count are averaged
+    into its point of the curve; rows keep which point is which ("replicate", "ablation")."""
+    if not task_seeds or len(set(task_seeds)) != len(task_seeds):
+        raise ConfigError(f"--task-seed: expected distinct task seeds, got {task_seeds}")
+    seeds = prefinetune_seeds or [training_seed]
+    if len(set(seeds)) != len(seeds) or training_seed not in seeds:
+        raise ConfigError(f"--prefinetune-seeds: expected distinct seeds, one of them "
+                          f"training.seed ({training_seed}), the seed of every other point; got "
+                          f"{seeds}")
+    top = max(counts, default=0)
+    if top == 0 and (len(seeds) > 1 or ablations):
+        raise ConfigError("--prefinetune-seeds / --ablate replicate or change the largest count's "
+                          "pre-finetuning: it needs a count above 0")
+    orders, sets = {}, {}
+    for seed in task_seeds:
+        orders[seed], sets[seed] = nested_task_sets(pool, counts, seed)
+    main = task_seeds[0]
+
+    def point(label: str, count: int, tasks: list[str], settings: dict, order: int = main,
+              seed: int = training_seed, replicate: str = "", ablation: str = "") -> dict:
+        return {"label": label, "axis_value": count, "tasks": tasks, "settings": settings,
+                "order": order, "prefinetune_seed": seed, "replicate": replicate,
+                "ablation": ablation}
+
+    points = [point(f"{c} tasks", c, tasks, {}) for c, tasks in sets[main].items()]
+    points += [point(f"{c} tasks, order {s}", c, tasks, {}, order=s, replicate=f"order {s}")
+               for s in task_seeds[1:] for c, tasks in sets[s].items() if 0 < c < len(pool)]
+    points += [point(f"{top} tasks, seed {s}", top, sets[main][top], {"training.seed": s},
+                     seed=s, replicate=f"seed {s}") for s in seeds if s != training_seed]
+    for key, value in ablations:
+        change = f"{key}={_text(value)}"
+        points.append(point(f"{top} tasks, {change}", top, sets[main][top], {key: value},
+                            ablation=change))
+    return orders, points
+
+
+def parse_ablations(base: Config, items: list[str]) -> list[tuple[str, Any]]:
+    """`section.key=value` items -> (key, value), each a valid pre-finetuning setting that
+    differs from `base`'s (an eval task is scored by `base`'s protocol whatever the point)."""
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        section = key.split(".", 1)[0]
+        if not sep or "." not in key:
+            raise ConfigError(f"--ablate {item!r}: expected section.key=value")
+        if section in ("protocol", "run") or key == "tasks.include":
+            raise ConfigError(f"--ablate {item!r}: an ablation changes pre-finetuning; "
+                              "the protocol, the run and the point's tasks are the sweep's")
+        value = parse_value(text)
+        changed = base.replace({key: value})  # (an unknown key or a bad value fails here)
+        if changed == base:
+            raise ConfigError(f"--ablate {item!r}: {key} is already {_text(value)}")
+        if (key, value) in out:
+            raise ConfigError(f"--ablate {item!r}: given twice")
+        out.append((key, value))
+    return out
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 # ------------------------------------------------------------------- ablation sweeps
 
 
 def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list[float],
                  seeds: list[int], counts: list[int] | None = None,
-                 values: list | None = None, task_seed: int = 0,
+                 values: list | None = None, task_seed: int | list[int] = 0,
                  max_concurrent: int | None = None, report: str | None = None,
-                 command: str = "") -> list[dict]:
+                 command: str = "", prefinetune_seeds: list[int] | None = None,
+                 ablate: list[str] | None = None) -> list[dict]:
     """Run the sweep over `axis` ('tasks' or one of AXES); returns one row per fine-tuning run
     (and one per failed trial), also written as results.json/csv, plots and summary.md (and
-    to `report`, see write_results)."""
+    to `report`, see write_results). Along 'tasks', further task seeds, pre-finetuning seeds
+    and ablations add points (task_points)."""
     check_fractions(fractions)
     pool = [t.name for t in resolve_tasks(base)]  # the mixture: tasks.include or the default
     overlap = sorted(set(eval_tasks) & set(pool))
@@ -85,16 +167,25 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     name = base.run.name or f"sweep-{axis}"
     root = run_root(base, name)
     if axis == "tasks":
-        order, sets = nested_task_sets(pool, counts or [0, len(pool)], task_seed)
-        points = [{"label": f"{c} tasks", "axis_value": c, "tasks": tasks, "settings": {}}
-                  for c, tasks in sets.items()]
-        root.write_text("task_order.json", json.dumps({"seed": task_seed, "order": order}))
+        task_seeds = [task_seed] if isinstance(task_seed, int) else task_seed
+        orders, points = task_points(pool, counts or [0, len(pool)], task_seeds,
+                                     prefinetune_seeds or [], base.training.seed,
+                                     parse_ablations(base, ablate or []))
     elif axis in AXES:
         key, default = AXES[axis]
         points = [{"label": f"{key}={v}", "axis_value": v, "tasks": pool,
                    "settings": {key: v}} for v in (values or default)]
     else:
         raise ConfigError(f"sweep axis {axis!r}: expected 'tasks' or one of {sorted(AXES)}")
+    if axis == "tasks":
+        main = task_seeds[0]
+        order_file = {"seed": main, "order": orders[main],
+                      "orders": {str(seed): order for seed, order in orders.items()}}
+        _check_orders(root, order_file)
+    described = [_described(p) for p in points]
+    commits = record_points(root, axis, described, command)
+    if axis == "tasks":
+        root.write_text("task_order.json", json.dumps(order_file))
     start_ray(base)
     baseline = None
     if any(not p["tasks"] for p in points):
@@ -106,13 +197,62 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
               "point": tune.grid_search(points)}
     grid = _run_tune(_point_trial, params, root, base, max_concurrent)
     errors = {r.config["point"]["label"]: _error_line(r.error) for r in grid if r.error}
-    rows = collect(root, [p["label"] for p in points], errors)
-    write_results(root, rows, axis, report, command)
+    rows = collect(root, described, errors)
+    write_results(root, rows, axis, report, command, commits)
     failed = [r for r in rows if "error" in r]
     if failed:  # (after the results of the others are written)
         raise TrainingError(f"{len(failed)} of {len(points)} sweep points failed: " + "; ".join(
             f"{r['point']}: {r['error']}" for r in failed) + f" (results: {root.root})")
     return rows
+
+
+def _described(point: dict) -> dict:
+    """What a point is, as its rows say it (without its task list)."""
+    return {"point": point["label"], "axis_value": point["axis_value"],
+            "tasks": len(point["tasks"]), "replicate": point.get("replicate", ""),
+            "ablation": point.get("ablation", "")}
+
+
+def record_points(root: RunDir, axis: str, points: list[dict], command: str) -> list[str]:
+    """`sweep.json`: the sweep's axis, points (as _described), latest command and the commits
+    it ran at, returned (what report_from reads). A sweep Tune can restore keeps its points:
+    Tune would restore the old grid and silently leave out a point added to the command."""
+    labels = [p["point"] for p in points]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"sweep points: labels must be unique, got {labels}")
+    saved = json.loads(root.read_text("sweep.json")) if root.exists("sweep.json") else {}
+    before = [p["point"] for p in saved.get("points", points)]
+    if before != labels and tune.Tuner.can_restore(root.uri("tune")):
+        raise ConfigError(f"{root.root} is a sweep over the points {before}; this command asks "
+                          f"for {labels}. Run it with the points it was started with, or give "
+                          "it another run.name")
+    commits = saved.get("commits", [])
+    if _commit() not in commits:
+        commits.append(_commit())
+    root.write_text("sweep.json", json.dumps({"axis": axis, "points": points, "command": command,
+                                              "commits": commits}, indent=2))
+    return commits
+
+
+def _check_orders(root: RunDir, new: dict) -> None:
+    """A sweep Tune can restore keeps its task orders (its trials keep their task sets)."""
+    if root.exists("task_order.json") and tune.Tuner.can_restore(root.uri("tune")):
+        old = json.loads(root.read_text("task_order.json"))
+        if old["order"] != new["order"] or old.get("orders", new["orders"]) != new["orders"]:
+            raise ConfigError(f"{root.root} was started with other task orders (its "
+                              "task_order.json): keep --task-seed and tasks.include as they "
+                              "were, or give it another run.name")
+
+
+def _commit() -> str:
+    """The checkout's commit (short), or "unknown"."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _baseline_model(base: Config, pool: list[str], root: RunDir) -> str:
@@ -144,8 +284,11 @@ def _point_trial(params: dict) -> None:
         source = Source("plain backbone", params["baseline"])
     scores = protocol.score_model(base, source, point["label"], params["eval_tasks"],
                                   params["fractions"], params["seeds"], root.uri(slug))
+    # (points of sweeps started before 2026-12 have no order, seed, replicate or ablation)
+    extra = {k: point[k] for k in ("order", "prefinetune_seed", "replicate", "ablation")
+             if k in point}
     rows = [{"point": point["label"], "axis_value": point["axis_value"],
-             "tasks": len(point["tasks"]), **asdict(s)} for s in scores]
+             "tasks": len(point["tasks"]), **extra, **asdict(s)} for s in scores]
     root.write_text(f"{slug}-results.json", json.dumps(rows, indent=2))
     print(f"[muppet-ray] sweep point {point['label']}: {len(rows)} fine-tuning runs done",
           flush=True)
@@ -181,15 +324,38 @@ def _run_tune(trainable, params: dict, root: RunDir, base: Config,
     return tuner.fit()
 
 
-def collect(root: RunDir, labels: list[str], errors: dict[str, str]) -> list[dict]:
-    """Every point's fine-tuning rows; a failed point gives one row with its error."""
+def collect(root: RunDir, points: list[dict], errors: dict[str, str]) -> list[dict]:
+    """Every point's fine-tuning rows; a point that failed or has not finished gives one row
+    (what _described says of it) with its error."""
     rows = []
-    for label in labels:
-        slug = _slug(label)
-        if label not in errors and root.exists(f"{slug}-results.json"):
-            rows += json.loads(root.read_text(f"{slug}-results.json"))
+    for point in points:
+        label = point["point"]
+        if label not in errors and root.exists(f"{_slug(label)}-results.json"):
+            rows += json.loads(root.read_text(f"{_slug(label)}-results.json"))
         else:
-            rows.append({"point": label, "error": errors.get(label, "no results")})
+            rows.append({**point, "error": errors.get(label, "no results")})
+    return rows
+
+
+def report_from(run_dir: str, report: str | None = None) -> list[dict]:
+    """Rewrite a sweep's results.json/csv, plots and summary.md (and `report`) from what its
+    points stored (their <point>-results.json), without Ray: the finished points, and one row
+    for each point that has not finished (or failed). A sweep started before 2026-12 (no
+    sweep.json) is read from its results.json."""
+    root = RunDir(run_dir)
+    if root.exists("sweep.json"):
+        saved = json.loads(root.read_text("sweep.json"))
+        axis, command, commits = saved["axis"], saved["command"], saved["commits"]
+        rows = collect(root, saved["points"], {})
+    elif root.exists("results.json"):
+        rows = json.loads(root.read_text("results.json"))
+        axis = "tasks" if root.exists("task_order.json") else next(
+            (a for a, (key, _) in AXES.items() if rows and rows[0]["point"].startswith(key)),
+            "tasks")
+        command, commits = "(not recorded: a sweep from before sweep.json)", None
+    else:
+        raise ConfigError(f"{run_dir}: no sweep.json or results.json (not a sweep directory?)")
+    write_results(root, rows, axis, report, command, commits)
     return rows
 
 
@@ -203,13 +369,13 @@ def _error_line(error: BaseException) -> str:
 
 
 def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None = None,
-                  command: str = "") -> None:
+                  command: str = "", commits: list[str] | None = None) -> None:
     """results.json/csv (every fine-tuning run), plots/ and summary.md; with `report`, the
-    summary also as that markdown file (dated, with the commit and command) and its plot
+    summary also as that markdown file (dated, with the commits and command) and its plots
     beside it."""
-    columns = ["point", "axis_value", "tasks", "task", "metric", "fraction", "seed",
-               "learning_rate", "validation", "test", "train_examples", "steps", "head",
-               "device", "error"]
+    columns = ["point", "axis_value", "tasks", "replicate", "ablation", "order",
+               "prefinetune_seed", "task", "metric", "fraction", "seed", "learning_rate",
+               "validation", "test", "train_examples", "steps", "head", "device", "error"]
     write_rows(root, rows, columns)
     order = (json.loads(root.read_text("task_order.json"))["order"]
              if axis == "tasks" and root.exists("task_order.json") else [])
@@ -217,7 +383,7 @@ def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None 
     root.write_text("summary.md", summary(rows, axis, plots, order))
     print("\n" + summary(rows, axis, plots, order), flush=True)
     if report:
-        _write_report(root, rows, axis, order, report, command, plots)
+        _write_report(root, rows, axis, order, report, command, plots, commits)
 
 
 def _scores(rows: list[dict]) -> list[protocol.Score]:
@@ -260,11 +426,14 @@ def summary(rows: list[dict], axis: str, plots: list[str], order: list[str] = ()
         for model, fraction in dict.fromkeys((d.model, d.fraction) for d in found):
             cells = [_cell(cell.get((model, t, fraction))) for t in ["mean", *tasks]]
             lines.append(f"| {model} | {fraction:g} | " + " | ".join(cells) + " |")
-    if axis == "tasks" and order and means:
-        lines += ["", *moved_most(rows, order)]
+    if axis == "tasks":
+        lines += comparison_lines(comparisons(rows))
+    if axis == "tasks" and order and _test_means(_main(rows)):
+        lines += ["", *moved_most(_main(rows), order)]
     failed = [r for r in rows if "error" in r]
     if failed:
-        lines += ["", "Failed trials:"] + [f"- {r['point']}: {r['error']}" for r in failed]
+        lines += ["", "Points without results (failed, or not finished):"] + [
+            f"- {r['point']}: {r['error']}" for r in failed]
     lines += ["", "Plots: " + ", ".join(plots)] if plots else []
     return "\n".join(lines) + "\n"
 
@@ -299,16 +468,161 @@ def moved_most(rows: list[dict], order: list[str]) -> list[str]:
     return lines
 
 
-def _write_report(root: RunDir, rows: list[dict], axis: str, order: list[str], report: str,
-                  command: str, plots: list[str]) -> None:
-    import datetime
-    import subprocess
+# ------------------------------------------- the task-count curve's pre-registered comparisons
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+
+def _main(rows: list[dict]) -> list[dict]:
+    """The rows of the curve's own points (no replicate, no ablation)."""
+    return [r for r in rows if not r.get("replicate") and not r.get("ablation")]
+
+
+def _seed_means(rows: list[dict]) -> dict[tuple[str, float], dict[int, float]]:
+    """(point, fraction) -> {fine-tuning seed: test score x100 at the learning rate chosen on
+    validation, mean over the eval tasks}; only seeds scored on every eval task."""
+    chosen = protocol.chosen(_scores(rows))
+    tasks = {s.task for s in chosen}
+    cells: dict[tuple[str, float], dict[int, dict[str, float]]] = {}
+    for s in chosen:
+        cells.setdefault((s.model, s.fraction), {}).setdefault(s.seed, {})[s.task] = s.test
+    return {key: {seed: 100 * statistics.mean(by_task.values())
+                  for seed, by_task in sorted(by_seed.items()) if set(by_task) == tasks}
+            for key, by_seed in cells.items()}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    return {seed: a[seed] - b[seed] for seed in a if seed in b}
+
+
+def curve(rows: list[dict]) -> dict[tuple[int, float], dict[int, float]]:
+    """(count, fraction) -> {fine-tuning seed: paired difference to the 0-task point in points,
+    mean over the eval tasks and over the count's points that have results (its replicates)}.
+    Counts above 0 only; ablations are not on the curve."""
+    means = _seed_means(rows)
+    points: dict[int, list[str]] = {}
+    for r in rows:
+        if "tasks" in r and not r.get("ablation"):
+            points.setdefault(r["tasks"], [])
+            if r["point"] not in points[r["tasks"]]:
+                points[r["tasks"]].append(r["point"])
+    out = {}
+    for count in sorted(set(points) - {0}):
+        for fraction in sorted({f for _, f in means}):
+            zero = means.get((points.get(0, ["-"])[0], fraction), {})
+            each = [_paired(means[p, fraction], zero) for p in points[count]
+                    if (p, fraction) in means]
+            seeds = set.intersection(*(set(d) for d in each)) if each else set()
+            out[count, fraction] = {seed: statistics.mean(d[seed] for d in each)
+                                    for seed in sorted(seeds)}
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One pre-registered comparison of a task-count sweep, paired over fine-tuning seeds: in
+    points (a slope: points per 10 tasks), nan where its points have no results."""
+
+    name: str
+    fraction: float
+    mean: float
+    half_width: float  # of the 95% Student-t interval over seeds (per comparison, uncorrected)
+    p: float  # two-sided one-sample t-test of the per-seed values against 0
+    seeds: int
+    p_holm: float = math.nan  # Holm-Bonferroni-adjusted over every comparison of the sweep
+
+    @property
+    def holds(self) -> bool:
+        """Significant at FAMILY_ALPHA after the correction."""
+        return self.p_holm < FAMILY_ALPHA
+
+
+def paired_test(values: list[float]) -> tuple[float, float, float]:
+    """Mean, half-width of the 95% t-interval, and two-sided p of a t-test against 0."""
+    if not values:
+        return math.nan, math.nan, math.nan
+    mean, half = protocol.interval(values)
+    if len(values) < 2:
+        return mean, half, math.nan
+    sd = statistics.stdev(values)
+    if sd == 0:
+        return mean, half, 1.0 if mean == 0 else 0.0
+    t = abs(mean) / (sd / math.sqrt(len(values)))
+    return mean, half, float(2 * scipy.stats.t.sf(t, len(values) - 1))
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values; a comparison without a p (nan) stays in the family
+    with p = 1."""
+    m = len(ps)
+    ranked = sorted(range(m), key=lambda i: ps[i] if math.isfinite(ps[i]) else 1.0)
+    adjusted, running = [math.nan] * m, 0.0
+    for rank, i in enumerate(ranked):
+        p = ps[i] if math.isfinite(ps[i]) else 1.0
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def _slope(xs: list[int], ys: list[float]) -> float:
+    """The least-squares slope of ys against xs."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+            / sum((x - mx) ** 2 for x in xs))
+
+
+def comparisons(rows: list[dict]) -> list[Comparison]:
+    """The pre-registered comparisons of a task-count sweep, per fraction: each count against
+    0 (its replicates averaged); the slope of that difference over the counts past the paper's
+    critical number (CRITICAL_COUNT), where there are two or more; and each ablation against
+    its count's own point. Holm-Bonferroni over all of them (every fraction)."""
+    diff = curve(rows)
+    means = _seed_means(rows)
+    fractions = sorted({f for _, f in means})
+    if not fractions or not any(r.get("tasks") == 0 for r in rows):
+        return []
+    found = []
+    for fraction in fractions:
+        counts = sorted(c for c, f in diff if f == fraction)
+        for count in counts:
+            found.append((f"{count} tasks vs 0", fraction, list(diff[count, fraction].values())))
+        past = [c for c in counts if c > CRITICAL_COUNT]
+        if len(past) >= 2:
+            seeds = set.intersection(*(set(diff[c, fraction]) for c in past))
+            slopes = [10 * _slope(past, [diff[c, fraction][s] for c in past])
+                      for s in sorted(seeds)]
+            found.append((f"slope over {', '.join(map(str, past))} tasks (per 10 tasks)",
+                          fraction, slopes))
+        ablations = {r["point"]: r["tasks"] for r in rows if r.get("ablation")}
+        for point, count in ablations.items():
+            full = next((r["point"] for r in _main(rows) if r.get("tasks") == count), "-")
+            values = _paired(means.get((point, fraction), {}), means.get((full, fraction), {}))
+            found.append((f"{point} vs {full}", fraction, list(values.values())))
+    made = [Comparison(name, fraction, *paired_test(values), len(values))
+            for name, fraction, values in found]
+    return [replace(c, p_holm=p) for c, p in zip(made, holm([c.p for c in made]))]
+
+
+def comparison_lines(found: list[Comparison]) -> list[str]:
+    if not found:
+        return []
+    lines = ["", f"The pre-registered comparisons (the curve: each count's replicates averaged): "
+             "mean paired difference in points over seeds ± its 95% t-interval, the t-test's "
+             f"two-sided p, and p Holm-Bonferroni-adjusted over these {len(found)}; **bold** "
+             f"where the adjusted p < {FAMILY_ALPHA:g}.", "",
+             "| comparison | fraction | difference | seeds | p | Holm p |",
+             "|---|---|---|---|---|---|"]
+    for c in found:
+        text = "no results" if math.isnan(c.mean) else f"{c.mean:+.1f} ± {c.half_width:.1f}"
+        text = f"**{text}**" if c.holds else text
+        lines.append(f"| {c.name} | {c.fraction:g} | {text} | {c.seeds} | {c.p:.2g} | "
+                     f"{c.p_holm:.2g} |")
+    return lines
+
+
+def _write_report(root: RunDir, rows: list[dict], axis: str, order: list[str], report: str,
+                  command: str, plots: list[str], commits: list[str] | None = None) -> None:
+    import datetime
+
+    commits = commits or [_commit()]
     stem = os.path.splitext(os.path.basename(report))[0]
     directory = os.path.dirname(os.path.abspath(report))
     os.makedirs(directory, exist_ok=True)
@@ -318,9 +632,10 @@ def _write_report(root: RunDir, rows: list[dict], axis: str, order: list[str], r
         with root.open_input(path) as f, open(os.path.join(directory, images[-1]), "wb") as out:
             out.write(f.read())
     body = summary(rows, axis, [], order).split("\n", 1)[1]
+    at = ", ".join(f"`{c}`" for c in commits)
     text = (f"# Results: sweep over {axis}\n\n"
-            f"Measured {datetime.date.today().isoformat()} at commit `{commit}` with:\n\n"
-            f"```\n{command}\n```\n{body}\n"
+            f"Measured {datetime.date.today().isoformat()} at commit{'s' * (len(commits) > 1)} "
+            f"{at} with:\n\n```\n{command}\n```\n{body}\n"
             + "".join(f"![{name}]({name})\n" for name in images))
     with open(report + ".part", "w") as f:  # (no half-written report)
         f.write(text)
@@ -329,9 +644,10 @@ def _write_report(root: RunDir, rows: list[dict], axis: str, order: list[str], r
 
 
 def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
-    """PNG: the test score against the axis (one line per eval task and fraction; along the
-    task count, the plain backbone's score dashed) and the mean paired difference to the
-    baseline with its 95% interval."""
+    """PNGs: the test score against the axis (one line per eval task and fraction; along the
+    task count, the curve's own points, the plain backbone's score dashed) and, along the task
+    count, the mean paired difference to the plain backbone with its 95% interval
+    (plot_difference)."""
     import tempfile
 
     import matplotlib
@@ -339,12 +655,13 @@ def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = _test_means(rows)
+    means = _test_means(_main(rows) if axis == "tasks" else rows)
     if not means:
         return []
     values = {r["point"]: r["axis_value"] for r in rows if "error" not in r}
     tasks = sorted({t for t, _, _ in means})
     fractions = sorted({f for _, _, f in means})
+    names = []
     with tempfile.TemporaryDirectory() as local:
         figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4),
                                     squeeze=False)
@@ -362,11 +679,66 @@ def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
             ax.set_ylabel("test score x100 (mean over seeds)")
         axes[0][-1].legend(fontsize=7)
         figure.tight_layout()
-        name = f"{axis}_curve.png"
-        figure.savefig(f"{local}/{name}", dpi=100)
+        names.append(f"{axis}_curve.png")
+        figure.savefig(f"{local}/{names[-1]}", dpi=100)
         plt.close("all")
+        if axis == "tasks" and plot_difference(rows, f"{local}/tasks_difference.png"):
+            names.append("tasks_difference.png")
         root.upload(local, "plots")
-    return [f"plots/{name}"]
+    return [f"plots/{name}" for name in names]
+
+
+def plot_difference(rows: list[dict], path: str) -> bool:
+    """PNG at `path`, a panel per fraction: the curve (each count's mean paired difference to
+    the plain backbone over the eval tasks, its replicates averaged) with its 95% t-interval
+    over seeds, each point of a count (replicates included) as a gray dot, and each ablation
+    beside its count with its interval. False when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diff = {key: values for key, values in curve(rows).items() if values}
+    if not diff:
+        return False
+    means = _seed_means(rows)
+    zero = next(r["point"] for r in _main(rows) if r.get("tasks") == 0)
+    points = {r["point"]: (r["tasks"], r.get("ablation", "")) for r in rows
+              if "error" not in r and r["tasks"]}
+    fractions = sorted({f for _, f in diff})
+    figure, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5),
+                                squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        counts = sorted(c for c, f in diff if f == fraction)
+        shown = [paired_test(list(diff[c, fraction].values())) for c in counts]
+        ax.errorbar([0, *counts], [0.0, *(m for m, _, _ in shown)],
+                    yerr=[0.0, *(h if math.isfinite(h) else 0.0 for _, h, _ in shown)],
+                    marker="o", capsize=3, label="each count (replicates averaged)")
+        offset = 0
+        for point, (count, ablation) in points.items():
+            values = list(_paired(means.get((point, fraction), {}),
+                                  means.get((zero, fraction), {})).values())
+            if not values:
+                continue
+            mean, half, _ = paired_test(values)
+            if ablation:
+                offset += 1
+                ax.errorbar([count + 0.7 * offset], [mean],
+                            yerr=[half if math.isfinite(half) else 0.0], marker="s",
+                            linestyle="none", capsize=3, label=point)
+            else:
+                ax.plot([count], [mean], marker=".", color="gray", linestyle="none")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.axvline(CRITICAL_COUNT, color="gray", linestyle=":", linewidth=0.8)
+        ax.set_title(f"training fraction {fraction:g}")
+        ax.set_xlabel(f"pre-finetuning tasks (dotted: the paper's critical {CRITICAL_COUNT}; "
+                      "gray: each point)", fontsize=8)
+        ax.set_ylabel("paired difference to 0 tasks (points, 95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close("all")
+    return True
 
 
 # ---------------------------------------------------------- fine-tuning hyperparameters

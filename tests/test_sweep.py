@@ -66,6 +66,12 @@ def test_moved_most_names_the_tasks_a_step_added_only_when_it_can():
     (["tasks", "--counts", "0,2", "--eval-tasks", "poetry"], "unknown task or family 'poetry'"),
     (["finetune", "--from", "/nonexistent", "--task", "review", "--search", "x=1"],
      "--search 'x=1': expected"),
+    (["tasks", "--counts", "0,2", "--eval-tasks", "review", "--ablate", "protocol.head=new"],
+     "--ablate 'protocol.head=new': an ablation changes pre-finetuning"),
+    (["tasks", "--counts", "0,2", "--eval-tasks", "review", "--prefinetune-seeds", "1,2"],
+     "--prefinetune-seeds: expected distinct seeds, one of them training.seed (0)"),
+    (["tasks", "--counts", "0,2", "--eval-tasks", "review", "--task-seed", "0,0"],
+     "--task-seed: expected distinct task seeds"),
 ])
 def test_bad_sweep_input(tmp_path, args, expected, capsys):
     # (in this process, as the bad-input catalogue: the errors come before Ray starts)
@@ -74,6 +80,11 @@ def test_bad_sweep_input(tmp_path, args, expected, capsys):
     assert code == 2, err
     assert err[-1].startswith("muppet-ray: error: ") and expected in err[-1], err
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_report_of_a_directory_that_is_no_sweep(tmp_path, capsys):
+    assert cli.main(["sweep", "report", "--from", str(tmp_path)]) == 2
+    assert "no sweep.json or results.json" in capsys.readouterr().err
 
 
 def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):
