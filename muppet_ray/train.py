@@ -338,5 +338,5 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
         # Logged, not raised: Ray Train would restart a run whose worker raised, and stop it
         # again at the same step. The driver finds no final checkpoint and reads why here.
         metrics.stopped(stop.step, stop.reason)
-    finally:
-        metrics.close()
+    # (not after another error: closing flushes to the storage, which may be what failed)
+    metrics.close()
