@@ -8,9 +8,8 @@ eval task x fraction x seed from it. Point 0 of the task-count axis is the basel
 backbone, fine-tuned the same way. Task sets are nested by construction: a seeded order of the
 pool, and each count takes its first tasks. The task-count curve can also replicate its points
 (`task_points`: further task orders, further pre-finetuning seeds) and ablate its largest count;
-its pre-registered comparisons (`comparisons`: each count against 0, the slope past the paper's
-critical number, each ablation against its full setting, Holm-Bonferroni across all) and their
-plot come from the stored results alone (`report_from`).
+its pre-registered comparisons and their plot come from the stored results alone
+(`report_from`, sweep_report.py).
 
 `sweep_finetune`: trials are fine-tuning runs with sampled hyperparameters; ASHA stops the weak
 ones early on their periodic validation metric.
@@ -25,15 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import Any
 
 import ray
-import scipy.stats
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -45,7 +42,8 @@ from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
 from muppet_ray.prefinetune import build_tokenizer, prefinetune
 from muppet_ray.runtime import quiet_tune_console, start_ray, verbose
-from muppet_ray.storage import RunDir, run_root, write_rows
+from muppet_ray.storage import RunDir, run_root
+from muppet_ray.sweep_report import commit, write_results
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
 
@@ -54,9 +52,6 @@ AXES = {  # axis -> (config key it sets, values swept by default)
     "loss-scaling": ("training.loss_scaling", [True, False]),
     "mixing": ("mixture.rule", ["proportional", "temperature", "uniform"]),
 }
-MOST_LISTED = 6  # a sweep step adding more pool tasks than this cannot say which one moved a task
-CRITICAL_COUNT = 15  # the paper's critical number of tasks, past which gains grow with the count
-FAMILY_ALPHA = 0.05  # family-wise error rate of the pre-registered comparisons (Holm-Bonferroni)
 
 
 def nested_task_sets(pool: list[str], counts: list[int], seed: int
@@ -227,8 +222,8 @@ def record_points(root: RunDir, axis: str, points: list[dict], command: str) -> 
                           f"for {labels}. Run it with the points it was started with, or give "
                           "it another run.name")
     commits = saved.get("commits", [])
-    if _commit() not in commits:
-        commits.append(_commit())
+    if commit() not in commits:
+        commits.append(commit())
     root.write_text("sweep.json", json.dumps({"axis": axis, "points": points, "command": command,
                                               "commits": commits}, indent=2))
     return commits
@@ -242,17 +237,6 @@ def _check_orders(root: RunDir, new: dict) -> None:
             raise ConfigError(f"{root.root} was started with other task orders (its "
                               "task_order.json): keep --task-seed and tasks.include as they "
                               "were, or give it another run.name")
-
-
-def _commit() -> str:
-    """The checkout's commit (short), or "unknown"."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _baseline_model(base: Config, pool: list[str], root: RunDir) -> str:
@@ -363,382 +347,6 @@ def _error_line(error: BaseException) -> str:
     """The error's last non-empty line (where Ray's wrapped errors say what went wrong)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
-
-
-# ------------------------------------------------------------------------ results
-
-
-def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None = None,
-                  command: str = "", commits: list[str] | None = None) -> None:
-    """results.json/csv (every fine-tuning run), plots/ and summary.md; with `report`, the
-    summary also as that markdown file (dated, with the commits and command) and its plots
-    beside it."""
-    columns = ["point", "axis_value", "tasks", "replicate", "ablation", "order",
-               "prefinetune_seed", "task", "metric", "fraction", "seed", "learning_rate",
-               "validation", "test", "train_examples", "steps", "head", "device", "error"]
-    write_rows(root, rows, columns)
-    order = (json.loads(root.read_text("task_order.json"))["order"]
-             if axis == "tasks" and root.exists("task_order.json") else [])
-    plots = plot(root, rows, axis)
-    root.write_text("summary.md", summary(rows, axis, plots, order))
-    print("\n" + summary(rows, axis, plots, order), flush=True)
-    if report:
-        _write_report(root, rows, axis, order, report, command, plots, commits)
-
-
-def _scores(rows: list[dict]) -> list[protocol.Score]:
-    fields = protocol.Score.__dataclass_fields__
-    return [protocol.Score(**{**{k: r[k] for k in fields if k in r}, "model": r["point"]})
-            for r in rows if "error" not in r]
-
-
-def _test_means(rows: list[dict]) -> dict[tuple, float]:
-    """(task, point, fraction) -> mean test score over seeds, at the chosen learning rate."""
-    groups: dict[tuple, list[float]] = {}
-    for s in protocol.chosen(_scores(rows)):
-        groups.setdefault((s.task, s.model, s.fraction), []).append(s.test)
-    return {k: statistics.mean(v) for k, v in groups.items()}
-
-
-def summary(rows: list[dict], axis: str, plots: list[str], order: list[str] = ()) -> str:
-    means = _test_means(rows)
-    points = list(dict.fromkeys(r["point"] for r in rows))
-    seeds = len({r["seed"] for r in rows if "error" not in r})
-    lines = [f"# Sweep over {axis}", "",
-             f"Test scores x100 (mean over {seeds} seeds) at the fine-tuning learning rate "
-             "chosen on validation.", "",
-             "| eval task | fraction | " + " | ".join(points) + " |",
-             "|---|---|" + "---|" * len(points)]
-    for task, fraction in sorted(dict.fromkeys((t, f) for t, _, f in means)):
-        cells = [f"{100 * means[(task, p, fraction)]:.1f}" if (task, p, fraction) in means
-                 else "-" for p in points]
-        lines.append(f"| {task} | {fraction:g} | " + " | ".join(cells) + " |")
-    baseline = next((r["point"] for r in rows if "error" not in r
-                     and (axis != "tasks" or r["tasks"] == 0)), None)
-    found = protocol.differences(_scores(rows), baseline) if baseline else []
-    if found:
-        tasks = list(dict.fromkeys(d.task for d in found if d.task != "mean"))
-        lines += ["", f"Paired difference to {baseline!r} in points (same subsets and seeds): "
-                  "mean ± 95% interval over seeds; **bold** where the interval excludes 0.", "",
-                  "| model | fraction | mean over tasks | " + " | ".join(tasks) + " |",
-                  "|---|---|---|" + "---|" * len(tasks)]
-        cell = {(d.model, d.task, d.fraction): d for d in found}
-        for model, fraction in dict.fromkeys((d.model, d.fraction) for d in found):
-            cells = [_cell(cell.get((model, t, fraction))) for t in ["mean", *tasks]]
-            lines.append(f"| {model} | {fraction:g} | " + " | ".join(cells) + " |")
-    if axis == "tasks":
-        lines += comparison_lines(comparisons(rows))
-    if axis == "tasks" and order and _test_means(_main(rows)):
-        lines += ["", *moved_most(_main(rows), order)]
-    failed = [r for r in rows if "error" in r]
-    if failed:
-        lines += ["", "Points without results (failed, or not finished):"] + [
-            f"- {r['point']}: {r['error']}" for r in failed]
-    lines += ["", "Plots: " + ", ".join(plots)] if plots else []
-    return "\n".join(lines) + "\n"
-
-
-def _cell(d: protocol.Difference | None) -> str:
-    if d is None:
-        return "-"
-    text = f"{d.mean:+.1f} ± {d.half_width:.1f}"
-    return f"**{text}**" if d.significant else text
-
-
-def moved_most(rows: list[dict], order: list[str]) -> list[str]:
-    """Per eval task, the step of the nested task sets that moved its test score most (at the
-    largest fraction), and the pool tasks that step added (by name where there are few enough
-    for the step to say which one did it)."""
-    means = _test_means(rows)
-    counts = {r["point"]: r["tasks"] for r in rows if "error" not in r}
-    fraction = max(f for _, _, f in means)
-    lines = ["Which pool tasks' inclusion moved each eval task most (consecutive points, "
-             f"fraction {fraction:g}):", "", "| eval task | tasks added | change (points) |",
-             "|---|---|---|"]
-    for task in sorted({t for t, _, _ in means}):
-        curve = sorted((counts[p], v) for (t, p, f), v in means.items()
-                       if t == task and f == fraction)
-        steps = [(b[1] - a[1], a[0], b[0]) for a, b in zip(curve, curve[1:])]
-        if steps:
-            change, low, high = max(steps, key=lambda s: abs(s[0]))
-            added = (", ".join(order[low:high]) if high - low <= MOST_LISTED else
-                     f"tasks {low + 1} to {high} of task_order.json, all at once (counts in "
-                     "between would tell them apart)")
-            lines.append(f"| {task} | {added} | {100 * change:+.1f} |")
-    return lines
-
-
-# ------------------------------------------- the task-count curve's pre-registered comparisons
-
-
-def _main(rows: list[dict]) -> list[dict]:
-    """The rows of the curve's own points (no replicate, no ablation)."""
-    return [r for r in rows if not r.get("replicate") and not r.get("ablation")]
-
-
-def _seed_means(rows: list[dict]) -> dict[tuple[str, float], dict[int, float]]:
-    """(point, fraction) -> {fine-tuning seed: test score x100 at the learning rate chosen on
-    validation, mean over the eval tasks}; only seeds scored on every eval task."""
-    chosen = protocol.chosen(_scores(rows))
-    tasks = {s.task for s in chosen}
-    cells: dict[tuple[str, float], dict[int, dict[str, float]]] = {}
-    for s in chosen:
-        cells.setdefault((s.model, s.fraction), {}).setdefault(s.seed, {})[s.task] = s.test
-    return {key: {seed: 100 * statistics.mean(by_task.values())
-                  for seed, by_task in sorted(by_seed.items()) if set(by_task) == tasks}
-            for key, by_seed in cells.items()}
-
-
-def _paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
-    return {seed: a[seed] - b[seed] for seed in a if seed in b}
-
-
-def curve(rows: list[dict]) -> dict[tuple[int, float], dict[int, float]]:
-    """(count, fraction) -> {fine-tuning seed: paired difference to the 0-task point in points,
-    mean over the eval tasks and over the count's points that have results (its replicates)}.
-    Counts above 0 only; ablations are not on the curve."""
-    means = _seed_means(rows)
-    points: dict[int, list[str]] = {}
-    for r in rows:
-        if "tasks" in r and not r.get("ablation"):
-            points.setdefault(r["tasks"], [])
-            if r["point"] not in points[r["tasks"]]:
-                points[r["tasks"]].append(r["point"])
-    out = {}
-    for count in sorted(set(points) - {0}):
-        for fraction in sorted({f for _, f in means}):
-            zero = means.get((points.get(0, ["-"])[0], fraction), {})
-            each = [_paired(means[p, fraction], zero) for p in points[count]
-                    if (p, fraction) in means]
-            seeds = set.intersection(*(set(d) for d in each)) if each else set()
-            out[count, fraction] = {seed: statistics.mean(d[seed] for d in each)
-                                    for seed in sorted(seeds)}
-    return out
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One pre-registered comparison of a task-count sweep, paired over fine-tuning seeds: in
-    points (a slope: points per 10 tasks), nan where its points have no results."""
-
-    name: str
-    fraction: float
-    mean: float
-    half_width: float  # of the 95% Student-t interval over seeds (per comparison, uncorrected)
-    p: float  # two-sided one-sample t-test of the per-seed values against 0
-    seeds: int
-    p_holm: float = math.nan  # Holm-Bonferroni-adjusted over every comparison of the sweep
-
-    @property
-    def holds(self) -> bool:
-        """Significant at FAMILY_ALPHA after the correction."""
-        return self.p_holm < FAMILY_ALPHA
-
-
-def paired_test(values: list[float]) -> tuple[float, float, float]:
-    """Mean, half-width of the 95% t-interval, and two-sided p of a t-test against 0."""
-    if not values:
-        return math.nan, math.nan, math.nan
-    mean, half = protocol.interval(values)
-    if len(values) < 2:
-        return mean, half, math.nan
-    sd = statistics.stdev(values)
-    if sd == 0:
-        return mean, half, 1.0 if mean == 0 else 0.0
-    t = abs(mean) / (sd / math.sqrt(len(values)))
-    return mean, half, float(2 * scipy.stats.t.sf(t, len(values) - 1))
-
-
-def holm(ps: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values; a comparison without a p (nan) stays in the family
-    with p = 1."""
-    m = len(ps)
-    ranked = sorted(range(m), key=lambda i: ps[i] if math.isfinite(ps[i]) else 1.0)
-    adjusted, running = [math.nan] * m, 0.0
-    for rank, i in enumerate(ranked):
-        p = ps[i] if math.isfinite(ps[i]) else 1.0
-        running = max(running, min(1.0, (m - rank) * p))
-        adjusted[i] = running
-    return adjusted
-
-
-def _slope(xs: list[int], ys: list[float]) -> float:
-    """The least-squares slope of ys against xs."""
-    mx, my = statistics.mean(xs), statistics.mean(ys)
-    return (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-            / sum((x - mx) ** 2 for x in xs))
-
-
-def comparisons(rows: list[dict]) -> list[Comparison]:
-    """The pre-registered comparisons of a task-count sweep, per fraction: each count against
-    0 (its replicates averaged); the slope of that difference over the counts past the paper's
-    critical number (CRITICAL_COUNT), where there are two or more; and each ablation against
-    its count's own point. Holm-Bonferroni over all of them (every fraction)."""
-    diff = curve(rows)
-    means = _seed_means(rows)
-    fractions = sorted({f for _, f in means})
-    if not fractions or not any(r.get("tasks") == 0 for r in rows):
-        return []
-    found = []
-    for fraction in fractions:
-        counts = sorted(c for c, f in diff if f == fraction)
-        for count in counts:
-            found.append((f"{count} tasks vs 0", fraction, list(diff[count, fraction].values())))
-        past = [c for c in counts if c > CRITICAL_COUNT]
-        if len(past) >= 2:
-            seeds = set.intersection(*(set(diff[c, fraction]) for c in past))
-            slopes = [10 * _slope(past, [diff[c, fraction][s] for c in past])
-                      for s in sorted(seeds)]
-            found.append((f"slope over {', '.join(map(str, past))} tasks (per 10 tasks)",
-                          fraction, slopes))
-        ablations = {r["point"]: r["tasks"] for r in rows if r.get("ablation")}
-        for point, count in ablations.items():
-            full = next((r["point"] for r in _main(rows) if r.get("tasks") == count), "-")
-            values = _paired(means.get((point, fraction), {}), means.get((full, fraction), {}))
-            found.append((f"{point} vs {full}", fraction, list(values.values())))
-    made = [Comparison(name, fraction, *paired_test(values), len(values))
-            for name, fraction, values in found]
-    return [replace(c, p_holm=p) for c, p in zip(made, holm([c.p for c in made]))]
-
-
-def comparison_lines(found: list[Comparison]) -> list[str]:
-    if not found:
-        return []
-    lines = ["", f"The pre-registered comparisons (the curve: each count's replicates averaged): "
-             "mean paired difference in points over seeds ± its 95% t-interval, the t-test's "
-             f"two-sided p, and p Holm-Bonferroni-adjusted over these {len(found)}; **bold** "
-             f"where the adjusted p < {FAMILY_ALPHA:g}.", "",
-             "| comparison | fraction | difference | seeds | p | Holm p |",
-             "|---|---|---|---|---|---|"]
-    for c in found:
-        text = "no results" if math.isnan(c.mean) else f"{c.mean:+.1f} ± {c.half_width:.1f}"
-        text = f"**{text}**" if c.holds else text
-        lines.append(f"| {c.name} | {c.fraction:g} | {text} | {c.seeds} | {c.p:.2g} | "
-                     f"{c.p_holm:.2g} |")
-    return lines
-
-
-def _write_report(root: RunDir, rows: list[dict], axis: str, order: list[str], report: str,
-                  command: str, plots: list[str], commits: list[str] | None = None) -> None:
-    import datetime
-
-    commits = commits or [_commit()]
-    stem = os.path.splitext(os.path.basename(report))[0]
-    directory = os.path.dirname(os.path.abspath(report))
-    os.makedirs(directory, exist_ok=True)
-    images = []
-    for path in plots:
-        images.append(f"{stem}-{os.path.basename(path)}")
-        with root.open_input(path) as f, open(os.path.join(directory, images[-1]), "wb") as out:
-            out.write(f.read())
-    body = summary(rows, axis, [], order).split("\n", 1)[1]
-    at = ", ".join(f"`{c}`" for c in commits)
-    text = (f"# Results: sweep over {axis}\n\n"
-            f"Measured {datetime.date.today().isoformat()} at commit{'s' * (len(commits) > 1)} "
-            f"{at} with:\n\n```\n{command}\n```\n{body}\n"
-            + "".join(f"![{name}]({name})\n" for name in images))
-    with open(report + ".part", "w") as f:  # (no half-written report)
-        f.write(text)
-    os.replace(report + ".part", report)
-    print(f"[muppet-ray] report: {report}", flush=True)
-
-
-def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
-    """PNGs: the test score against the axis (one line per eval task and fraction; along the
-    task count, the curve's own points, the plain backbone's score dashed) and, along the task
-    count, the mean paired difference to the plain backbone with its 95% interval
-    (plot_difference)."""
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    means = _test_means(_main(rows) if axis == "tasks" else rows)
-    if not means:
-        return []
-    values = {r["point"]: r["axis_value"] for r in rows if "error" not in r}
-    tasks = sorted({t for t, _, _ in means})
-    fractions = sorted({f for _, _, f in means})
-    names = []
-    with tempfile.TemporaryDirectory() as local:
-        figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4),
-                                    squeeze=False)
-        for ax, fraction in zip(axes[0], fractions):
-            for task in tasks:
-                points = sorted((values[p], 100 * v) for (t, p, f), v in means.items()
-                                if t == task and f == fraction)
-                xs = [x if axis == "tasks" else str(x) for x, _ in points]
-                line = ax.plot(xs, [v for _, v in points], marker="o", label=task)[0]
-                if axis == "tasks" and points and points[0][0] == 0:
-                    ax.axhline(points[0][1], color=line.get_color(), linestyle="--", alpha=0.5)
-            ax.set_title(f"training fraction {fraction:g}")
-            ax.set_xlabel("pre-finetuning tasks (0 = plain backbone, dashed)"
-                          if axis == "tasks" else axis)
-            ax.set_ylabel("test score x100 (mean over seeds)")
-        axes[0][-1].legend(fontsize=7)
-        figure.tight_layout()
-        names.append(f"{axis}_curve.png")
-        figure.savefig(f"{local}/{names[-1]}", dpi=100)
-        plt.close("all")
-        if axis == "tasks" and plot_difference(rows, f"{local}/tasks_difference.png"):
-            names.append("tasks_difference.png")
-        root.upload(local, "plots")
-    return [f"plots/{name}" for name in names]
-
-
-def plot_difference(rows: list[dict], path: str) -> bool:
-    """PNG at `path`, a panel per fraction: the curve (each count's mean paired difference to
-    the plain backbone over the eval tasks, its replicates averaged) with its 95% t-interval
-    over seeds, each point of a count (replicates included) as a gray dot, and each ablation
-    beside its count with its interval. False when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    diff = {key: values for key, values in curve(rows).items() if values}
-    if not diff:
-        return False
-    means = _seed_means(rows)
-    zero = next(r["point"] for r in _main(rows) if r.get("tasks") == 0)
-    points = {r["point"]: (r["tasks"], r.get("ablation", "")) for r in rows
-              if "error" not in r and r["tasks"]}
-    fractions = sorted({f for _, f in diff})
-    figure, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5),
-                                squeeze=False)
-    for ax, fraction in zip(axes[0], fractions):
-        counts = sorted(c for c, f in diff if f == fraction)
-        shown = [paired_test(list(diff[c, fraction].values())) for c in counts]
-        ax.errorbar([0, *counts], [0.0, *(m for m, _, _ in shown)],
-                    yerr=[0.0, *(h if math.isfinite(h) else 0.0 for _, h, _ in shown)],
-                    marker="o", capsize=3, label="each count (replicates averaged)")
-        offset = 0
-        for point, (count, ablation) in points.items():
-            values = list(_paired(means.get((point, fraction), {}),
-                                  means.get((zero, fraction), {})).values())
-            if not values:
-                continue
-            mean, half, _ = paired_test(values)
-            if ablation:
-                offset += 1
-                ax.errorbar([count + 0.7 * offset], [mean],
-                            yerr=[half if math.isfinite(half) else 0.0], marker="s",
-                            linestyle="none", capsize=3, label=point)
-            else:
-                ax.plot([count], [mean], marker=".", color="gray", linestyle="none")
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.axvline(CRITICAL_COUNT, color="gray", linestyle=":", linewidth=0.8)
-        ax.set_title(f"training fraction {fraction:g}")
-        ax.set_xlabel(f"pre-finetuning tasks (dotted: the paper's critical {CRITICAL_COUNT}; "
-                      "gray: each point)", fontsize=8)
-        ax.set_ylabel("paired difference to 0 tasks (points, 95% CI)")
-    axes[0][-1].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close("all")
-    return True
 
 
 # ---------------------------------------------------------- fine-tuning hyperparameters

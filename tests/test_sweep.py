@@ -8,7 +8,8 @@ import pytest
 
 from muppet_ray import cli
 from muppet_ray.errors import ConfigError
-from muppet_ray.sweep import moved_most, nested_task_sets, parse_search
+from muppet_ray.sweep import nested_task_sets, parse_search
+from muppet_ray.sweep_report import moved_most
 
 POOL = ["sentiment", "topic", "entailment", "rating", "needs", "next_number", "what_has"]
 TINY = ["tasks.suite_scale=0.1", "training.max_steps=4", "training.warmup_steps=1",

@@ -15,15 +15,12 @@ from muppet_ray.storage import RunDir
 from muppet_ray.sweep import (
     _check_orders,
     _described,
-    comparisons,
-    curve,
-    holm,
-    paired_test,
     parse_ablations,
     record_points,
     report_from,
     task_points,
 )
+from muppet_ray.sweep_report import comparisons, curve, holm, paired_test
 
 POOL = [f"t{i}" for i in range(10)]
 ABLATIONS = [("batching.strategy", "homogeneous"), ("training.loss_scaling", False)]
