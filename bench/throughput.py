@@ -1,6 +1,7 @@
 """How close muppet-ray gets to the hardware: side by side with plain PyTorch, in one run.
 
     python bench/throughput.py [--quick] [--repeats 3] [--steps 100] [--shared ../shared]
+                               [--set section.key=value ...]
 
 The work: the MiniLM encoder of `<shared>/models`, every BIG-bench classification and
 multiple-choice task of `<shared>/data` (30), examples-proportional heterogeneous steps of 32
@@ -23,6 +24,9 @@ The last line is `ratio 1w <x> 2w <y> e2e <z> rss-mb <m>` (medians).
 
 `--code DIR` runs the muppet-ray commands from another checkout (e.g. an older commit, for a
 before/after comparison); the bare loop and the naive script always come from this one.
+`--set` changes a setting of both muppet-ray runs, e.g. `--set batching.tokens_per_micro_batch=2048`
+(micro-batches by a token budget); the bare loop trains on the run's own micro-batches, so it
+follows (the naive script does not: its 16-example batches stay).
 """
 
 from __future__ import annotations
@@ -172,6 +176,8 @@ def main() -> None:
     parser.add_argument("--shared", default=os.environ.get("MUPPET_SHARED", "../shared"))
     parser.add_argument("--code", default=str(ROOT), help="checkout whose muppet-ray is run")
     parser.add_argument("--out", default=None, help="where runs and logs go (default: a temp dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting of both muppet-ray runs (repeatable)")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.steps, args.eval_examples = 1, 20, 16
@@ -193,9 +199,10 @@ def main() -> None:
     for repeat in range(args.repeats):
         storage = out / f"repeat{repeat}"
         print(f"[bench] repeat {repeat + 1}/{args.repeats}: muppet-ray, 2 workers", flush=True)
-        two = muppet(code, config_path, storage, "w2", [], out / f"w2-{repeat}.log")
+        two = muppet(code, config_path, storage, "w2", args.set, out / f"w2-{repeat}.log")
         print(f"[bench] repeat {repeat + 1}/{args.repeats}: muppet-ray, 1 worker", flush=True)
-        one = muppet(code, config_path, storage, "w1", one_worker, out / f"w1-{repeat}.log")
+        one = muppet(code, config_path, storage, "w1", [*args.set, *one_worker],
+                     out / f"w1-{repeat}.log")
         print(f"[bench] repeat {repeat + 1}/{args.repeats}: bare loop", flush=True)
         bare_run = run_command([sys.executable, str(HERE / "bare_loop.py"), str(storage / "w2"),
                                 "--steps", str(args.steps), "--threads", "2"], env,
@@ -228,7 +235,8 @@ def main() -> None:
                                               two.get("reported_worker_mb", 0)) or None)
 
     print(f"\nmuppet-ray from {code} ({_commit(code)}), {args.repeats} repeat(s), "
-          f"{args.steps} steps; {os.cpu_count()} CPUs; runs in {out}\n")
+          f"{args.steps} steps; {os.cpu_count()} CPUs; runs in {out}"
+          f"{''.join(f'; --set {s}' for s in args.set)}\n")
     print(f"{'figure':<28} {'min / median / max':>30}")
     for key, values in figures.items():
         fmt = "{:,.0f}" if ("MB" in key or "tokens/s" in key or "seconds" in key) else "{:.3f}"

@@ -169,6 +169,15 @@ class BatchingConfig(Section):
     mixed: each micro-batch made of tasks_per_micro_batch single-task chunks."""
     micro_batch_size: int = Field(16, ge=1)
     """Examples per micro-batch on one worker."""
+    tokens_per_micro_batch: int = Field(0, ge=0)
+    """A token budget for training micro-batches instead of a fixed count: each holds as many of
+    a task's similar-length examples as fit this many padded tokens (rows x longest row; a
+    multiple-choice example counts a row per choice), at least one and at most
+    8 x micro_batch_size, so short-example tasks fill the pass; the mixture then allots each
+    task micro-batches so that its share of the examples follows its weight (each micro-batch's
+    mean loss still counts equally in its step: docs/design.md). 0: off, micro_batch_size
+    examples each. Otherwise at least model.max_length; not with strategy=mixed. Validation
+    batches are unchanged."""
     grad_accum_steps: int = Field(2, ge=1)
     """Micro-batches per worker per optimizer step, at the full worker count: one step is
     always grad_accum_steps x max workers micro-batches, so with fewer workers (elastic
@@ -365,6 +374,14 @@ class Config(Section):
         if self.mixture.weights and not any(self.mixture.weights.values()):
             raise ValueError("mixture.weights: all weights are 0; at least one task needs a "
                              "weight above 0")
+        budget = self.batching.tokens_per_micro_batch
+        if budget and budget < self.model.max_length:
+            raise ValueError(f"batching.tokens_per_micro_batch ({budget}): expected 0 (off) or at "
+                             f"least model.max_length ({self.model.max_length}), so that a "
+                             "row of the longest length fits")
+        if budget and self.batching.strategy == "mixed":
+            raise ValueError("batching.tokens_per_micro_batch: not with batching.strategy=mixed "
+                             "(its micro-batches are made of fixed-size chunks); expected 0")
         per_step = micro_batches_per_step(self)
         uneven = [w for w in range(self.scaling.min_workers, self.scaling.max_workers + 1)
                   if per_step % w]

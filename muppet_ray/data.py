@@ -1,7 +1,8 @@
 """Data on Ray Data, in two stages.
 
 1. `prepare` (driver, before training): every task is read, tokenized and collated into
-   single-task chunks of `micro_batch_size` examples (fewer at the end of a split) by Ray Data
+   single-task chunks of `micro_batch_size` examples (fewer at the end of a split; or, with
+   `batching.tokens_per_micro_batch`, as many as fit that many padded tokens) by Ray Data
    `map_batches`, examples of similar length together, and written as Parquet, one chunk per
    row group, to the chunk cache `<storage>/.chunk-cache/<fingerprint>/`. A chunk is a ready,
    padded micro-batch. The fingerprint covers everything the chunks depend on (the task's spec
@@ -46,7 +47,7 @@ from muppet_ray.errors import DataError, unwrap_data_error
 from muppet_ray.mixture import Schedule
 from muppet_ray.sources import FileSource
 from muppet_ray.storage import RunDir
-from muppet_ray.task_types import Limits
+from muppet_ray.task_types import Features, Limits
 from muppet_ray.tasks import Task
 
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
@@ -58,6 +59,9 @@ CHUNKS_PER_BLOCK = 64  # chunks per Ray Data block when writing the cache
 # cluster on 2 cores 4 at a time, 11 s 2 at a time (and 12 s one at a time).
 CONCURRENT_WRITES = 2
 LENGTH_BUCKET = 8  # tokens: examples this close in length count as alike (see _chunker)
+# With a token budget, a training chunk holds at most this many times chunk_size examples: what
+# the budget does not count (decoder targets, per-example head work) stays bounded.
+BUDGET_MAX_FACTOR = 8
 CACHE_FORMAT = 8  # bump when the chunk rows change: older caches are then rebuilt
 CACHE_DIR = ".chunk-cache"  # below the storage root: shared by every run stored there
 DATA_RECORD = "data.json"  # in a run directory: the cache entries the run reads
@@ -76,6 +80,10 @@ class ChunkSettings:
     data_seed: int = 0  # which validation examples a capped split keeps
     train_fraction: float = 1.0
     group_by_length: bool = True  # order each window's examples by length before chunking
+    # batching.tokens_per_micro_batch: training chunks of up to this many padded tokens instead
+    # of chunk_size examples (_by_budget). Out of the repr, and so of the fingerprint, when 0:
+    # the caches made before it existed keep their keys.
+    tokens_per_chunk: int = dataclasses.field(default=0, repr=False)
 
     @staticmethod
     def from_config(config: Config) -> ChunkSettings:
@@ -86,7 +94,8 @@ class ChunkSettings:
         return ChunkSettings(
             Limits(model.max_length, model.max_target_length, model.doc_stride), chunk_size,
             batching.eval_batch_size, config.training.seed, config.training.max_eval_examples,
-            config.tasks.data_seed, config.tasks.train_fraction, batching.group_by_length)
+            config.tasks.data_seed, config.tasks.train_fraction, batching.group_by_length,
+            batching.tokens_per_micro_batch)
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,10 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
     a seeded random order, so training still sees tasks' examples in random order). Lengths
     count in buckets of LENGTH_BUCKET tokens, keeping the shuffled order within a bucket: where
     length goes with the label (a negation adds a word), exact sorting would fill chunks with
-    one label."""
+    one label. With a token budget (`tokens_per_chunk`), training chunks are cut by
+    `_by_budget` instead; the window stays CHUNKS_PER_BLOCK x chunk_size rows."""
     size = settings.chunk_size if split == "train" else settings.eval_chunk_size
+    budget = settings.tokens_per_chunk if split == "train" else 0
 
     def featurize(rows: list[dict[str, Any]]):
         examples = [task.source.decode(row, split) for row in rows]
@@ -146,8 +157,12 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
             features.sort(key=lambda f: max(len(r) for r in f.rows) // LENGTH_BUCKET)
         out: dict[str, list] = {k: [] for k in ("num_examples", "num_tokens", "padded_tokens",
                                                 "skipped", "payload")}
-        for i, bad in enumerate(skipped):
-            part = features[i * size:(i + 1) * size]
+        if budget:  # (the window's bad rows counted in its first chunk)
+            parts = _by_budget(features, budget, BUDGET_MAX_FACTOR * size) or [[]]
+            skipped = [sum(skipped)] + [0] * (len(parts) - 1)
+        else:
+            parts = [features[i * size:(i + 1) * size] for i in range(len(skipped))]
+        for part, bad in zip(parts, skipped):
             chunk = mb.collate(part, None, tokenizer.pad_token_id,
                                keep_text=split != "train") if part else None
             out["num_examples"].append(len(part))
@@ -160,14 +175,34 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
     return make_chunks
 
 
+def _by_budget(features: list[Features], budget: int, most: int) -> list[list[Features]]:
+    """`features` cut, in order, into runs of as many as fit `budget` padded tokens (their rows
+    x their longest row, as `mb.collate` pads them), at least one and at most `most` each."""
+    parts: list[list[Features]] = []
+    start = rows = longest = 0
+    for i, f in enumerate(features):
+        length = max(len(r) for r in f.rows)
+        if i > start and (i - start == most
+                          or (rows + len(f.rows)) * max(longest, length) > budget):
+            parts.append(features[start:i])
+            start, rows, longest = i, 0, 0
+        rows, longest = rows + len(f.rows), max(longest, length)
+    if start < len(features):
+        parts.append(features[start:])
+    return parts
+
+
 def _fingerprint(task: Task, split: str, content: str, vocab: str, settings: ChunkSettings
                  ) -> str:
     """Everything a task's chunks depend on: its spec, its data's content
     (`source.fingerprint`), the split, the tokenizer's vocabulary (`_vocabulary`) and the chunk
     settings. Equal fingerprints, equal chunks: runs share them."""
     if split != "train":  # (the training order and subset do not shape the other splits)
-        settings = dataclasses.replace(settings, chunk_size=0, seed=0, train_fraction=1.0)
+        settings = dataclasses.replace(settings, chunk_size=0, seed=0, train_fraction=1.0,
+                                       tokens_per_chunk=0)
     key = repr((CACHE_FORMAT, task, task.source, content, split, vocab, settings))
+    if settings.tokens_per_chunk:  # (not in the settings' repr: see ChunkSettings)
+        key += f"/tokens_per_chunk={settings.tokens_per_chunk}"
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 

@@ -77,7 +77,8 @@ def _fitting_stage(config: Config, model: MuppetModel, bf16: bool, workers: Work
     layers = (getattr(backbone, "num_hidden_layers", 0) if not backbone.is_encoder_decoder
               else backbone.encoder_layers + backbone.decoder_layers)
     batching = config.batching
-    tokens = batching.max_tokens_per_pass or batching.micro_batch_size * config.model.max_length
+    tokens = (batching.max_tokens_per_pass or batching.tokens_per_micro_batch
+              or batching.micro_batch_size * config.model.max_length)
     stage, reason = choose_zero_stage(
         sum(p.numel() for p in model.parameters()), workers.world, memory, bf16,
         activation_memory(tokens, layers, hidden_size(model.backbone), bf16))

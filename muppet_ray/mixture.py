@@ -9,6 +9,11 @@ with another worker count trains on exactly the same micro-batches, in the same 
 Tasks are interleaved by stride scheduling: unit i of task t sits at (i + phase_t) / count_t on a
 common clock. Over any window every task then holds its target share to within about one unit,
 far tighter than random sampling; the random phases keep tasks from moving in lockstep.
+
+The mixture weights are shares of examples. Chunks of a fixed size hold as many examples each,
+so the units are allotted by the weights themselves; with a token budget
+(`batching.tokens_per_micro_batch`) a short-example task's chunks hold more, so task t gets
+units in proportion to w_t / (examples_t / chunks_t), and its examples drawn follow w_t.
 """
 
 from __future__ import annotations
@@ -45,6 +50,31 @@ def allocate(weights: dict[str, float], total: int) -> dict[str, int]:
     for t in by_remainder[: total - sum(counts.values())]:
         counts[t] += 1
     return counts
+
+
+def _per_chunk(weights: dict[str, float], chunks_per_task: list[int],
+               examples_per_task: list[int], names: list[str]) -> dict[str, float]:
+    """The share of the chunks each task needs for its share of the examples to be its weight,
+    where its chunks hold examples_t / chunks_t examples on average (a token budget: a short
+    task's chunks hold more)."""
+    raw = {n: weights[n] * chunks / examples
+           for n, chunks, examples in zip(names, chunks_per_task, examples_per_task)}
+    total = sum(raw.values())
+    return {n: w / total for n, w in raw.items()}
+
+
+def examples_per_micro_batch(chunks_per_task: list[int], examples_per_task: list[int],
+                             mixture: MixtureConfig, batching: BatchingConfig,
+                             names: list[str] | None = None) -> float:
+    """A micro-batch's examples on average over the schedule: micro_batch_size, or with a token
+    budget 1 / sum_t(w_t / (examples_t / chunks_t)) (each task's chunks drawn as build_schedule
+    draws them)."""
+    if not batching.tokens_per_micro_batch:
+        return float(batching.micro_batch_size)
+    names = names or [str(i) for i in range(len(chunks_per_task))]
+    weights = mixture_weights(dict(zip(names, examples_per_task)), mixture)
+    return 1 / sum(weights[n] * chunks / examples
+                   for n, chunks, examples in zip(names, chunks_per_task, examples_per_task))
 
 
 @dataclass(frozen=True)
@@ -115,6 +145,8 @@ def build_schedule(
     per_micro_batch = batching.tasks_per_micro_batch if strategy == "mixed" else 1
     units = micro_batches * per_micro_batch // per_unit
     weights = mixture_weights(dict(zip(names, examples_per_task)), mixture)
+    if batching.tokens_per_micro_batch:
+        weights = _per_chunk(weights, chunks_per_task, examples_per_task, names)
     counts = np.array([allocate(weights, units)[n] for n in names])
 
     rng = np.random.default_rng([seed, 0x5EED])

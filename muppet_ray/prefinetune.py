@@ -30,6 +30,7 @@ from muppet_ray.config import (
 )
 from muppet_ray.errors import ConfigError, MuppetError, TrainingError, storage_faults
 from muppet_ray.metrics import read_log
+from muppet_ray.mixture import examples_per_micro_batch
 from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
 from muppet_ray.storage import RunDir, check_writable, normalize, run_root
@@ -279,10 +280,16 @@ def _save_tokenizer(tokenizer, run_dir: RunDir) -> None:
 
 def _describe(config: Config, tasks: list[Task], caches) -> None:
     examples = {t.name: caches[t.name]["train"].examples for t in tasks}
-    per_step = micro_batches_per_step(config) * config.batching.micro_batch_size
+    budget = config.batching.tokens_per_micro_batch
+    # (with a token budget, micro-batches hold more examples of short tasks: their mean)
+    per_step = micro_batches_per_step(config) * examples_per_micro_batch(
+        [caches[t.name]["train"].chunks for t in tasks], list(examples.values()),
+        config.mixture, config.batching, list(examples))
     epochs = config.training.max_steps * per_step / max(1, sum(examples.values()))
+    size = (f"~{per_step:,.0f} examples ({budget} tokens a micro-batch)" if budget
+            else f"{per_step:.0f} examples")
     print(f"[muppet-ray] {len(tasks)} tasks, {sum(examples.values()):,} training examples; "
-          f"{config.training.max_steps} steps x {per_step} examples = {epochs:.2f} epochs of "
+          f"{config.training.max_steps} steps x {size} = {epochs:.2f} epochs of "
           f"the mixture ({config.mixture.rule}, {config.batching.strategy} batches)", flush=True)
     for task in tasks:
         skipped = sum(caches[task.name][split].skipped for split in ("train", "validation"))

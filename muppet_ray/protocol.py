@@ -133,6 +133,8 @@ def _group_key(configs: dict[float, Config], source: Source, task: Task,
         raw["tasks"]["custom"] = [t for t in raw["tasks"]["custom"]  # (this task's spec only)
                                   if t["name"] in config.tasks.include]
         del raw["protocol"]["head"]  # (the head a run starts from is keyed below)
+        if not raw["batching"]["tokens_per_micro_batch"]:  # (off: the keys from before it)
+            del raw["batching"]["tokens_per_micro_batch"]
         settings.append({**{k: raw[k] for k in ("model", "tasks", "batching", "protocol")},
                          "training": {k: raw["training"][k] for k in PROTOCOL_TRAINING}})
     data_dirs = [[index.directory for _, index in sorted(c.items())] for c in caches.values()]

@@ -131,3 +131,21 @@ def test_a_derived_config_is_validated_like_a_loaded_one():
         base.replace({"training.max_steps": 0})
     with pytest.raises(ConfigError, match="^training.nonsense: unknown setting$"):
         base.replace({"training.nonsense": 1})
+
+
+def test_a_token_budget_fits_a_row_and_is_not_for_mixed_batches():
+    assert load_config(None, []).batching.tokens_per_micro_batch == 0  # off by default
+    assert load_config(None, ["batching.tokens_per_micro_batch=128"]).batching \
+        .tokens_per_micro_batch == 128  # (= model.max_length)
+    for overrides, expected in [
+        (["batching.tokens_per_micro_batch=100"],
+         "batching.tokens_per_micro_batch (100): expected 0 (off) or at least model.max_length "
+         "(128)"),
+        (["batching.tokens_per_micro_batch=-1"],
+         "batching.tokens_per_micro_batch: Input should be greater than or equal to 0"),
+        (["batching.tokens_per_micro_batch=4096", "batching.strategy=mixed"],
+         "batching.tokens_per_micro_batch: not with batching.strategy=mixed"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+        assert expected in str(info.value) and "\n" not in str(info.value)

@@ -1,13 +1,15 @@
 """The Ray Data stages on a real local cluster: the chunk cache, the stream, data errors."""
 
+import dataclasses
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from muppet_ray import batch as mb
 from muppet_ray import data
-from muppet_ray.config import BatchingConfig, MixtureConfig
+from muppet_ray.config import BatchingConfig, Config, MixtureConfig
 from muppet_ray.errors import DataError
 from muppet_ray.mixture import build_schedule
 from muppet_ray.prefinetune import build_tokenizer, resolve_and_check
@@ -250,3 +252,84 @@ def test_workers_share_validation_chunks_evenly():
     four = [data.eval_chunks(caches, rank, 4, generating) for rank in range(4)]
     fillers = [(t, c) for plan in four for t, c, counted, _ in plan if not counted]
     assert sorted(fillers) == [(0, 2), (0, 2), (2, 1), (2, 1)]  # each group's cheapest
+
+
+def window(name, tokenizer, split="train", budget=0):
+    """One window (64 chunks' worth) of a built-in task's rows through the chunker (no Ray)."""
+    from tests.test_task_types import task
+
+    settings = data.ChunkSettings(LIMITS, 8, 32, 0, tokens_per_chunk=budget)
+    rows = pa.table({"_id": list(range(8 * data.CHUNKS_PER_BLOCK))})
+    return data._chunker(task(name), split, tokenizer, settings)(rows)
+
+
+def example_ids(chunks):
+    return sorted(i for p in chunks["payload"] for i in mb.from_bytes(p)["example_id"])
+
+
+def test_a_token_budget_fills_training_chunks_and_leaves_validation_alone():
+    from tests.test_task_types import suite_tokenizer
+
+    tokenizer, budget = suite_tokenizer(), 256
+    mean = {}
+    for name in ("sentiment", "summarize", "what_has", "needs", "next_number"):
+        off, on = window(name, tokenizer), window(name, tokenizer, budget=budget)
+        assert set(off["num_examples"]) == {8}  # off: micro_batch_size examples each, as before
+        for examples, cells, payload in zip(on["num_examples"], on["padded_tokens"],
+                                            on["payload"]):
+            # within the budget (rows x longest row; a choice is a row) unless alone, at most
+            # 8 x micro_batch_size examples
+            assert 1 <= examples <= data.BUDGET_MAX_FACTOR * 8
+            assert cells <= budget or examples == 1
+            assert cells == mb.from_bytes(payload)["attention_mask"].size
+        assert example_ids(on) == example_ids(off)  # every example once
+        mean[name] = np.mean(on["num_examples"])
+        # validation chunks are never cut by the budget
+        assert window(name, tokenizer, "validation", budget) == window(name, tokenizer,
+                                                                        "validation")
+    # short examples fill the budget with more of them; multiple choice (4 rows an example)
+    # with fewer
+    assert mean["sentiment"] > 2 * 8 and mean["sentiment"] > 3 * mean["needs"]
+
+
+def test_the_token_budget_is_in_the_training_fingerprint_only():
+    from tests.test_task_types import task
+
+    off = data.ChunkSettings(LIMITS, 8, 32, 0)
+    on = data.ChunkSettings(LIMITS, 8, 32, 0, tokens_per_chunk=512)
+    assert "tokens_per_chunk" not in repr(off)  # off: the cache keys from before it existed
+    t = task("sentiment")
+
+    def key(split, settings):
+        return data._fingerprint(t, split, "content", "vocab", settings)
+
+    assert key("train", on) != key("train", off)
+    assert key("train", on) != key("train", dataclasses.replace(on, tokens_per_chunk=1024))
+    assert key("validation", on) == key("validation", off)
+    assert data.ChunkSettings.from_config(
+        Config().replace({"batching.tokens_per_micro_batch": 512})).tokens_per_chunk == 512
+
+
+def test_with_a_token_budget_each_tasks_examples_follow_the_mixture(ray_cluster, tmp_path):
+    config = make_config(tmp_path, "tasks.include=[sentiment, needs, what_has]")
+    tasks = resolve_tasks(config)
+    settings = data.ChunkSettings(LIMITS, 8, 32, 0, tokens_per_chunk=256)
+    caches = data.prepare(tasks, RunDir(str(tmp_path / "run")), build_tokenizer(config, tasks),
+                          settings, ("train",))
+    train = [caches[t.name]["train"] for t in tasks]
+    per_chunk = [[data.ChunkReader.read_row(c, i)["num_examples"] for i in range(c.chunks)]
+                 for c in train]
+    assert np.mean(per_chunk[0]) > 2 * np.mean(per_chunk[1])  # sentiment's fuller than needs'
+    weights = np.array([c.examples for c in train]) / sum(c.examples for c in train)
+    for budget in (256, 0):
+        batching = BatchingConfig(grad_accum_steps=2, tokens_per_micro_batch=budget)
+        schedule = build_schedule([c.chunks for c in train], [c.examples for c in train],
+                                  MixtureConfig(), batching, 4, 500, 0)
+        drawn = np.zeros(len(train))
+        for t, c in zip(schedule.task[:, 0], schedule.chunk[:, 0]):
+            drawn[t] += per_chunk[t][c]
+        error = np.abs(drawn / drawn.sum() - weights).max()
+        if budget:
+            assert error < 0.01, (drawn / drawn.sum(), weights)
+        else:  # (chunks drawn by the weights: sentiment's fuller ones over-sample it)
+            assert error > 0.05, (drawn / drawn.sum(), weights)

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from muppet_ray.config import BatchingConfig, MixtureConfig
-from muppet_ray.mixture import allocate, build_schedule, mixture_weights
+from muppet_ray.mixture import (
+    allocate,
+    build_schedule,
+    examples_per_micro_batch,
+    mixture_weights,
+)
 
 SIZES = {"a": 8000, "b": 2000, "c": 500, "d": 100}
 
@@ -130,3 +135,34 @@ def test_each_pass_visits_every_chunk_once():
             assert len(set(visited)) == len(visited)  # no chunk twice within a pass
             if epoch < s.epoch[mine].max():
                 assert sorted(visited) == list(range(num_chunks))  # complete passes
+
+
+def test_a_token_budget_draws_each_tasks_examples_by_its_weight():
+    # Chunks cut by a token budget: a short task's hold more examples (here about 64, 16, 32
+    # and 8 on average).
+    chunks = [8000 // 64, 2000 // 16, 500 // 32, 100 // 8]
+    per_chunk = np.array(list(SIZES.values())) / chunks
+    for mixture in (MixtureConfig(), MixtureConfig(rule="uniform"),
+                    MixtureConfig(rule="temperature", temperature=2.0)):
+        for strategy in ("heterogeneous", "homogeneous"):
+            on = BatchingConfig(strategy=strategy, grad_accum_steps=4,
+                                tokens_per_micro_batch=2048)
+            s = build_schedule(chunks, list(SIZES.values()), mixture, on, 8, 400, 0,
+                               list(SIZES))
+            drawn = np.bincount(s.task[:, 0], minlength=4) * per_chunk
+            weights = np.array(list(mixture_weights(SIZES, mixture).values()))
+            # within rounding: one unit (a step's worth of micro-batches, homogeneous) of the
+            # task with the fullest chunks
+            unit = 8 if strategy == "homogeneous" else 1
+            assert np.abs(drawn / drawn.sum() - weights).max() <= unit * 64 / drawn.sum()
+            mean = examples_per_micro_batch(chunks, list(SIZES.values()), mixture, on)
+            assert mean == pytest.approx(drawn.sum() / len(s), rel=0.02)
+            # off: chunks are drawn by the weights themselves (the examples would follow
+            # w_t x examples per chunk)
+            off = build_schedule(chunks, list(SIZES.values()), mixture,
+                                 BatchingConfig(strategy=strategy, grad_accum_steps=4), 8, 400,
+                                 0, list(SIZES))
+            assert np.abs(np.bincount(off.task[:, 0], minlength=4) / len(off) - weights).max() \
+                <= unit / len(off)
+    assert examples_per_micro_batch(chunks, list(SIZES.values()), MixtureConfig(),
+                                    BatchingConfig(micro_batch_size=16)) == 16.0
