@@ -178,24 +178,3 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
     assert np.allclose(np.diag(transfer["cosine"]), 1, atol=1e-3)
     assert (storage / "run" / "gradient_similarity.png").read_bytes()[:4] == b"\x89PNG"
 
-
-def test_a_token_budget_run_trains_on_fuller_micro_batches(ray_cluster, tmp_path):
-    budget = 512
-    config = make_config(tmp_path, f"batching.tokens_per_micro_batch={budget}",
-                         "tasks.include=[sentiment, needs, what_has, summarize]",
-                         "training.max_steps=6", "training.checkpoint_every=6")
-    result = prefinetune(config)
-    train, schedule = schedule_of(result, config)
-    examples = np.zeros(len(train))
-    for t, c in zip(schedule.task[:, 0], schedule.chunk[:, 0]):
-        row = data.ChunkReader.read_row(train[t], c)
-        assert row["padded_tokens"] <= budget or row["num_examples"] == 1
-        examples[t] += row["num_examples"]
-    # the short classification task's micro-batches hold more than micro_batch_size examples
-    sentiment = [t.name for t in result.tasks].index("sentiment")
-    drawn = np.bincount(schedule.task[:, 0], minlength=len(train))
-    assert examples[sentiment] / drawn[sentiment] > config.batching.micro_batch_size
-    positions = sorted(p for r in train_records(result.run_dir) for a, b in r["positions"]
-                       for p in range(a, b))
-    assert positions == list(range(len(schedule)))  # every scheduled micro-batch trained once
-    assert all(np.isfinite(r["loss"]) for r in train_records(result.run_dir))

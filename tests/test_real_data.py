@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -184,12 +185,33 @@ def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
          "train": f"{DATA}/squad/squaddev_v1.1.json", "validation_fraction": 0.02},
         {"name": "xsum", "format": "bigbench", "train": f"{DATA}/bigbench/gem/xsum/task.json"},
     ]
+    # With a token budget (batching.tokens_per_micro_batch), as a mix of short and long real
+    # examples is best run: micro-batches of as many examples as fit, not a fixed count.
+    budget = 1024
     config = make_config(tmp_path, f"tasks.custom={json.dumps(specs)}",
                          "tasks.include=[tweets, siqa, squad, xsum]", "training.max_steps=3",
                          "training.max_eval_examples=24", "model.max_length=128",
-                         "model.vocab_size=4000", "training.checkpoint_every=3")
+                         "model.vocab_size=4000", "training.checkpoint_every=3",
+                         f"batching.tokens_per_micro_batch={budget}")
     result = prefinetune(config)
     metric = {"tweets": "accuracy", "siqa": "accuracy", "squad": "f1", "xsum": "rougeL"}
     for name, key in metric.items():
         assert 0.0 <= result.after[name][key] <= 1.0, (name, result.after[name])
     assert (tmp_path / "run" / "export" / "muppet.json").exists()
+
+    from muppet_ray import data
+    from tests.test_integration import schedule_of, train_records
+
+    train, schedule = schedule_of(result, config)
+    examples, drawn = np.zeros(len(train)), np.zeros(len(train))
+    for t, c in zip(schedule.task[:, 0], schedule.chunk[:, 0]):
+        row = data.ChunkReader.read_row(train[t], c)
+        assert row["padded_tokens"] <= budget or row["num_examples"] == 1
+        examples[t] += row["num_examples"]
+        drawn[t] += 1
+    # the short tweets fill their micro-batches with more than micro_batch_size examples
+    tweets = [t.name for t in result.tasks].index("tweets")
+    assert examples[tweets] / drawn[tweets] > config.batching.micro_batch_size
+    positions = sorted(p for r in train_records(result.run_dir) for a, b in r["positions"]
+                       for p in range(a, b))
+    assert positions == list(range(len(schedule)))  # every scheduled micro-batch trained once
