@@ -36,7 +36,7 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from muppet_ray import batch as mb
-from muppet_ray import cluster, data
+from muppet_ray import cluster, data, runtime
 from muppet_ray.config import Config
 from muppet_ray.finetune import finetune_config
 from muppet_ray.heads import head_origins, initial_heads, is_reused
@@ -158,6 +158,8 @@ def _fine_tune_runs(configs: dict[float, Config], source: Source, label: str, ta
     heads, origin = initial_heads(source, [task], any_config.protocol.head)
     tokenizer = load_tokenizer(source.model)
     device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")  # (a GPU if Ray gave one)
+    if device.type == "cpu":  # (before the first forward pass: runtime.no_cpu_kernel_cache)
+        runtime.no_cpu_kernel_cache()
     scores = []
     for fraction, config in configs.items():
         for lr in config.protocol.learning_rates:

@@ -85,6 +85,22 @@ def use_deepspeed_accelerator(on_gpu: bool) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
 
 
+# oneDNN, which runs some of PyTorch's CPU kernels (BERT's GELU among them), builds a JIT-compiled
+# primitive for every input shape and keeps up to 1,024 of them. Micro-batches come in a new shape
+# almost every pass, so primitives are made and kept mid-pass, among the activations: they pin
+# glibc's heap, which then keeps growing instead of reusing the activations' freed memory (issue
+# 24: a MiniLM worker's resident memory 2.8 GB at step 20, 7.2 GB at step 200). oneDNN reads the
+# capacity when it first builds a primitive; without a cache it builds one per call, at no
+# measurable cost on the CPU (bench/README.md, worker memory).
+ONEDNN_CACHE_CAPACITY = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def no_cpu_kernel_cache() -> None:
+    """No oneDNN primitive cache in this process, unless its environment already sets one: call it
+    before the first forward pass on the CPU."""
+    os.environ.setdefault(ONEDNN_CACHE_CAPACITY, "0")
+
+
 # Ray Train's controller checks its workers this often (seconds), read from the environment. On a
 # local cluster muppet-ray lowers Ray's 2 s default (see local_cluster_environment).
 CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"

@@ -34,7 +34,7 @@ import ray.train
 import torch
 
 from muppet_ray import batch as mb
-from muppet_ray import data
+from muppet_ray import data, runtime
 from muppet_ray.callbacks import Callback
 from muppet_ray.checkpoint import Checkpointer
 from muppet_ray.config import Config, micro_batches_per_step
@@ -328,6 +328,9 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
         # One compute thread per CPU Ray gave the worker: torch would otherwise start one per
         # core in every worker, and workers sharing a machine then fight over its cores.
         torch.set_num_threads(max(1, int(plan.config.scaling.cpus_per_worker)))
+        # Before the first forward pass: oneDNN's cache of a kernel per shape pins the heap
+        # (issue 24, runtime.no_cpu_kernel_cache).
+        runtime.no_cpu_kernel_cache()
     metrics = RunMetrics(RunDir(plan.run_dir), workers.rank)
     try:
         if plan.evaluate_only:

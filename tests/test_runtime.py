@@ -30,3 +30,12 @@ def test_a_moved_private_name_fails_in_one_line(monkeypatch):
     with pytest.raises(RuntimeError, match=r"^muppet-ray relies on ray\._private\.worker\."
                                            r"_moved_away, which ray \S+ does not have"):
         runtime.check_private_names()
+
+
+def test_no_cpu_kernel_cache_sets_the_capacity_only_where_unset(monkeypatch):
+    monkeypatch.delenv(runtime.ONEDNN_CACHE_CAPACITY, raising=False)
+    runtime.no_cpu_kernel_cache()
+    assert runtime.os.environ[runtime.ONEDNN_CACHE_CAPACITY] == "0"
+    monkeypatch.setenv(runtime.ONEDNN_CACHE_CAPACITY, "64")  # (a user's own setting stays)
+    runtime.no_cpu_kernel_cache()
+    assert runtime.os.environ[runtime.ONEDNN_CACHE_CAPACITY] == "64"
