@@ -151,15 +151,26 @@ class TasksConfig(Section):
 
 
 class MixtureConfig(Section):
-    rule: Literal["proportional", "temperature", "uniform", "explicit"] = "proportional"
+    rule: Literal["proportional", "temperature", "uniform", "explicit", "online"] = "proportional"
     """How often each task is drawn: proportional to its examples (the paper), temperature
-    (T5), uniform, or explicit weights."""
+    (T5), uniform, explicit weights, or online: proportional at first, then every online_every
+    steps moved towards the tasks whose training loss (divided by log n) is highest
+    (mixture.py, OnlineMixture)."""
     temperature: float = Field(2.0, gt=0)
     """For rule=temperature: weight ∝ size^(1/temperature) (T5)."""
     cap: int | None = Field(None, ge=1)
     """Examples counted per task at most, for proportional and temperature (T5's K)."""
     weights: dict[str, float] = {}
     """For rule=explicit: task -> weight (normalised; every included task needs one)."""
+    online_every: int = Field(20, ge=1)
+    """For rule=online: steps between weight updates (each interval's micro-batches are drawn
+    with the weights decided at its start)."""
+    online_rate: float = Field(1.0, ge=0)
+    """For rule=online: the exponentiated-gradient step: a task's log-weight grows by this times
+    its mean scaled training loss over an interval (0: weights stay proportional)."""
+    online_floor: float = Field(0.25, ge=0, le=1)
+    """For rule=online: every task keeps at least this share of its proportional weight (the
+    weights are (1 - floor) x adapted + floor x proportional), so none is starved."""
 
 
 class BatchingConfig(Section):
@@ -374,6 +385,10 @@ class Config(Section):
         if self.mixture.weights and not any(self.mixture.weights.values()):
             raise ValueError("mixture.weights: all weights are 0; at least one task needs a "
                              "weight above 0")
+        if self.mixture.rule == "online" and self.batching.strategy == "sequential":
+            raise ValueError("mixture.rule=online: not with batching.strategy=sequential (its "
+                             "tasks come one after another, not by weight); expected "
+                             "heterogeneous, homogeneous or mixed")
         budget = self.batching.tokens_per_micro_batch
         if budget and budget < self.model.max_length:
             raise ValueError(f"batching.tokens_per_micro_batch ({budget}): expected 0 (off) or at "

@@ -3,7 +3,8 @@ window of steps a "train" record sums up; the console's progress lines.
 
 Records: {"kind": "train", "step", "loss", "lr", "examples_per_s", "tokens_per_s",
 "real_token_ratio", "task_loss": {task: loss}, "positions": [first, end)} every `log_every` steps
-and {"kind": "eval", "step", "metrics": {task: {metric: value}}} at each evaluation. After a
+and {"kind": "eval", "step", "metrics": {task: {metric: value}}} at each evaluation; with an
+online mixture, {"kind": "mixture", "step", "weights": {task: weight}} at each decision. After a
 restart, steps after the restored checkpoint are logged again: the last record of a step is the
 one that counts.
 """
@@ -205,6 +206,10 @@ class RunMetrics:
                          "positions": ranges(sorted(positions))})
         log.warning(f"[muppet-ray] step {step} skipped: non-finite loss or gradients "
                     f"(tasks {tasks or 'unknown: the loss was finite'})")
+
+    def mixture(self, step: int, tasks: list[str], weights: list[float]) -> None:
+        """The weights an online mixture draws with from `step` on (mixture.py)."""
+        self.log({"kind": "mixture", "step": step, "weights": dict(zip(tasks, weights))})
 
     def stopped(self, step: int, reason: str) -> None:
         self.log({"kind": "stopped", "step": step, "reason": reason})

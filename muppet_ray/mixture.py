@@ -14,11 +14,17 @@ The mixture weights are shares of examples. Chunks of a fixed size hold as many 
 so the units are allotted by the weights themselves; with a token budget
 (`batching.tokens_per_micro_batch`) a short-example task's chunks hold more, so task t gets
 units in proportion to w_t / (examples_t / chunks_t), and its examples drawn follow w_t.
+
+With mixture.rule=online the weights change during the run (OnlineMixture: online data mixing,
+an exponentiated-gradient update from each task's training loss). The schedule is then built
+interval by interval from the weights decided so far, which every checkpoint keeps: a resumed
+run draws exactly the micro-batches that those weights give.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,7 +34,7 @@ from muppet_ray.config import BatchingConfig, MixtureConfig
 def mixture_weights(sizes: dict[str, int], config: MixtureConfig) -> dict[str, float]:
     """Normalised sampling weight per task (examples-proportional by default, as in Muppet)."""
     capped = {t: float(min(n, config.cap) if config.cap else n) for t, n in sizes.items()}
-    if config.rule == "proportional":
+    if config.rule in ("proportional", "online"):  # (online starts from proportional)
         raw = capped
     elif config.rule == "temperature":
         raw = {t: n ** (1.0 / config.temperature) for t, n in capped.items()}
@@ -135,29 +141,36 @@ def build_schedule(
     max_steps: int,
     seed: int,
     names: list[str] | None = None,
+    decided: list[list[float]] | None = None,
 ) -> Schedule:
+    """The run's schedule; with mixture.rule=online, that of the intervals whose weights are
+    `decided` (OnlineMixture.decided, one list per interval in task order), which it extends as
+    more are decided: a task's chunks are drawn from one stream over the whole run, so the
+    micro-batches already scheduled never change."""
     names = names or [str(i) for i in range(len(chunks_per_task))]
+    if mixture.rule == "online":
+        if not decided:
+            raise ValueError("mixture.rule=online: the schedule follows the weights decided "
+                             "during the run (its \"mixture\" records), and none were given")
+        every = mixture.online_every
+        intervals = [(dict(zip(names, w)), min(every, max_steps - k * every))
+                     for k, w in enumerate(decided)]
+    else:
+        intervals = [(mixture_weights(dict(zip(names, examples_per_task)), mixture), max_steps)]
     strategy = batching.strategy
-    micro_batches = max_steps * per_step
     # The unit the mixture interleaves: a chunk, or for homogeneous updates a whole step's worth
     # of one task; `mixed` micro-batches are made of several consecutive chunks.
     per_unit = per_step if strategy == "homogeneous" else 1
     per_micro_batch = batching.tasks_per_micro_batch if strategy == "mixed" else 1
-    units = micro_batches * per_micro_batch // per_unit
-    weights = mixture_weights(dict(zip(names, examples_per_task)), mixture)
-    if batching.tokens_per_micro_batch:
-        weights = _per_chunk(weights, chunks_per_task, examples_per_task, names)
-    counts = np.array([allocate(weights, units)[n] for n in names])
-
-    rng = np.random.default_rng([seed, 0x5EED])
-    if strategy == "sequential":
-        unit_task = np.repeat(np.arange(len(names)), counts)
-    else:
-        phase = rng.random(len(names))
-        unit_task = np.concatenate([np.full(c, t) for t, c in enumerate(counts)]).astype(int)
-        clock = np.concatenate([(np.arange(c) + phase[t]) / c for t, c in enumerate(counts)])
-        unit_task = unit_task[np.lexsort((unit_task, clock))]
-    slot_task = np.repeat(unit_task, per_unit)
+    unit_task = []
+    for k, (weights, steps) in enumerate(intervals):
+        if batching.tokens_per_micro_batch:
+            weights = _per_chunk(weights, chunks_per_task, examples_per_task, names)
+        units = steps * per_step * per_micro_batch // per_unit
+        counts = np.array([allocate(weights, units)[n] for n in names])
+        rng = np.random.default_rng([seed, 0x5EED] if k == 0 else [seed, 0x5EED, k])
+        unit_task.append(_interleave(counts, strategy, rng))
+    slot_task = np.repeat(np.concatenate(unit_task), per_unit)
 
     slot_chunk = np.empty_like(slot_task)
     slot_epoch = np.empty_like(slot_task)
@@ -166,6 +179,108 @@ def build_schedule(
         if len(where):
             task_rng = np.random.default_rng([seed, t])
             slot_chunk[where], slot_epoch[where] = _task_chunks(num_chunks, len(where), task_rng)
-    shape = (micro_batches, per_micro_batch)
+    shape = (len(slot_task) // per_micro_batch, per_micro_batch)
     return Schedule(slot_task.reshape(shape), slot_chunk.reshape(shape),
                     slot_epoch.reshape(shape), per_step)
+
+
+def _interleave(counts: np.ndarray, strategy: str, rng: np.random.Generator) -> np.ndarray:
+    """The order of `counts[t]` units of each task t: tasks one after another (sequential), or
+    interleaved by stride scheduling (see the module's docstring)."""
+    if strategy == "sequential":
+        return np.repeat(np.arange(len(counts)), counts)
+    phase = rng.random(len(counts))
+    unit_task = np.concatenate([np.full(c, t) for t, c in enumerate(counts)]).astype(int)
+    clock = np.concatenate([(np.arange(c) + phase[t]) / c for t, c in enumerate(counts)])
+    return unit_task[np.lexsort((unit_task, clock))]
+
+
+@dataclass
+class OnlineMixture:
+    """mixture.rule=online: the task weights move, every `every` steps, towards the tasks whose
+    training loss is highest (online data mixing, Albalak et al. 2023: tasks still far from
+    learnt get more of the updates). The loss is each task's mean over the interval of its
+    examples' losses divided by log(n), so that tasks with large output spaces compare; a
+    task's log-weight grows by `rate` times it (an exponentiated-gradient step), and the weights
+    drawn are (1 - floor) x those + floor x the proportional ones, so that no task is starved.
+
+    Every worker holds the same one, updated from the losses summed over all workers, so all
+    decide alike. Its state goes into every checkpoint (`state`): a run resumed at the same
+    worker count makes the decisions the uninterrupted run makes (its losses are the same, bit
+    for bit: train.py seeds each step); one resumed at another count keeps every decision taken
+    up to its checkpoint, and makes the later ones from its own losses."""
+
+    prior: np.ndarray  # [T] proportional weights
+    every: int
+    rate: float
+    floor: float
+    scores: np.ndarray = None  # [T] rate x summed interval losses: the log-weights' change
+    decided: list[list[float]] = field(default_factory=list)  # each interval's weights
+    loss: np.ndarray = None  # [T] this interval's summed scaled losses so far
+    examples: np.ndarray = None  # [T] and its examples
+
+    def __post_init__(self):
+        size = len(self.prior)
+        self.scores = np.zeros(size) if self.scores is None else np.asarray(self.scores)
+        self.loss = np.zeros(size) if self.loss is None else np.asarray(self.loss)
+        self.examples = np.zeros(size) if self.examples is None else np.asarray(self.examples)
+        if not self.decided:
+            self.decided = [self.weights().tolist()]
+
+    @classmethod
+    def of_run(cls, prior: list[float], config: MixtureConfig, state: dict | None = None
+               ) -> OnlineMixture:
+        """A run's mixture: a fresh one, or the one its checkpoint kept (`state`)."""
+        return cls(np.asarray(prior, dtype=np.float64), config.online_every, config.online_rate,
+                   config.online_floor, **(state or {}))
+
+    def state(self) -> dict:
+        return {"scores": self.scores.tolist(), "decided": self.decided,
+                "loss": self.loss.tolist(), "examples": self.examples.tolist()}
+
+    def weights(self) -> np.ndarray:
+        adapted = self.prior * np.exp(self.scores - self.scores.max())
+        return (1 - self.floor) * adapted / adapted.sum() + self.floor * self.prior
+
+    def add(self, task_scaled_loss: np.ndarray, task_examples: np.ndarray) -> None:
+        """A step's per-task sums of scaled losses and examples (over all workers)."""
+        self.loss += task_scaled_loss
+        self.examples += task_examples
+
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether the interval that starts after `step` steps needs its weights now."""
+        return step % self.every == 0 and step < max_steps
+
+    def decide(self) -> list[float]:
+        """The next interval's weights, from this one's mean losses; a task that drew no
+        examples in it moves as the mean of those that did (neither up nor down)."""
+        seen = self.examples > 0
+        mean = np.divide(self.loss, self.examples, out=np.zeros_like(self.loss), where=seen)
+        if seen.any():
+            self.scores = self.scores + self.rate * np.where(seen, mean, mean[seen].mean())
+        self.loss, self.examples = np.zeros_like(self.loss), np.zeros_like(self.examples)
+        self.decided.append(self.weights().tolist())
+        return self.decided[-1]
+
+
+def weights_plot(names: list[str], decided: list[list[float]], every: int, max_steps: int
+                 ) -> bytes:
+    """The decided weights over the run's steps (PNG): a band per task, stacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [k * every for k in range(len(decided))] + [max_steps]
+    shares = np.asarray(decided + decided[-1:]).T  # (the last interval drawn to its end)
+    figure, ax = plt.subplots(figsize=(8, 4.5))
+    ax.stackplot(steps, shares, labels=names, step="post")
+    ax.set(xlabel="step", ylabel="share of the examples drawn", xlim=(0, steps[-1]), ylim=(0, 1),
+           title="Online mixture: task weights")
+    if len(names) <= 12:
+        ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=100)
+    plt.close(figure)
+    return out.getvalue()

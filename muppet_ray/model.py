@@ -226,13 +226,18 @@ class MuppetModel(nn.Module):
             loss = torch.where(mine, type_loss, loss)
             log_n = torch.where(mine, type_log_n, log_n)
         # Muppet §3.2: divide by log(n) so tasks with large output spaces don't dominate.
-        objective = (loss / log_n if self.loss_scaling else loss).mean()
+        scaled = loss / log_n
+        objective = (scaled if self.loss_scaling else loss).mean()
         num_tasks = len(self.layouts)
         task = batch["example_task"]
+
+        def per_task(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(num_tasks, device=loss.device).index_add(0, task, values.detach())
+
         return {
             "loss": objective,
-            "task_loss_sum": torch.zeros(num_tasks, device=loss.device).index_add(
-                0, task, loss.detach()),
+            "task_loss_sum": per_task(loss),
+            "task_scaled_loss_sum": per_task(scaled),  # (what online mixing compares)
             "task_examples": torch.bincount(task, minlength=num_tasks).float(),
         }
 

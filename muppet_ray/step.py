@@ -35,6 +35,7 @@ def forward_backward(engine, pieces: list[tuple[mb.Batch, float]], weight: float
         if sums is not None and share:  # (a share-0 piece only keeps ZeRO-3's passes in step)
             sums["loss"] += out["loss"].detach() * share
             sums["task_loss"] += out["task_loss_sum"]
+            sums["task_scaled_loss"] += out["task_scaled_loss_sum"]
             sums["task_examples"] += out["task_examples"]
 
 

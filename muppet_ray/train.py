@@ -44,7 +44,7 @@ from muppet_ray.evaluation import Evaluator
 from muppet_ray.export import export_from_engine
 from muppet_ray.faults import FaultInjection
 from muppet_ray.metrics import RunMetrics, Window, peak_resident_mb, progress_line, resident_mb
-from muppet_ray.mixture import Schedule, build_schedule
+from muppet_ray.schedule import WorkerSchedule
 from muppet_ray.step import forward_backward, passes
 from muppet_ray.storage import RunDir
 from muppet_ray.tasks import HeadLayout
@@ -81,9 +81,7 @@ class Trainer:
     zero_stage: int
     kept: dict  # what checkpoints keep beside the model: the step, the step-0 metrics
     evaluator: Evaluator  # validation metrics across the workers (evaluation.py)
-    schedule: Schedule  # every micro-batch of the run, step by step (mixture.py)
-    positions: np.ndarray  # [steps, micro-batches]: this worker's share of the schedule
-    pass_cost: np.ndarray  # [steps, micro-batches]: what their passes are sized by (step.py)
+    schedule: WorkerSchedule  # this worker's micro-batches, step by step (schedule.py)
     callbacks: list[Callback]  # diagnostics and tests' fault injection (callbacks.py)
 
     def __init__(self, plan: WorkerPlan, workers: Workers, metrics: RunMetrics):
@@ -102,7 +100,9 @@ class Trainer:
                          else {"step": 0})
         self.evaluator = Evaluator(self.engine, plan.layouts, plan.eval_caches, workers,
                                    self.config.batching.max_tokens_per_pass, self.zero3)
-        self.lay_out()
+        self.schedule = WorkerSchedule(self.config, self.task_names, plan.train_caches, workers,
+                                       self.zero3, plan.tokenizer.pad_token_id,
+                                       self.kept.get("mixture"))
         self.callbacks = []
         if len(plan.layouts) > 1:
             self.callbacks.append(TransferSketch(self.engine.module, self.task_names, workers,
@@ -119,24 +119,6 @@ class Trainer:
     def task_names(self) -> list[str]:
         return [t.name for t in self.plan.layouts]
 
-    def lay_out(self) -> None:
-        """The run's schedule, and this worker's share of it."""
-        caches = self.plan.train_caches
-        self.schedule = build_schedule(
-            [c.chunks for c in caches], [c.examples for c in caches], self.config.mixture,
-            self.config.batching, self.per_step, self.config.training.max_steps,
-            self.config.training.seed, self.task_names)
-        # Each worker's micro-batches, a row per step: the step's largest go to different
-        # workers (Schedule.worker_positions), so that no worker waits long for another.
-        world = self.workers.world
-        cost = data.position_costs(self.schedule, caches)
-        every = np.stack([self.schedule.worker_positions(rank, world, cost=cost)
-                          for rank in range(world)]).reshape(world, -1, self.accum)
-        self.positions = every[self.workers.rank]
-        # What each micro-batch's number of passes is based on: its own size, or under ZeRO-3
-        # (whose passes gather parameters from all workers) the largest of the same micro-step.
-        self.pass_cost = cost[every].max(axis=0) if self.zero3 else cost[self.positions]
-
     # --------------------------------------------------------------- the loop
 
     def train(self) -> None:
@@ -145,10 +127,11 @@ class Trainer:
         the final evaluation, checkpoint and export."""
         settings, start = self.config.training, self.kept["step"]
         steps = settings.max_steps
-        stream = data.stream(self.schedule, self.positions[start:].ravel(),
-                             self.plan.train_caches, self.plan.tokenizer.pad_token_id)
+        stream = self.schedule.stream(start)
         if start == 0:
             self.kept["before"] = self.evaluate(0)
+            if mixing := self.schedule.mixing:
+                self.metrics.mixture(0, self.task_names, mixing.decided[0])
         window = Window.resumed(len(self.task_names), start, settings.log_every, self.per_step)
         bad_in_a_row = 0
         for step in range(start, steps):
@@ -165,6 +148,10 @@ class Trainer:
             if done % settings.log_every == 0 or done == steps:
                 self.log_window(done, window)
                 window = Window(len(self.task_names))
+            if self.schedule.due(done):
+                # (the next interval's micro-batches, drawn by its weights)
+                self.metrics.mixture(done, self.task_names, self.schedule.decide())
+                stream = self.schedule.stream(done)
             paused = time.perf_counter()
             if settings.eval_every and done % settings.eval_every == 0 and done != steps:
                 ray.train.report({"step": done, **_flatten(self.evaluate(done))})
@@ -177,6 +164,8 @@ class Trainer:
             # (the metrics of Ray Train's result, which are its latest checkpoint's)
             self.save(steps, {"step": steps, **_flatten(final), "after": final,
                               "before": self.kept.get("before", {})})
+        if self.schedule.mixing:
+            self.metrics.write_figure("mixture_weights.png", self.schedule.weights_plot())
         export = export_from_engine(self.engine, self.workers.rank, self.plan.tokenizer,
                                     self.run_dir, steps, self.plan.config_yaml)
         ray.train.report({"step": steps, "export": export or "", **_flatten(final)})
@@ -184,10 +173,16 @@ class Trainer:
     def train_step(self, step: int, stream, window: Window) -> bool:
         """One optimizer step; False if it was skipped (a non-finite loss or gradients)."""
         num_tasks, device = len(self.task_names), self.workers.device
+        # Dropout's masks drawn from the seed, the step and the worker: a run resumed at the same
+        # worker count computes what the uninterrupted run computes, bit for bit (which an
+        # online mixture's decisions rely on).
+        torch.manual_seed(int(np.random.SeedSequence(
+            [self.config.training.seed, step, self.workers.rank]).generate_state(1)[0]))
         # Loss sums stay on the device; one transfer per step (not per micro-batch) keeps the
         # accelerator's queue full.
-        sums = {name: torch.zeros(size, dtype=torch.float64, device=device) for name, size
-                in (("loss", 1), ("task_loss", num_tasks), ("task_examples", num_tasks))}
+        sums = {name: torch.zeros(size, dtype=torch.float64, device=device) for name, size in (
+            ("loss", 1), ("task_loss", num_tasks), ("task_scaled_loss", num_tasks),
+            ("task_examples", num_tasks))}
         tokens = torch.zeros(2, dtype=torch.float64)  # real, padded
         slots = torch.zeros(self.per_step, dtype=torch.float64)  # the step's positions
         first = step * self.per_step
@@ -197,11 +192,11 @@ class Trainer:
                 row = next(stream)
                 window.data_wait += time.perf_counter() - waiting
                 position = int(row["position"])
-                if position != self.positions[step, micro]:
+                if position != self.schedule.positions[step, micro]:
                     raise RuntimeError(
                         f"worker {self.workers.rank} got micro-batch {position} at step {step}")
                 batch = mb.from_bytes(row["payload"])
-                pieces = passes(batch, self.pass_cost[step, micro],
+                pieces = passes(batch, self.schedule.pass_cost[step, micro],
                                 self.config.batching.max_tokens_per_pass, self.zero3)
                 with around(self.callbacks, batch):
                     # the step's loss: the mean over its micro-batches of each one's mean
@@ -225,6 +220,8 @@ class Trainer:
             return False
         window.add(loss / self.per_step, task_loss, totals["task_examples"].numpy(),
                    *totals["tokens"].tolist(), positions)
+        self.schedule.add_losses(totals["task_scaled_loss"].numpy(),
+                                 totals["task_examples"].numpy())
         return True
 
     # -------------------------------------------- at log, evaluation, checkpoint steps
@@ -265,6 +262,8 @@ class Trainer:
 
     def save(self, step: int, metrics: dict) -> None:
         self.check_weights(step)
+        if mixing := self.schedule.mixing:
+            self.kept["mixture"] = mixing.state()
         self.metrics.flush()
         upload = next(filter(None, (c.checkpoint_upload(step) for c in self.callbacks)), None)
         self.checkpointer.save(self.engine, step, self.zero_stage, self.kept, metrics, upload)

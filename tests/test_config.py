@@ -40,7 +40,7 @@ def test_yaml_and_overrides(tmp_path):
         ("training.max_steps=ten", "training.max_steps: Input should be a valid integer"),
         ("training.nonsense=1", "training.nonsense: unknown setting"),
         ("mixture.rule=random", "mixture.rule: Input should be 'proportional', 'temperature', "
-                                "'uniform' or 'explicit'"),
+                                "'uniform', 'explicit' or 'online'"),
         ("batching.strategy=mixed", "batching.tasks_per_micro_batch (3) must divide "
                                     "batching.micro_batch_size (16)"),
         ("model.num_heads=3", "model.hidden_size (128) must be a multiple of model.num_heads"),

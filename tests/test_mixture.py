@@ -5,10 +5,12 @@ import pytest
 
 from muppet_ray.config import BatchingConfig, MixtureConfig
 from muppet_ray.mixture import (
+    OnlineMixture,
     allocate,
     build_schedule,
     examples_per_micro_batch,
     mixture_weights,
+    weights_plot,
 )
 
 SIZES = {"a": 8000, "b": 2000, "c": 500, "d": 100}
@@ -166,3 +168,83 @@ def test_a_token_budget_draws_each_tasks_examples_by_its_weight():
                 <= unit / len(off)
     assert examples_per_micro_batch(chunks, list(SIZES.values()), MixtureConfig(),
                                     BatchingConfig(micro_batch_size=16)) == 16.0
+
+
+# ------------------------------------------------------------------ online mixing
+
+
+def online(**settings) -> OnlineMixture:
+    config = MixtureConfig(rule="online", **settings)
+    return OnlineMixture.of_run(list(mixture_weights(SIZES, config).values()), config)
+
+
+def test_online_weights_move_towards_the_task_whose_loss_is_high():
+    mixing = online(online_rate=1.0, online_floor=0.25)
+    prior = np.array(mixing.decided[0])
+    assert prior == pytest.approx(np.array(list(SIZES.values())) / 10600)  # proportional first
+    examples = np.array([64.0, 16, 8, 2])
+    for _ in range(6):  # task c's loss made high (log n-scaled: 1 = chance), the others learnt
+        mixing.add(np.array([0.1, 0.1, 2.0, 0.1]) * examples, examples)
+        weights = np.array(mixing.decide())
+        assert weights.sum() == pytest.approx(1)
+    history = np.array(mixing.decided)
+    assert (np.diff(history[:, 2]) > 0).all() and history[-1, 2] > 0.5  # c grows every time
+    # nobody starved: each keeps at least a quarter of its proportional weight
+    assert (history[-1] >= 0.25 * prior - 1e-12).all()
+    # a task that drew no example in an interval moves as the mean of the others
+    mixing.add(np.array([1.0, 1.0, 0.0, 0.0]), np.array([1.0, 1.0, 0.0, 0.0]))
+    before = mixing.scores.copy()
+    mixing.decide()
+    assert mixing.scores[2:] - before[2:] == pytest.approx([1.0, 1.0])
+    # rate 0: the weights stay proportional
+    still = online(online_rate=0.0)
+    still.add(np.array([0.1, 0.1, 2.0, 0.1]), np.ones(4))
+    assert still.decide() == pytest.approx(list(prior))
+
+
+def test_online_mixture_state_round_trips_through_a_checkpoint():
+    mixing = online()
+    mixing.add(np.array([3.0, 1.0, 0.5, 0.2]), np.array([4.0, 2.0, 1.0, 1.0]))
+    mixing.decide()
+    mixing.add(np.array([0.7, 0.0, 0.0, 0.9]), np.array([1.0, 0.0, 0.0, 1.0]))  # (mid-interval)
+    state = mixing.state()
+    again = OnlineMixture.of_run(list(mixing.prior), MixtureConfig(rule="online"), state)
+    assert again.decided == mixing.decided and again.decide() == mixing.decide()
+    assert all(isinstance(v, list) for v in state.values())  # (plain lists: any pickle loads)
+
+
+def test_an_online_schedule_grows_by_intervals_and_keeps_what_it_drew():
+    config = MixtureConfig(rule="online", online_every=20)
+    chunks = [n // 16 for n in SIZES.values()]
+    batching = BatchingConfig(grad_accum_steps=4, micro_batch_size=16)
+    decided = [[0.7, 0.2, 0.07, 0.03], [0.1, 0.1, 0.7, 0.1], [0.25, 0.25, 0.25, 0.25]]
+
+    def drawn(k: int):
+        return build_schedule(chunks, list(SIZES.values()), config, batching, 8, 50, 0,
+                              list(SIZES), decided[:k])
+
+    one, two, three = drawn(1), drawn(2), drawn(3)
+    assert (len(one), len(two), len(three)) == (20 * 8, 40 * 8, 50 * 8)  # (the last: 10 steps)
+    for shorter, longer in ((one, two), (two, three)):  # what was drawn never changes
+        for field in ("task", "chunk", "epoch"):
+            assert np.array_equal(getattr(longer, field)[:len(shorter)], getattr(shorter, field))
+    # each interval drawn by its own weights
+    for k, (start, end) in enumerate(((0, 160), (160, 320), (320, 400))):
+        counts = np.bincount(three.task[start:end, 0], minlength=4)
+        assert np.abs(counts / (end - start) - decided[k]).max() <= 1 / (end - start)
+    # each task's chunks one stream over the whole run: no chunk twice within a pass
+    for task in range(4):
+        mine = three.task[:, 0] == task
+        for epoch in np.unique(three.epoch[mine]):
+            visited = three.chunk[mine & (three.epoch[:, 0] == epoch), 0]
+            assert len(set(visited)) == len(visited)
+    plot = weights_plot(list(SIZES), decided, 20, 50)
+    assert plot[:4] == b"\x89PNG"
+
+
+def test_online_mixing_is_refused_with_sequential_batches():
+    from muppet_ray.config import ConfigError, validate
+
+    with pytest.raises((ConfigError, ValueError), match="mixture.rule=online: not with "
+                       "batching.strategy=sequential"):
+        validate({"mixture": {"rule": "online"}, "batching": {"strategy": "sequential"}})
