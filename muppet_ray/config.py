@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from muppet_ray.errors import ConfigError
 
 VERBOSE = "MUPPET_VERBOSE"  # set to 1 by `--verbose` (an environment variable: trials inherit it)
-TaskTypeName = Literal["classification", "regression", "multiple_choice", "span", "generation"]
+TaskTypeName = Literal["classification", "regression", "multiple_choice", "span", "generation",
+                       "denoising"]
 
 
 class Section(BaseModel):
@@ -74,8 +75,9 @@ class TaskSpec(Section):
     """The task's name in tasks.include, logs and results."""
     type: TaskTypeName | None = None
     """Required, except for format=bigbench, where the file tells."""
-    format: Literal["jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub"] = "jsonl"
-    """File format; `hub` (implied by `hub`) reads the Hub's Parquet conversion."""
+    format: Literal["jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub", "text"] = "jsonl"
+    """File format; `hub` (implied by `hub`) reads the Hub's Parquet conversion; `text`: plain
+    text, each non-empty line an example with the field `text` (for denoising tasks)."""
     hub: str | None = None
     """Hugging Face Hub dataset id; then `train` / `validation` are split names."""
     hub_config: str = "default"
@@ -98,6 +100,11 @@ class TaskSpec(Section):
     """Rewrites label values before use, e.g. answer letters to choice indices {A: 0, B: 1}."""
     skip_bad_rows: bool | None = None
     """Overrides tasks.skip_bad_rows for this task."""
+    noise_density: float = Field(0.15, gt=0, lt=1)
+    """For type=denoising: the share of each text's tokens masked (encoders: BERT's masked-token
+    prediction) or cut out in spans (encoder-decoders: T5's span corruption)."""
+    mean_span: float = Field(3.0, ge=1)
+    """For type=denoising on an encoder-decoder: the mean length of the cut-out spans (T5: 3)."""
     decode_errors: Literal["strict", "replace"] = "strict"
     """Bytes that are not UTF-8: strict, an error naming file and line; replace, read as U+FFFD
     (for files known to hold a few mis-encoded bytes)."""

@@ -203,6 +203,8 @@ def _fingerprint(task: Task, split: str, content: str, vocab: str, settings: Chu
     key = repr((CACHE_FORMAT, task, task.source, content, split, vocab, settings))
     if settings.tokens_per_chunk:  # (not in the settings' repr: see ChunkSettings)
         key += f"/tokens_per_chunk={settings.tokens_per_chunk}"
+    if task.noise:  # (nor a denoising task's noise in the task's)
+        key += f"/noise={task.noise}"
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 

@@ -34,6 +34,7 @@ from muppet_ray.errors import ConfigError
 from muppet_ray.storage import local_copy
 from muppet_ray.task_types import HEADS, IGNORE, TASK_TYPES
 from muppet_ray.task_types.classification import ClassificationHeads
+from muppet_ray.task_types.denoising import MaskedLMHead
 from muppet_ray.task_types.multiple_choice import MultipleChoiceHead
 from muppet_ray.task_types.span import SpanHead
 from muppet_ray.tasks import HeadLayout
@@ -147,11 +148,14 @@ class MuppetModel(nn.Module):
             modules["multiple_choice"] = MultipleChoiceHead(width, dropout)
         if "span" in heads:
             modules["span"] = SpanHead(width)
+        if "denoising" in heads and not self.encoder_decoder:  # (else: the decoder's LM head)
+            modules["denoising"] = MaskedLMHead(
+                backbone.get_input_embeddings(), getattr(backbone.config, "layer_norm_eps", 1e-12))
         self.heads = nn.ModuleDict(modules)
         # The heads that run on every micro-batch, in order (the decoder runs whenever there is
         # one, so that its parameters are used identically on every worker).
-        self.active_heads = [h for h in HEADS if h in modules or
-                             (h == "generation" and self.encoder_decoder)]
+        self.active_heads = [h for h in HEADS if h in modules or (self.encoder_decoder and (
+            h == "generation" or (h == "denoising" and h in heads)))]
         self.active_types = [name for name, t in TASK_TYPES.items() if t.head in self.active_heads]
         head_index = {t.name: i for i, t in enumerate(class_tasks)}
         self.register_buffer("task_type", torch.tensor(
@@ -183,6 +187,11 @@ class MuppetModel(nn.Module):
             out["choice_scores"] = self.heads["multiple_choice"](hidden[:, 0])
         if "span" in self.heads:
             out["span_logits"] = self.heads["span"](hidden[first])
+        if "denoising" in self.heads:  # (the vocabulary's logits at the chosen tokens only)
+            labels, tokens = batch["decoder_labels"], hidden[first]
+            width = min(labels.shape[1], tokens.shape[1])
+            out["mlm_scored"] = labels[:, :width] != IGNORE
+            out["mlm_logits"] = self.heads["denoising"](tokens[:, :width][out["mlm_scored"]])
         if self.encoder_decoder:
             labels = batch["decoder_labels"]
             decoder_input = self._shift_right(labels)

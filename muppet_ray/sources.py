@@ -36,7 +36,7 @@ from muppet_ray import suite
 from muppet_ray.errors import DataError, unwrap_data_error
 
 HASH_LIMIT = 256 * 2**20  # local files up to this size are fingerprinted by their bytes
-FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub")
+FORMATS = ("jsonl", "json", "csv", "parquet", "squad", "bigbench", "hub", "text")
 BAD_ROW = "_muppet_bad_row"  # a row the parser could not read, with the reason
 
 
@@ -92,6 +92,12 @@ def _jsonl(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int
                 yield number, _loads(_text(line, path, number, errors), path, number)
             except DataError as e:  # one bad line: reported (or skipped) when decoded
                 yield number, {BAD_ROW: str(e)}
+
+
+def _plain(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(_text(data, path, errors=errors).splitlines(), 1):
+        if line.strip():
+            yield number, {"text": line.strip()}
 
 
 def _json(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[int, Any]]:
@@ -166,7 +172,7 @@ def _bigbench(data: bytes, path: str, errors: str = "strict") -> Iterator[tuple[
 
 
 PARSERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet, "squad": _squad,
-           "bigbench": _bigbench, "hub": _parquet}
+           "bigbench": _bigbench, "hub": _parquet, "text": _plain}
 
 
 def _loads(text: str, path: str, number: int | None):

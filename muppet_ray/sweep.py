@@ -50,7 +50,7 @@ from muppet_ray.tasks import resolve_tasks
 AXES = {  # axis -> (config key it sets, values swept by default)
     "batching": ("batching.strategy", ["heterogeneous", "homogeneous", "sequential"]),
     "loss-scaling": ("training.loss_scaling", [True, False]),
-    "mixing": ("mixture.rule", ["proportional", "temperature", "uniform"]),
+    "mixing": ("mixture.rule", ["proportional", "temperature", "uniform", "online"]),
 }
 
 

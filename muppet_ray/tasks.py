@@ -32,6 +32,9 @@ class Task:
     labels: tuple[str, ...] = ()
     downstream: bool = False
     skip_bad_rows: bool = False
+    # denoising: (style "mlm" or "spans", noise_density, mean_span); out of the repr (the
+    # chunk cache's key adds it where set: data._fingerprint)
+    noise: tuple | None = field(default=None, repr=False)
 
     @property
     def task_type(self) -> TaskType:
@@ -104,7 +107,13 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
                         dict(spec.fields), config.tasks.data_seed, dict(spec.label_map),
                         spec.decode_errors, test_fraction=config.tasks.test_fraction)
     skip = config.tasks.skip_bad_rows if spec.skip_bad_rows is None else spec.skip_bad_rows
-    return Task(spec.name, kind, source, labels, skip_bad_rows=skip)
+    noise = None
+    if kind == "denoising":  # (how depends on the backbone: masked tokens, or cut-out spans)
+        from muppet_ray.model import is_encoder_decoder
+
+        style = "spans" if is_encoder_decoder(config.model) else "mlm"
+        noise = (style, spec.noise_density, spec.mean_span)
+    return Task(spec.name, kind, source, labels, skip_bad_rows=skip, noise=noise)
 
 
 def _inspect_bigbench(spec: TaskSpec) -> tuple[str, tuple[str, ...]]:

@@ -171,8 +171,9 @@ def test_a_capped_validation_split_is_a_random_sample(ray_cluster, tmp_path):
 
 
 def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
-    """Real rows of all four task types through the whole run: Ray Data, 2 Ray Train workers,
-    DeepSpeed, evaluation (SQuAD F1 on text, ROUGE on generated text) and export."""
+    """Real rows of all four task types, and denoising of one's text, through the whole run: Ray
+    Data, 2 Ray Train workers, DeepSpeed, evaluation (SQuAD F1 on text, ROUGE on generated text)
+    and export."""
     from muppet_ray.prefinetune import prefinetune
     from tests.conftest import make_config
 
@@ -184,17 +185,23 @@ def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
         {"name": "squad", "type": "span", "format": "squad",
          "train": f"{DATA}/squad/squaddev_v1.1.json", "validation_fraction": 0.02},
         {"name": "xsum", "format": "bigbench", "train": f"{DATA}/bigbench/gem/xsum/task.json"},
+        # self-supervised: the tweets' text column, its spans cut out (an encoder-decoder)
+        {"name": "tweet_noise", "type": "denoising", "format": "csv",
+         "train": f"{DATA}/tweets/sentiment.csv", "fields": {"text": "text"},
+         "decode_errors": "replace"},
     ]
     # With a token budget (batching.tokens_per_micro_batch), as a mix of short and long real
     # examples is best run: micro-batches of as many examples as fit, not a fixed count.
     budget = 1024
     config = make_config(tmp_path, f"tasks.custom={json.dumps(specs)}",
-                         "tasks.include=[tweets, siqa, squad, xsum]", "training.max_steps=3",
+                         "tasks.include=[tweets, siqa, squad, xsum, tweet_noise]",
+                         "training.max_steps=3",
                          "training.max_eval_examples=24", "model.max_length=128",
                          "model.vocab_size=4000", "training.checkpoint_every=3",
                          f"batching.tokens_per_micro_batch={budget}")
     result = prefinetune(config)
-    metric = {"tweets": "accuracy", "siqa": "accuracy", "squad": "f1", "xsum": "rougeL"}
+    metric = {"tweets": "accuracy", "siqa": "accuracy", "squad": "f1", "xsum": "rougeL",
+              "tweet_noise": "accuracy"}
     for name, key in metric.items():
         assert 0.0 <= result.after[name][key] <= 1.0, (name, result.after[name])
     assert (tmp_path / "run" / "export" / "muppet.json").exists()
