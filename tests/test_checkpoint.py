@@ -85,3 +85,36 @@ def test_a_checkpoints_recorded_stage_and_workers_are_read_only_when_well_formed
         None] * 4
     assert checkpoints.world_size_in({"world_size": 2}) == 2
     assert checkpoints.world_size_in({"world_size": "two"}) is None
+
+
+def test_a_resume_passes_over_a_damaged_checkpoint_to_the_newest_intact_one(tmp_path, caplog):
+    # Three checkpoints Ray Train registered (its snapshot names them); the newest has a byte of
+    # its model states altered after it was written. A fourth, intact, was never registered (as
+    # when a run is killed before Ray Train takes it): never read. Worker 0 of a run of one
+    # resumes from the middle one, saying so.
+    import shutil
+
+    import ray.train
+    import torch
+
+    from muppet_ray.checkpoint import Checkpointer
+    from muppet_ray.storage import CHECKPOINT_SNAPSHOT, RunDir
+    from muppet_ray.workers import Workers
+
+    made = checkpoint(tmp_path)  # checkpoint_000008
+    for name in ("checkpoint_000016", "checkpoint_000020", "checkpoint_000024"):
+        shutil.copytree(made, tmp_path / name)
+    (tmp_path / CHECKPOINT_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": f"checkpoint_{s:06d}"} for s in (8, 16, 24)]}))
+    states = tmp_path / "checkpoint_000024" / "deepspeed/mp_rank_00_model_states.pt"
+    states.write_text("weightz")  # (same size, another byte)
+    checkpointer = Checkpointer(RunDir(str(tmp_path)), Workers(0, 1, 1, torch.device("cpu")),
+                                sharded=False, per_step=4)
+    newest = ray.train.Checkpoint(str(tmp_path / "checkpoint_000024"))
+    with caplog.at_level("WARNING", logger="muppet_ray"):
+        found = checkpointer._newest_intact(newest, str(tmp_path / "local"))
+    assert found.name == "checkpoint_000016" and not found.resharded
+    assert "checkpoint_000024 is damaged (deepspeed/mp_rank_00_model_states.pt does not match " \
+           "its manifest's SHA-256): not resuming from it" in caplog.text
+    assert "resuming from checkpoint_000016, the newest intact checkpoint" in caplog.text
+    assert "checkpoint_000020" not in caplog.text

@@ -41,6 +41,8 @@ def test_yaml_and_overrides(tmp_path):
         ("training.nonsense=1", "training.nonsense: unknown setting"),
         ("mixture.rule=random", "mixture.rule: Input should be 'proportional', 'temperature', "
                                 "'uniform', 'explicit' or 'online'"),
+        ("mixture.online_floor=2", "mixture.online_floor: Input should be less than or equal "
+                                   "to 1"),
         ("batching.strategy=mixed", "batching.tasks_per_micro_batch (3) must divide "
                                     "batching.micro_batch_size (16)"),
         ("model.num_heads=3", "model.hidden_size (128) must be a multiple of model.num_heads"),

@@ -46,7 +46,8 @@ def schedule_of(result, config):
         [t.name for t in result.tasks])
 
 
-def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(ray_cluster, tmp_path):
+def test_non_finite_steps_are_skipped_too_many_stop_the_run_and_changed_data_is_refused(
+        ray_cluster, tmp_path):
     # Regression targets so large that their squared error overflows to inf: the steps that
     # hold them are skipped on both workers alike, and the run goes on.
     rows = [{"text": f"value {i}", "label": 1e30 if i % 50 == 5 else i / 200}
@@ -68,33 +69,25 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(ray_cluster, tmp
     model, _, _ = load_exported(result.export_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
+    # The data changes (and with it the tokenizer a fresh start would train on the tasks' text):
+    # the same command is refused, naming the file, and the run's tokenizer and data record are
+    # left as they were.
+    run = tmp_path / "run"
+    tokenizer = {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()}
+    path.write_text(path.read_text().replace("value 1", "amount 1"))
+    record = (run / "data.json").read_text()
+    with pytest.raises(DataError, match=rf"task 'huge': its train data \({path}\) changed since "
+                                        "the run started"):
+        prefinetune(make_config(tmp_path, *settings))
+    assert {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()} == tokenizer
+    assert (run / "data.json").read_text() == record
+
     # Allowed none in a row: the run stops at the first, in one line, and saves nothing after.
     from muppet_ray.errors import TrainingError
 
     with pytest.raises(TrainingError, match=r"more than training.max_bad_steps \(0\)"):
         prefinetune(make_config(tmp_path, *settings, "training.max_bad_steps=0", "run.name=stop"))
     assert not (tmp_path / "stop" / "export").exists()
-
-
-def test_a_resumed_run_keeps_its_tokenizer_and_refuses_changed_data(ray_cluster, tmp_path):
-    path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"text": f"row {i}", "label": "yes" if i % 3 else "no"})
-                            + "\n" for i in range(60)))
-    task = {"name": "mine", "type": "classification", "train": str(path), "labels": ["no", "yes"]}
-    config = make_config(tmp_path, f"tasks.custom=[{json.dumps(task)}]", "tasks.include=[mine]",
-                         "model.arch=roberta", "training.max_steps=4",
-                         "training.checkpoint_every=4")
-    prefinetune(config)
-    tokenizer = {p.name: p.read_bytes() for p in (tmp_path / "run" / "tokenizer").iterdir()}
-    # The data changes (and with it the tokenizer a fresh start would train): the same command
-    # is refused, naming the file, and the run's tokenizer and data record are left as they were.
-    path.write_text(path.read_text().replace("row 1", "line 1"))
-    record = (tmp_path / "run" / "data.json").read_text()
-    with pytest.raises(DataError, match=rf"task 'mine': its train data \({path}\) changed since "
-                                        "the run started"):
-        prefinetune(config)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "tokenizer").iterdir()} == tokenizer
-    assert (tmp_path / "run" / "data.json").read_text() == record
 
 
 @pytest.fixture
