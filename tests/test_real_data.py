@@ -161,7 +161,9 @@ def test_a_capped_validation_split_is_a_random_sample(ray_cluster, tmp_path):
              train=f"{DATA}/tweets/sentiment.csv", fields={"text": "text", "label": "sentiment"},
              labels=["negative", "neutral", "positive"], decode_errors="replace")
     tokenizer = load_tokenizer(MINILM)
-    settings = data.ChunkSettings(LIMITS, 16, 64, seed=0, max_eval_examples=300)
+    # (a twentieth of the training rows: only the validation split is looked at)
+    settings = data.ChunkSettings(LIMITS, 16, 64, seed=0, max_eval_examples=300,
+                                  train_fraction=0.05)
     caches = data.prepare([t], RunDir(str(tmp_path / "run")), tokenizer, settings)
     validation = caches["tweets"]["validation"]
     labels = [int(label) for c in range(validation.chunks)
@@ -198,7 +200,8 @@ def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
                          "training.max_steps=3",
                          "training.max_eval_examples=24", "model.max_length=128",
                          "model.vocab_size=4000", "training.checkpoint_every=3",
-                         f"batching.tokens_per_micro_batch={budget}")
+                         f"batching.tokens_per_micro_batch={budget}",
+                         "tasks.train_fraction=0.2")  # (3 steps: a fifth is plenty)
     result = prefinetune(config)
     metric = {"tweets": "accuracy", "siqa": "accuracy", "squad": "f1", "xsum": "rougeL",
               "tweet_noise": "accuracy"}
