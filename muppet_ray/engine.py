@@ -19,6 +19,8 @@ from muppet_ray.optim import (
     deepspeed_config,
 )
 from muppet_ray.step import uses_bf16
+from muppet_ray.storage import local_copy
+from muppet_ray.task_types.denoising import pretrained_head
 from muppet_ray.tasks import HeadLayout
 from muppet_ray.workers import Workers
 
@@ -40,6 +42,13 @@ def build_engine(config: Config, tokenizer, layouts: list[HeadLayout], workers: 
         build_backbone(config.model, tokenizer), layouts, config.model.dropout,
         config.training.loss_scaling, config.model.max_target_length, tokenizer,
     )
+    if "denoising" in model.heads and config.model.pretrained:
+        # the backbone's own masked-LM head, where its checkpoint has one
+        taken = model.heads["denoising"].load_pretrained(
+            pretrained_head(local_copy(config.model.pretrained)))
+        if workers.rank == 0:
+            log.info("[muppet-ray] denoising's masked-LM head: "
+                     + ("the checkpoint's own" if taken else "new (the checkpoint has none)"))
     if initial_heads:
         # strict: every tensor handed over must land (a wrong name would silently be lost)
         missing = set(initial_heads) - set(model.heads.state_dict())

@@ -156,3 +156,37 @@ def test_bad_denoising_settings_and_rows_get_one_line_errors(tokenizer):
 def test_a_plain_text_file_is_a_row_per_line():
     rows = list(PARSERS["text"](b"first line\n\n  second line  \n", "corpus.txt"))
     assert rows == [(1, {"text": "first line"}), (3, {"text": "second line"})]
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_masked_lm_head_is_the_checkpoints_own_where_it_has_one(tmp_path, arch):
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertModel,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+
+    from muppet_ray.task_types.denoising import MaskedLMHead, pretrained_head
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32)
+    masked_lm = (BertForMaskedLM(BertConfig(**size)) if arch == "bert"
+                 else RobertaForMaskedLM(RobertaConfig(**size)))
+    masked_lm.save_pretrained(tmp_path / "with")
+    own = (masked_lm.cls.predictions.transform if arch == "bert" else masked_lm.lm_head)
+    found = pretrained_head(str(tmp_path / "with"))
+    assert sorted(found) == ["decoder.bias", "dense.bias", "dense.weight", "norm.bias",
+                             "norm.weight"]
+    assert torch.equal(found["dense.weight"], own.dense.weight)
+    head = MaskedLMHead(masked_lm.get_input_embeddings())
+    assert head.load_pretrained(found) == sorted(found)
+    hidden = torch.randn(3, 16)
+    with torch.no_grad():  # the same logits as the checkpoint's own masked-LM head
+        expected = (masked_lm.cls if arch == "bert" else masked_lm.lm_head)(hidden)
+        assert torch.allclose(head(hidden), expected, atol=1e-5)
+    # a checkpoint without one (an encoder saved alone; MiniLM's): a new head
+    BertModel(BertConfig(**size)).save_pretrained(tmp_path / "without")
+    assert pretrained_head(str(tmp_path / "without")) == {}

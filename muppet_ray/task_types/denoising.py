@@ -4,7 +4,8 @@ over any text: a text column of any task's files, or a plain text file (format `
 Encoders: masked-token prediction (BERT's MLM). `noise_density` of each text's tokens (not its
 special tokens), rounded, at least one, are chosen; of those 80% become the mask token, 10% a
 random token, 10% stay (BERT's rule), and the model predicts every chosen one. Head: a masked-LM
-head (dense, GELU, LayerNorm, a projection to the vocabulary started from the word embeddings).
+head (dense, GELU, LayerNorm, a projection to the vocabulary started from the word embeddings):
+the pretrained checkpoint's own where it carries one (engine.build_engine), else a new one.
 
 Encoder-decoders: T5's span corruption, written as BART's text infilling. round(noise_density x
 tokens) tokens, in round(that / mean_span) spans (at least one), are cut out: the noise and the
@@ -47,6 +48,51 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+
+    def load_pretrained(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Take a checkpoint's own head (pretrained_head) where its shapes fit; the names
+        taken."""
+        mine = self.state_dict()
+        fitting = {k: v for k, v in tensors.items() if k in mine and v.shape == mine[k].shape}
+        self.load_state_dict(fitting, strict=False)
+        return sorted(fitting)
+
+
+# A checkpoint's own masked-LM head (BERT's, RoBERTa's), as MaskedLMHead names its tensors; the
+# projection's weight is tied to the word embeddings there, which MaskedLMHead starts from.
+PRETRAINED_HEAD_KEYS = {
+    "cls.predictions.transform.dense.weight": "dense.weight",
+    "cls.predictions.transform.dense.bias": "dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "norm.weight",
+    "cls.predictions.transform.LayerNorm.gamma": "norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "norm.bias",
+    "cls.predictions.transform.LayerNorm.beta": "norm.bias",
+    "cls.predictions.bias": "decoder.bias",
+    "lm_head.dense.weight": "dense.weight",
+    "lm_head.dense.bias": "dense.bias",
+    "lm_head.layer_norm.weight": "norm.weight",
+    "lm_head.layer_norm.bias": "norm.bias",
+    "lm_head.bias": "decoder.bias",
+}
+
+
+def pretrained_head(directory: str) -> dict[str, torch.Tensor]:
+    """The masked-LM head a pretrained checkpoint (a local directory) carries, keyed as
+    MaskedLMHead's; {} where it has none (e.g. sentence-transformers' MiniLM)."""
+    import os
+
+    found: dict[str, torch.Tensor] = {}
+    path = os.path.join(directory, "model.safetensors")
+    if os.path.exists(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for key in set(f.keys()) & set(PRETRAINED_HEAD_KEYS):
+                found[PRETRAINED_HEAD_KEYS[key]] = f.get_tensor(key)
+    elif os.path.exists(path := os.path.join(directory, "pytorch_model.bin")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        found = {PRETRAINED_HEAD_KEYS[k]: v for k, v in state.items() if k in PRETRAINED_HEAD_KEYS}
+    return found
 
 
 def noise_spans(length: int, density: float, mean_span: float, rng: np.random.Generator
