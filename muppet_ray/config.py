@@ -136,6 +136,10 @@ class TasksConfig(Section):
     include: list[str] = []
     """Tasks to pre-finetune on: custom, catalog or built-in task names, or catalog families
     (e.g. glue). Empty: the built-in suite's default mixture plus every custom task."""
+    also: list[str] = []
+    """Tasks mixed in besides `tasks.include` (named as there; e.g. a denoising task): in every
+    run of this config, but not in a task-count sweep's pool, so that `sweep tasks --ablate
+    tasks.also=[...]` adds them to one point."""
     custom: list[TaskSpec] = []
     """Tasks read from files or the Hub (see docs/tasks.md)."""
     suite_scale: float = Field(1.0, gt=0)

@@ -153,7 +153,8 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     to `report`, see write_results). Along 'tasks', further task seeds, pre-finetuning seeds
     and ablations add points (task_points)."""
     check_fractions(fractions)
-    pool = [t.name for t in resolve_tasks(base)]  # the mixture: tasks.include or the default
+    # the mixture: tasks.include or the default (not tasks.also: an --ablate adds those)
+    pool = [t.name for t in resolve_tasks(base.replace({"tasks.also": []}))]
     overlap = sorted(set(eval_tasks) & set(pool))
     if overlap:
         raise ConfigError(f"--eval-tasks {overlap} are in the pre-finetuning pool: an eval task "

@@ -142,19 +142,23 @@ def resolve_tasks(config: Config) -> list[Task]:
         raise ConfigError(f"tasks.custom: {clash} clash with built-in task names")
     entries, groups = catalog(), families()
     names: list[str] = []
-    for item in config.tasks.include or suite.DEFAULT_MIXTURE + list(custom):
+    also = config.tasks.also
+    default = suite.DEFAULT_MIXTURE + [n for n in custom if n not in also]
+    for item in [*(config.tasks.include or default), *also]:
         if item in custom or item in entries or item in suite.SUITE:
             names.append(item)
         elif item in groups:
             names += groups[item]
         else:
             raise ConfigError(
-                f"tasks.include: unknown task or family {item!r}; see `muppet-ray tasks list` "
+                f"tasks.{'also' if item in also else 'include'}: unknown task or family "
+                f"{item!r}; see `muppet-ray tasks list` "
                 f"(families: {sorted(groups)}; built-in tasks: {sorted(suite.SUITE)}"
                 + (f"; custom tasks: {sorted(custom)})" if custom else ")"))
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"tasks.include: tasks listed twice: {repeated}")
+        raise ConfigError(f"tasks.include{', tasks.also' if also else ''}: tasks listed twice: "
+                          f"{repeated}")
     tasks = [custom_task(custom[n], config) if n in custom
              else custom_task(entries[n].spec, config) if n in entries
              else builtin_task(n, config) for n in names]

@@ -210,3 +210,24 @@ def test_a_restorable_sweep_keeps_its_points(tmp_path):
         _check_orders(root, {"seed": 1, "order": POOL[::-1], "orders": {"1": POOL[::-1]}})
     with pytest.raises(ConfigError, match="labels must be unique"):
         record_points(RunDir(str(tmp_path / "other")), "tasks", first + first[:1], "x")
+
+
+def test_tasks_also_are_mixed_in_but_not_in_the_pool():
+    # A denoising task beside the pool: in the run's tasks, out of a task-count sweep's pool
+    # (where only --ablate tasks.also=[...] adds it, to one point).
+    from muppet_ray.tasks import resolve_tasks
+
+    noise = {"name": "noise", "type": "denoising", "format": "text", "train": "corpus.txt"}
+    base = Config().replace({"tasks.custom": [noise], "tasks.include": ["sentiment", "topic"]})
+    also = base.replace({"tasks.also": ["noise"]})
+    assert [t.name for t in resolve_tasks(also)] == ["sentiment", "topic", "noise"]
+    assert [t.name for t in resolve_tasks(base)] == ["sentiment", "topic"]
+    assert parse_ablations(base, ["tasks.also=[noise]"]) == [("tasks.also", ["noise"])]
+    # with tasks.include empty, the default mixture takes every custom task but those
+    default = Config().replace({"tasks.custom": [noise], "tasks.also": ["noise"]})
+    assert [t.name for t in resolve_tasks(default)].count("noise") == 1
+    with pytest.raises(ConfigError, match="tasks.also: unknown task or family 'nois'"):
+        resolve_tasks(base.replace({"tasks.also": ["nois"]}))
+    with pytest.raises(ConfigError, match=r"tasks.include, tasks.also: tasks listed twice: "
+                                          r"\['topic'\]"):
+        resolve_tasks(base.replace({"tasks.also": ["topic"]}))
