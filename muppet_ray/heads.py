@@ -3,6 +3,8 @@
     head of the task type       reused when ("auto")
     classification/regression   the task itself was in the source's mixture, same labels
     multiple choice, span       the source trained the shared head (any task of that type)
+    denoising                   on an encoder, the source trained the masked-LM head; on an
+                                encoder-decoder always (its LM head, as generation)
     generation                  always: the LM head is part of the backbone
 
 `--head reuse` demands a trained head (an error if there is none); `--head new` starts fresh.
@@ -32,10 +34,13 @@ def initial_heads(source: Source, tasks: list[Task], choice: str, asked_by: str 
     return _head_tensors(source, tasks, reused), origin
 
 
+LM_HEAD = " (LM head)"  # an origin that is the backbone's own LM head
+
+
 def is_reused(task: Task, origin: dict[str, str]) -> bool:
-    """Whether `task` starts from a head a pre-finetuning trained (the LM head of generation is
-    part of the backbone: not counted)."""
-    return origin[task.name] != "new" and task.task_type.head != "generation"
+    """Whether `task` starts from a head a pre-finetuning trained (the LM head of an
+    encoder-decoder is part of the backbone: not counted)."""
+    return origin[task.name] != "new" and not origin[task.name].endswith(LM_HEAD)
 
 
 def head_origins(source: Source, tasks: list[Task], choice: str, asked_by: str = "--head reuse"
@@ -48,8 +53,9 @@ def head_origins(source: Source, tasks: list[Task], choice: str, asked_by: str =
     origin: dict[str, str] = {}
     for task in tasks:
         head = task.task_type.head
-        if head == "generation":
-            origin[task.name] = f"{source.given} (LM head)"
+        if head == "generation" or (head == "denoising" and (source.manifest or {}).get(
+                "encoder_decoder")):
+            origin[task.name] = f"{source.given}{LM_HEAD}"
             continue
         key = task.name if head == "classification" else head
         reason = None
@@ -69,7 +75,7 @@ def head_origins(source: Source, tasks: list[Task], choice: str, asked_by: str =
 def _head_tensors(source: Source, tasks: list[Task], reused: list[Task]) -> dict:
     heads = load_file(source.heads_file())
     out: dict[str, torch.Tensor] = {}
-    for shared in ("multiple_choice", "span"):
+    for shared in ("multiple_choice", "span", "denoising"):
         if any(t.task_type.head == shared for t in reused):
             out.update({k: v for k, v in heads.items() if k.startswith(f"{shared}.")})
     class_tasks = [t for t in tasks if t.task_type.head == "classification"]

@@ -163,11 +163,16 @@ def build_schedule(
     per_unit = per_step if strategy == "homogeneous" else 1
     per_micro_batch = batching.tasks_per_micro_batch if strategy == "mixed" else 1
     unit_task = []
+    target, given = np.zeros(len(names)), np.zeros(len(names))
     for k, (weights, steps) in enumerate(intervals):
         if batching.tokens_per_micro_batch:
             weights = _per_chunk(weights, chunks_per_task, examples_per_task, names)
         units = steps * per_step * per_micro_batch // per_unit
-        counts = np.array([allocate(weights, units)[n] for n in names])
+        share = np.array([weights[n] for n in names])
+        counts = (np.array([allocate(weights, units)[n] for n in names]) if k == 0
+                  else _owed_counts(names, target + units * share - given, units))
+        target += units * share
+        given += counts
         rng = np.random.default_rng([seed, 0x5EED] if k == 0 else [seed, 0x5EED, k])
         unit_task.append(_interleave(counts, strategy, rng))
     slot_task = np.repeat(np.concatenate(unit_task), per_unit)
@@ -182,6 +187,14 @@ def build_schedule(
     shape = (len(slot_task) // per_micro_batch, per_micro_batch)
     return Schedule(slot_task.reshape(shape), slot_chunk.reshape(shape),
                     slot_epoch.reshape(shape), per_step)
+
+
+def _owed_counts(names: list[str], owed: np.ndarray, units: int) -> np.ndarray:
+    """An interval after the first (an online mixture's: few units each) is allotted by what
+    each task is owed so far, so that the rounding evens out over the run instead of shorting
+    the same small tasks every interval."""
+    owed = np.maximum(owed, 0)
+    return np.array([allocate(dict(zip(names, owed / owed.sum())), units)[n] for n in names])
 
 
 def _interleave(counts: np.ndarray, strategy: str, rng: np.random.Generator) -> np.ndarray:

@@ -135,6 +135,11 @@ def _group_key(configs: dict[float, Config], source: Source, task: Task,
         del raw["protocol"]["head"]  # (the head a run starts from is keyed below)
         if not raw["batching"]["tokens_per_micro_batch"]:  # (off: the keys from before it)
             del raw["batching"]["tokens_per_micro_batch"]
+        if not raw["tasks"]["also"]:  # (likewise for settings added since)
+            del raw["tasks"]["also"]
+        for spec in raw["tasks"]["custom"]:
+            if spec["type"] != "denoising":
+                del spec["noise_density"], spec["mean_span"]
         settings.append({**{k: raw[k] for k in ("model", "tasks", "batching", "protocol")},
                          "training": {k: raw["training"][k] for k in PROTOCOL_TRAINING}})
     data_dirs = [[index.directory for _, index in sorted(c.items())] for c in caches.values()]

@@ -57,6 +57,7 @@ def test_masked_tokens_follow_berts_rule(tokenizer):
             fate = ("masked" if ids[i] == tokenizer.mask_token_id else
                     "kept" if ids[i] == labels[i] else "random")
             fates[fate] += 1
+            assert fate == "masked" or ids[i] not in tokenizer.all_special_ids
     total = sum(fates.values())
     assert total > 2000
     for fate, share in (("masked", 0.8), ("random", 0.1), ("kept", 0.1)):
@@ -151,6 +152,8 @@ def test_bad_denoising_settings_and_rows_get_one_line_errors(tokenizer):
     with pytest.raises(DataError, match="task 'noise', .*row .*: missing field 'text'"):
         DENOISING.featurize(denoising("mlm"), [{"_id": 0, "body": "no text field"}], tokenizer,
                             LIMITS)
+    with pytest.raises(DataError, match="task 'noise', .*row .*: text has no tokens to denoise"):
+        DENOISING.featurize(denoising("mlm"), [{"_id": 0, "text": ""}], tokenizer, LIMITS)
 
 
 def test_a_plain_text_file_is_a_row_per_line():

@@ -248,3 +248,18 @@ def test_online_mixing_is_refused_with_sequential_batches():
     with pytest.raises((ConfigError, ValueError), match="mixture.rule=online: not with "
                        "batching.strategy=sequential"):
         validate({"mixture": {"rule": "online"}, "batching": {"strategy": "sequential"}})
+
+
+def test_an_online_schedule_with_unchanging_weights_draws_the_proportional_counts():
+    # 27 tasks, 40 micro-batches an interval (the pre-registered setting's size): allotted
+    # interval by interval, each task's count over the run stays within one of its share.
+    rng = np.random.default_rng(1)
+    sizes = {f"t{i}": int(n) for i, n in enumerate(rng.integers(150, 5000, 27))}
+    config = MixtureConfig(rule="online", cap=2000, online_every=20)
+    prior = list(mixture_weights(sizes, config).values())
+    for strategy, per_unit in (("heterogeneous", 1), ("homogeneous", 2)):
+        s = build_schedule([n // 16 for n in sizes.values()], list(sizes.values()), config,
+                           BatchingConfig(strategy=strategy, grad_accum_steps=1), 2, 200, 0,
+                           list(sizes), [prior] * 10)
+        counts = np.bincount(s.task[::per_unit, 0], minlength=27)
+        assert np.abs(counts - np.array(prior) * 400 / per_unit).max() <= 1, strategy

@@ -95,6 +95,11 @@ def pretrained_head(directory: str) -> dict[str, torch.Tensor]:
     return found
 
 
+def _ordinary_ids(tokenizer) -> np.ndarray:
+    """The vocabulary's ids but its special tokens' (what a random replacement draws from)."""
+    return np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
+
+
 def noise_spans(length: int, density: float, mean_span: float, rng: np.random.Generator
                 ) -> np.ndarray:
     """T5's random_spans_noise_mask: a boolean mask over `length` tokens with round(density x
@@ -133,24 +138,27 @@ class Denoising(TaskType):
                             else limits.max_target_length)
         seed = zlib.crc32(task.name.encode())
         noise = self._masked if style == "mlm" else self._infilled
-        return [Features(example_id=row["_id"], **noise(
-            np.array(ids), np.array(special) == 0, tokenizer, density, mean_span,
-            np.random.default_rng([seed, row["_id"]])))
-            for row, ids, special in zip(rows, encoded["input_ids"],
-                                         encoded["special_tokens_mask"])]
+        features = []
+        for row, ids, special in zip(rows, encoded["input_ids"], encoded["special_tokens_mask"]):
+            ordinary = np.array(special) == 0
+            if not ordinary.any():  # (it would count as an example with nothing to predict)
+                raise data_error(task, row, "text has no tokens to denoise (empty?)")
+            features.append(Features(example_id=row["_id"], **noise(
+                np.array(ids), ordinary, tokenizer, density, mean_span,
+                np.random.default_rng([seed, row["_id"]]))))
+        return features
 
     @staticmethod
     def _masked(ids, ordinary, tokenizer, density, mean_span, rng) -> dict:
         candidates = np.flatnonzero(ordinary)
         labels = np.full(len(ids), IGNORE)
-        if len(candidates):
-            count = max(int(round(len(candidates) * density)), 1)
-            chosen = np.sort(rng.choice(candidates, count, replace=False))
-            labels[chosen] = ids[chosen]
-            fate = rng.random(count)
-            ids[chosen[fate < MASK_SHARE]] = tokenizer.mask_token_id
-            swapped = chosen[(fate >= MASK_SHARE) & (fate < MASK_SHARE + RANDOM_SHARE)]
-            ids[swapped] = rng.integers(0, len(tokenizer), len(swapped))
+        count = max(int(round(len(candidates) * density)), 1)
+        chosen = np.sort(rng.choice(candidates, count, replace=False))
+        labels[chosen] = ids[chosen]
+        fate = rng.random(count)
+        ids[chosen[fate < MASK_SHARE]] = tokenizer.mask_token_id
+        swapped = chosen[(fate >= MASK_SHARE) & (fate < MASK_SHARE + RANDOM_SHARE)]
+        ids[swapped] = rng.choice(_ordinary_ids(tokenizer), len(swapped))
         return {"rows": [ids.tolist()], "decoder_labels": labels.tolist()}
 
     @staticmethod
