@@ -122,6 +122,12 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     return scores
 
 
+def _fingerprint_of(index: data.CacheIndex) -> str:
+    """The tokenized split's fingerprint: its cache entry's name, `<root>/<fingerprint>/<attempt>`
+    (not the root, which moves with the storage, nor the attempt that wrote it)."""
+    return index.directory.rstrip("/").split("/")[-2]
+
+
 def _group_key(configs: dict[float, Config], source: Source, task: Task,
                caches: dict[float, dict[str, data.CacheIndex]], on_gpu: bool = False) -> str:
     """What a group's scores depend on: the settings its runs read (not where they are stored,
@@ -142,8 +148,9 @@ def _group_key(configs: dict[float, Config], source: Source, task: Task,
                 del spec["noise_density"], spec["mean_span"]
         settings.append({**{k: raw[k] for k in ("model", "tasks", "batching", "protocol")},
                          "training": {k: raw["training"][k] for k in PROTOCOL_TRAINING}})
-    data_dirs = [[index.directory for _, index in sorted(c.items())] for c in caches.values()]
-    keyed = [settings, source.model, source.manifest, data_dirs]
+    tokenized = [[_fingerprint_of(index) for _, index in sorted(c.items())]
+                 for c in caches.values()]
+    keyed = [settings, source.model, source.manifest, tokenized]
     origin = head_origins(source, [task], next(iter(configs.values())).protocol.head)
     if is_reused(task, origin):  # (a fresh head: the same runs under `auto` and `new`)
         keyed.append(origin)

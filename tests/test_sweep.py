@@ -111,7 +111,8 @@ def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):
     assert saved["best"]["value"] == report["best"]["value"]
 
 
-def test_a_sweep_whose_points_fail_says_which_and_exits_non_zero(ray_cluster, tmp_path, capsys):
+def test_a_sweep_whose_points_fail_says_which_and_exits_non_zero(ray_cluster, tmp_path, capsys,
+                                                                 monkeypatch):
     # Bad data shows only where the point's run reads it (in the trial): the sweep writes what
     # it has, then fails in one line naming the point and the error.
     rows = [{"text": f"row {i}", "label": "maybe" if i == 7 else "yes" if i % 3 else "no"}
@@ -119,13 +120,22 @@ def test_a_sweep_whose_points_fail_says_which_and_exits_non_zero(ray_cluster, tm
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = {"name": "mine", "type": "classification", "train": str(tmp_path / "mine.jsonl"),
             "labels": ["no", "yes"]}
-    args = ["sweep", "tasks", "--counts", "1", "--eval-tasks", "review", "--max-concurrent", "1"]
-    for setting in [*TINY, f"run.storage_path={tmp_path}", "run.name=sweep",
-                    f"tasks.custom=[{json.dumps(task)}]", "tasks.include=[mine]"]:
+    args = ["sweep", "tasks", "--counts", "0,1", "--eval-tasks", "review",
+            "--max-concurrent", "1"]
+    monkeypatch.chdir(tmp_path)  # a relative storage path, as the default `runs` is
+    for setting in [*TINY, "run.storage_path=store", "run.name=sweep",
+                    "protocol.learning_rates=[1e-4]", f"tasks.custom=[{json.dumps(task)}]",
+                    "tasks.include=[mine]"]:
         args += ["--set", setting]
     assert cli.main(args) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("muppet-ray: error: 1 of 1 sweep points failed: 1 tasks: "), line
+    assert line.startswith("muppet-ray: error: 1 of 2 sweep points failed: 1 tasks: "), line
     assert "label 'maybe' is not in the label space" in line, line
-    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
-    assert rows[0]["point"] == "1 tasks" and "label 'maybe'" in rows[0]["error"]
+    rows = json.loads((tmp_path / "store" / "sweep" / "results.json").read_text())
+    failed = next(r for r in rows if r["point"] == "1 tasks")
+    assert "label 'maybe'" in failed["error"]
+    # The plain backbone's point was scored, and its scores kept below the storage root where
+    # the user asked (not in the trial's own working directory, which a restored sweep would
+    # not find again).
+    assert [r["point"] for r in rows if "error" not in r] == ["0 tasks"]
+    assert len(list((tmp_path / "store" / ".protocol-cache").glob("*.json"))) == 1
