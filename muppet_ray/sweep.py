@@ -42,7 +42,7 @@ from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
 from muppet_ray.prefinetune import build_tokenizer, prefinetune
 from muppet_ray.runtime import quiet_tune_console, start_ray, verbose
-from muppet_ray.storage import RunDir, normalize, run_root
+from muppet_ray.storage import RunDir, run_root
 from muppet_ray.sweep_report import commit, write_results
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
@@ -153,7 +153,6 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     to `report`, see write_results). Along 'tasks', further task seeds, pre-finetuning seeds
     and ablations add points (task_points)."""
     check_fractions(fractions)
-    base = _for_trials(base)
     # the mixture: tasks.include or the default (not tasks.also: an --ablate adds those)
     pool = [t.name for t in resolve_tasks(base.replace({"tasks.also": []}))]
     overlap = sorted(set(eval_tasks) & set(pool))
@@ -241,14 +240,6 @@ def _check_orders(root: RunDir, new: dict) -> None:
                               "were, or give it another run.name")
 
 
-def _for_trials(base: Config) -> Config:
-    """Tune runs each trial in a working directory of its own, new in each Ray session: a
-    relative storage path would resolve there, and the protocol's scores and the chunk cache
-    would be lost when the sweep is restored in a new session. It is made absolute here, as the
-    user meant it (relative to where the sweep was started)."""
-    return base.replace({"run.storage_path": normalize(base.run.storage_path)})
-
-
 def _baseline_model(base: Config, pool: list[str], root: RunDir) -> str:
     """The plain backbone for the 0-task point: `model.pretrained`, or weights built from
     scratch as a pre-finetuning run would start (with the tokenizer such a run trains)."""
@@ -267,6 +258,11 @@ def _point_trial(params: dict) -> None:
     tasks by the fine-tuning protocol (protocol.py)."""
     base, point = parse_config(params["base"]), params["point"]
     root, slug = RunDir(params["root"]), _slug(point["label"])
+    # The storage root is where the sweep's directory is (storage.run_root), made absolute by
+    # the driver: Tune runs each trial in a working directory of its own, new in each Ray
+    # session, where a relative run.storage_path would put the protocol's scores and the chunk
+    # cache, and a sweep restored in a new session would not find them again.
+    base = base.replace({"run.storage_path": root.root.rsplit("/", 1)[0]})
     if point["tasks"]:
         # (points of sweeps started before 2026-12 wrote their settings as section__key)
         settings = {key.replace("__", "."): v for key, v in point["settings"].items()}
@@ -401,7 +397,6 @@ def sweep_finetune(base: Config, given: str, task: str, search: list[str], sampl
     on their validation metric (evaluated every `training.eval_every` steps). Returns the best
     trial's settings, metric and run directory (written to best.json too)."""
     space = parse_search(search)
-    base = _for_trials(base)
     name = base.run.name or f"sweep-finetune-{task}"
     root = run_root(base, name)
     source = resolve_source(given, root.root)
