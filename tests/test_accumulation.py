@@ -1,5 +1,6 @@
 """A step's micro-batches run in several passes and reduced once (train.py) give the update of
-the whole step, under every ZeRO stage: real DeepSpeed in 2 processes on the CPU (gloo)."""
+the whole step, under every ZeRO stage (ZeRO-3 also with each layer gathered whole): real
+DeepSpeed in 2 processes on the CPU (gloo)."""
 
 import os
 import socket
@@ -10,6 +11,7 @@ import torch.multiprocessing as mp
 
 from muppet_ray import batch as mb
 from muppet_ray.config import ModelConfig
+from muppet_ray.engine import fetch_layers_whole
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.train import one_reduction
 from tests.test_task_types import featurize, suite_tokenizer, task
@@ -56,8 +58,11 @@ def run_worker(rank: int, port: int, world: int):
     batches = micro_batches(tokenizer)
     expected = expected_weights(tokenizer, batches)
     mine = batches[rank::world]
-    for stage in (0, 1, 2, 3):
+    # ZeRO-3 as DeepSpeed hooks it by default, and as muppet-ray runs it (each layer one unit)
+    for stage, layers_whole in ((0, False), (1, False), (2, False), (3, False), (3, True)):
         model = build_model(tokenizer)
+        if layers_whole:
+            fetch_layers_whole(model, deepspeed)
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
             config={"train_batch_size": world, "gradient_accumulation_steps": 1,
@@ -73,7 +78,7 @@ def run_worker(rank: int, port: int, world: int):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             got = engine.module.state_dict()
             for name, value in expected.items():
-                assert torch.allclose(got[name], value, atol=1e-5), (stage, name)
+                assert torch.allclose(got[name], value, atol=1e-5), (stage, layers_whole, name)
 
 
 def test_passes_and_one_reduction_give_the_whole_steps_update():
