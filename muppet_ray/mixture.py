@@ -23,7 +23,6 @@ run draws exactly the micro-batches that those weights give.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -279,21 +278,14 @@ class OnlineMixture:
 def weights_plot(names: list[str], decided: list[list[float]], every: int, max_steps: int
                  ) -> bytes:
     """The decided weights over the run's steps (PNG): a band per task, stacked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from muppet_ray.plots import png, pyplot
 
     steps = [k * every for k in range(len(decided))] + [max_steps]
     shares = np.asarray(decided + decided[-1:]).T  # (the last interval drawn to its end)
-    figure, ax = plt.subplots(figsize=(8, 4.5))
+    figure, ax = pyplot().subplots(figsize=(8, 4.5))
     ax.stackplot(steps, shares, labels=names, step="post")
     ax.set(xlabel="step", ylabel="share of the examples drawn", xlim=(0, steps[-1]), ylim=(0, 1),
            title="Online mixture: task weights")
     if len(names) <= 12:
         ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
-    figure.tight_layout()
-    out = io.BytesIO()
-    figure.savefig(out, format="png", dpi=100)
-    plt.close(figure)
-    return out.getvalue()
+    return png(figure)

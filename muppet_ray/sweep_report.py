@@ -315,12 +315,7 @@ def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
     task count, the curve's own points, the plain backbone's score dashed) and, along the task
     count, the mean paired difference to the plain backbone with its 95% interval
     (plot_difference)."""
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from muppet_ray.plots import png, pyplot
 
     means = _test_means(_main(rows) if axis == "tasks" else rows)
     if not means:
@@ -328,53 +323,47 @@ def plot(root: RunDir, rows: list[dict], axis: str) -> list[str]:
     values = {r["point"]: r["axis_value"] for r in rows if "error" not in r}
     tasks = sorted({t for t, _, _ in means})
     fractions = sorted({f for _, _, f in means})
-    names = []
-    with tempfile.TemporaryDirectory() as local:
-        figure, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4),
-                                    squeeze=False)
-        for ax, fraction in zip(axes[0], fractions):
-            for task in tasks:
-                points = sorted((values[p], 100 * v) for (t, p, f), v in means.items()
-                                if t == task and f == fraction)
-                xs = [x if axis == "tasks" else str(x) for x, _ in points]
-                line = ax.plot(xs, [v for _, v in points], marker="o", label=task)[0]
-                if axis == "tasks" and points and points[0][0] == 0:
-                    ax.axhline(points[0][1], color=line.get_color(), linestyle="--", alpha=0.5)
-            ax.set_title(f"training fraction {fraction:g}")
-            ax.set_xlabel("pre-finetuning tasks (0 = plain backbone, dashed)"
-                          if axis == "tasks" else axis)
-            ax.set_ylabel("test score x100 (mean over seeds)")
-        axes[0][-1].legend(fontsize=7)
-        figure.tight_layout()
-        names.append(f"{axis}_curve.png")
-        figure.savefig(f"{local}/{names[-1]}", dpi=100)
-        plt.close("all")
-        if axis == "tasks" and plot_difference(rows, f"{local}/tasks_difference.png"):
-            names.append("tasks_difference.png")
-        root.upload(local, "plots")
-    return [f"plots/{name}" for name in names]
+    figure, axes = pyplot().subplots(1, len(fractions), figsize=(5 * len(fractions), 4),
+                                     squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        for task in tasks:
+            points = sorted((values[p], 100 * v) for (t, p, f), v in means.items()
+                            if t == task and f == fraction)
+            xs = [x if axis == "tasks" else str(x) for x, _ in points]
+            line = ax.plot(xs, [v for _, v in points], marker="o", label=task)[0]
+            if axis == "tasks" and points and points[0][0] == 0:
+                ax.axhline(points[0][1], color=line.get_color(), linestyle="--", alpha=0.5)
+        ax.set_title(f"training fraction {fraction:g}")
+        ax.set_xlabel("pre-finetuning tasks (0 = plain backbone, dashed)"
+                      if axis == "tasks" else axis)
+        ax.set_ylabel("test score x100 (mean over seeds)")
+    axes[0][-1].legend(fontsize=7)
+    figures = {f"{axis}_curve.png": png(figure)}
+    if axis == "tasks" and (difference := plot_difference(rows)):
+        figures["tasks_difference.png"] = difference
+    root.remove("plots")  # (instead of what an earlier report drew)
+    for name, data in figures.items():
+        root.write_bytes(f"plots/{name}", data)
+    return [f"plots/{name}" for name in figures]
 
 
-def plot_difference(rows: list[dict], path: str) -> bool:
-    """PNG at `path`, a panel per fraction: the curve (each count's mean paired difference to
+def plot_difference(rows: list[dict]) -> bytes | None:
+    """PNG, a panel per fraction: the curve (each count's mean paired difference to
     the plain backbone over the eval tasks, its replicates averaged) with its 95% t-interval
     over seeds, each point of a count (replicates included) as a gray dot, and each ablation
-    beside its count with its interval. False when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    beside its count with its interval. None when there is nothing to draw."""
+    from muppet_ray.plots import png, pyplot
 
     diff = {key: values for key, values in curve(rows).items() if values}
     if not diff:
-        return False
+        return None
     means = _seed_means(rows)
     zero = next(r["point"] for r in _main(rows) if r.get("tasks") == 0)
     points = {r["point"]: (r["tasks"], r.get("ablation", "")) for r in rows
               if "error" not in r and r["tasks"]}
     fractions = sorted({f for _, f in diff})
-    figure, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5),
-                                squeeze=False)
+    figure, axes = pyplot().subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5),
+                                     squeeze=False)
     for ax, fraction in zip(axes[0], fractions):
         counts = sorted(c for c, f in diff if f == fraction)
         shown = [paired_test(list(diff[c, fraction].values())) for c in counts]
@@ -402,9 +391,6 @@ def plot_difference(rows: list[dict], path: str) -> bool:
                       "gray: each point)", fontsize=8)
         ax.set_ylabel("paired difference to 0 tasks (points, 95% CI)")
     axes[0][-1].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close("all")
-    return True
+    return png(figure)
 
 

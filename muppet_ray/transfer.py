@@ -18,7 +18,6 @@ weight: more than ZeRO-3 saves).
 from __future__ import annotations
 
 import contextlib
-import io
 
 import numpy as np
 import torch
@@ -134,13 +133,10 @@ def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def heat_map(names: list[str], cosine: np.ndarray, after: int, step: int) -> bytes:
     """The task x task similarity matrix as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from muppet_ray.plots import png, pyplot
 
     size = 2 + 0.28 * len(names)
-    figure, ax = plt.subplots(figsize=(size + 1.5, size))
+    figure, ax = pyplot().subplots(figsize=(size + 1.5, size))
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -148,8 +144,4 @@ def heat_map(names: list[str], cosine: np.ndarray, after: int, step: int) -> byt
                  f"micro-batch after step {after} (logged at step {step})",
                  fontsize=9)
     figure.colorbar(image, ax=ax, shrink=0.8)
-    figure.tight_layout()
-    out = io.BytesIO()
-    figure.savefig(out, format="png", dpi=100)
-    plt.close(figure)
-    return out.getvalue()
+    return png(figure)
