@@ -29,17 +29,17 @@ def micro_batches(tokenizer):
             for name, n in sizes]
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, arch: str = "bert"):
     torch.manual_seed(0)
-    config = ModelConfig(arch="bert", hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
+    config = ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
                          max_length=64, dropout=0.0)
     specs = [task(name).layout() for name in TASKS]
     return MuppetModel(build_backbone(config, tokenizer), specs, 0.0, tokenizer=tokenizer)
 
 
-def expected_weights(tokenizer, batches):
+def expected_weights(tokenizer, batches, arch: str = "bert"):
     """Plain PyTorch, one process: SGD on the mean of the micro-batches' mean losses."""
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, arch)
     loss = sum(model(mb.to_torch(b, torch.device("cpu")))["loss"] for b in batches) / len(batches)
     loss.backward()
     with torch.no_grad():
@@ -56,17 +56,20 @@ def run_worker(rank: int, port: int, world: int):
     torch.set_num_threads(1)
     tokenizer = suite_tokenizer()
     batches = micro_batches(tokenizer)
-    expected = expected_weights(tokenizer, batches)
+    expected = {arch: expected_weights(tokenizer, batches, arch) for arch in ("bert", "bart")}
     mine = batches[rank::world]
-    # ZeRO-3 as DeepSpeed hooks it by default, and as muppet-ray runs it (each layer one unit)
-    for stage, layers_whole in ((0, False), (1, False), (2, False), (3, False), (3, True)):
-        model = build_model(tokenizer)
+    # ZeRO-3 as DeepSpeed hooks it by default, and as muppet-ray runs it (each layer one unit,
+    # the encoder's and the decoder's on an encoder-decoder)
+    for arch, stage, layers_whole in (("bert", 0, False), ("bert", 1, False), ("bert", 2, False),
+                                      ("bert", 3, False), ("bert", 3, True), ("bart", 3, True)):
+        model = build_model(tokenizer, arch)
         if layers_whole:
             fetch_layers_whole(model, deepspeed)
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
             config={"train_batch_size": world, "gradient_accumulation_steps": 1,
-                    "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True})
+                    "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                    "gradient_clipping": 0.0})  # (DeepSpeed's default clips at 1.0)
         with one_reduction(engine, stage):
             for batch in mine:
                 # 3 passes each: the 2-example span micro-batch gets a share-0 third pass
@@ -77,8 +80,9 @@ def run_worker(rank: int, port: int, world: int):
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             got = engine.module.state_dict()
-            for name, value in expected.items():
-                assert torch.allclose(got[name], value, atol=1e-5), (stage, layers_whole, name)
+            for name, value in expected[arch].items():
+                assert torch.allclose(got[name], value, atol=1e-5), (arch, stage, layers_whole,
+                                                                     name)
 
 
 def test_passes_and_one_reduction_give_the_whole_steps_update():
