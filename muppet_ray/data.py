@@ -113,6 +113,12 @@ class CacheIndex:
     def chunks(self) -> int:
         return sum(len(groups) for _, groups in self.files)
 
+    @property
+    def fingerprint(self) -> str:
+        """What the chunks are made of (_fingerprint): the cache entry's name, whatever root or
+        attempt (`<root>/<fingerprint>/<attempt>`) holds them."""
+        return posixpath.basename(posixpath.dirname(self.directory.rstrip("/")))
+
     def locate(self, chunk: int) -> tuple[str, int]:
         for name, groups in self.files:
             if chunk < len(groups):
@@ -385,13 +391,10 @@ def check_unchanged(tasks: list[Task], recorded: dict[str, dict[str, CacheIndex]
                     caches: dict[str, dict[str, CacheIndex]]) -> None:
     """A resumed run must read the data it started with: another content (or chunk settings)
     would mean other micro-batches behind the same schedule positions."""
-    def fingerprint(index: CacheIndex) -> str:
-        return posixpath.basename(posixpath.dirname(index.directory.rstrip("/")))
-
     for task in tasks:
         for split, index in caches[task.name].items():
             before = recorded.get(task.name, {}).get(split)
-            if before is not None and fingerprint(before) != fingerprint(index):
+            if before is not None and before.fingerprint != index.fingerprint:
                 where = (task.source._path(split) if isinstance(task.source, FileSource)
                          else task.source.origin)
                 raise DataError(f"task {task.name!r}: its {split} data ({where}) changed since "

@@ -105,9 +105,16 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     for task, configs in groups:
         caches = {f: next(prepared)[task.name] for f in configs}
         key = _group_key(configs, source, task, caches, on_gpu)
-        if store.exists(f"{key}.json"):  # (scored before: another sweep, or a restart)
-            scores += [replace(Score(**s), model=label)
-                       for s in json.loads(store.read_text(f"{key}.json"))]
+        # (scored before: another sweep, or a restart; or under the key of before 2026-12-05,
+        # which held the cache's location, kept under the new key from now on)
+        found = next((k for k in (key, _group_key(configs, source, task, caches, on_gpu,
+                                                  by_location=True))
+                      if store.exists(f"{k}.json")), None)
+        if found:
+            text = store.read_text(f"{found}.json")
+            if found != key:
+                store.write_text(f"{key}.json", text)
+            scores += [replace(Score(**s), model=label) for s in json.loads(text)]
             continue
         pending.append(run.remote(configs, source, label, task, caches))
         keys[pending[-1]] = key
@@ -122,17 +129,13 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     return scores
 
 
-def _fingerprint_of(index: data.CacheIndex) -> str:
-    """The tokenized split's fingerprint: its cache entry's name, `<root>/<fingerprint>/<attempt>`
-    (not the root, which moves with the storage, nor the attempt that wrote it)."""
-    return index.directory.rstrip("/").split("/")[-2]
-
-
 def _group_key(configs: dict[float, Config], source: Source, task: Task,
-               caches: dict[float, dict[str, data.CacheIndex]], on_gpu: bool = False) -> str:
+               caches: dict[float, dict[str, data.CacheIndex]], on_gpu: bool = False,
+               by_location: bool = False) -> str:
     """What a group's scores depend on: the settings its runs read (not where they are stored,
     nor the pre-finetuning's own schedule), the model and head it starts from, its tokenized
-    data, and the device and precision it trains in."""
+    data (by its fingerprint; `by_location`: by where its cache is, as keys were made before
+    2026-12-05), and the device and precision it trains in."""
     settings = []
     for config in configs.values():
         raw = config.model_dump(mode="json")
@@ -148,8 +151,8 @@ def _group_key(configs: dict[float, Config], source: Source, task: Task,
                 del spec["noise_density"], spec["mean_span"]
         settings.append({**{k: raw[k] for k in ("model", "tasks", "batching", "protocol")},
                          "training": {k: raw["training"][k] for k in PROTOCOL_TRAINING}})
-    tokenized = [[_fingerprint_of(index) for _, index in sorted(c.items())]
-                 for c in caches.values()]
+    tokenized = [[index.directory if by_location else index.fingerprint
+                  for _, index in sorted(c.items())] for c in caches.values()]
     keyed = [settings, source.model, source.manifest, tokenized]
     origin = head_origins(source, [task], next(iter(configs.values())).protocol.head)
     if is_reused(task, origin):  # (a fresh head: the same runs under `auto` and `new`)

@@ -71,14 +71,16 @@ def test_scores_are_keyed_by_the_head_each_run_starts_from():
     from muppet_ray.protocol import _group_key, eval_config
     from muppet_ray.tasks import resolve_tasks
 
-    def key(source, task, head, on_gpu=False, precision="auto", storage="/runs", attempt="a"):
+    def key(source, task, head, on_gpu=False, precision="auto", storage="/runs", attempt="a",
+            by_location=False):
         base = eval_config(validate({"protocol": {"head": head},
                                      "deepspeed": {"precision": precision},
                                      "run": {"storage_path": storage}}))
         configs = {1.0: finetune_config(base, source, task, 1.0, 0, f"{storage}/x", "-")}
         caches = {1.0: {split: CacheIndex(f"{storage}/.chunk-cache/{task}-{split}/{attempt}",
                                           (), 10) for split in ("train", "validation", "test")}}
-        return _group_key(configs, source, resolve_tasks(configs[1.0])[0], caches, on_gpu)
+        return _group_key(configs, source, resolve_tasks(configs[1.0])[0], caches, on_gpu,
+                          by_location)
 
     plain = Source("plain", "/models/plain")
     trained = Source("run", "/models/run", {"config": to_yaml(validate({})), "tasks": [
@@ -91,7 +93,11 @@ def test_scores_are_keyed_by_the_head_each_run_starts_from():
     assert key(plain, "who_has", "new", on_gpu=True) != key(plain, "who_has", "new")
     assert key(plain, "who_has", "new", precision="bf16") != key(plain, "who_has", "new")
     assert key(plain, "who_has", "new", precision="fp32") == key(plain, "who_has", "new")
-    # ... but not by where they are stored: a sweep restored in another working directory, or
-    # whose storage moved, finds its scores (the tokenized data is keyed by its fingerprint)
+    # ... but not by where the tokenized data is cached (keyed by its fingerprint): a sweep
+    # restored in another working directory finds its scores, and a model outside the storage
+    # (the plain backbone) shares them across storage roots
     assert key(plain, "who_has", "new", storage="s3://b/runs", attempt="b") == key(
         plain, "who_has", "new")
+    # Scores stored under the keys of before (which held the cache's location) are still found:
+    # the same key as the code of 1f157be made for this group
+    assert key(plain, "who_has", "new", by_location=True) == "0cd7c8cc5007d672dfda6593"
