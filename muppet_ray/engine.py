@@ -62,7 +62,9 @@ def build_engine(config: Config, tokenizer, layouts: list[HeadLayout], workers: 
         zero_stage = saved_stage if saved_stage is not None else _fitting_stage(
             config, model, bf16, workers)
     if zero_stage == 3:
-        fetch_layers_whole(model, deepspeed)
+        whole = fetch_layers_whole(model, deepspeed)
+        if workers.rank == 0:
+            log.info(f"[muppet-ray] ZeRO-3 gathers each {', '.join(whole) or 'module'} whole")
     optimizer, scheduler = build_optimizer(model, config, fused=workers.on_gpu)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -76,16 +78,21 @@ def build_engine(config: Config, tokenizer, layouts: list[HeadLayout], workers: 
     return engine, zero_stage
 
 
-def fetch_layers_whole(model: MuppetModel, deepspeed) -> None:
+def fetch_layers_whole(model: MuppetModel, deepspeed) -> list[str]:
     """ZeRO-3 gathers a module's weights before it runs and frees them after, with hooks around
-    every module, forward and backward: on a BERT-sized model that host work, not the gathers,
-    is what ZeRO-3 costs (bench/zero3_hooks.py: ~100 ms a micro-batch on 24 layers, 0.42 of
-    ZeRO-2's speed on one GPU). Each of the backbone's layers (the entries of its layer lists)
-    is gathered and freed as one unit instead, as FSDP wraps one unit per transformer block:
-    ZeRO-3 then holds at most a layer's weights beyond its own shard."""
+    every module, forward and backward: on a model of BERT's shape that host work is most of
+    what ZeRO-3 costs on one GPU (0.42 of ZeRO-2's speed; bench/zero3_hooks.py). Each of the
+    backbone's layers (the entries of its layer lists) is gathered and freed as one unit
+    instead, as FSDP wraps one unit per transformer block. Returns the layer classes' names
+    (none where the backbone has no layer list: every module is then hooked as before)."""
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
     layers = {type(layer) for stack in model.backbone.modules()
-              if isinstance(stack, torch.nn.ModuleList) for layer in stack}
-    deepspeed.utils.set_z3_leaf_modules(model, sorted(layers, key=lambda c: c.__name__))
+              if isinstance(stack, torch.nn.ModuleList) for layer in stack
+              if not isinstance(layer, containers) and any(True for _ in layer.parameters())}
+    layers = sorted(layers, key=lambda c: c.__name__)
+    if layers:
+        deepspeed.utils.set_z3_leaf_modules(model, layers)
+    return [c.__name__ for c in layers]
 
 
 def _fitting_stage(config: Config, model: MuppetModel, bf16: bool, workers: Workers) -> int:

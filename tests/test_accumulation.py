@@ -64,11 +64,16 @@ def run_worker(rank: int, port: int, world: int):
                                       ("bert", 3, False), ("bert", 3, True), ("bart", 3, True)):
         model = build_model(tokenizer, arch)
         if layers_whole:
-            fetch_layers_whole(model, deepspeed)
+            whole = fetch_layers_whole(model, deepspeed)
+            assert whole == (["BertLayer"] if arch == "bert" else
+                             ["BartDecoderLayer", "BartEncoderLayer"])
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
             config={"train_batch_size": world, "gradient_accumulation_steps": 1,
-                    "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                    # (every weight gathered and freed: these are all below the size DeepSpeed
+                    # otherwise keeps whole on every worker)
+                    "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                    "zero_allow_untested_optimizer": True,
                     "gradient_clipping": 0.0})  # (DeepSpeed's default clips at 1.0)
         with one_reduction(engine, stage):
             for batch in mine:
