@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from muppet_ray.errors import ConfigError
 
@@ -315,6 +322,14 @@ class ScalingConfig(Section):
 class RunConfig(Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     """Run directory name under storage_path (default: <job>-<timestamp>)."""
+
+    @field_validator("name")
+    @classmethod
+    def _a_directory_name(cls, name: str | None) -> str | None:
+        if name in (".", ".."):  # (the storage root itself, or above it)
+            raise ValueError(f"run.name: expected a directory name, got {name!r}")
+        return name
+
     storage_path: str = "runs"
     """Local path (made absolute) or s3:// / gs:// URI shared by all nodes."""
     ray_address: str | None = None

@@ -70,6 +70,7 @@ case("weights-missing-task", ["--set", "mixture.rule=explicit", "--set",
      "mixture.weights: needs exactly the run's tasks; missing ['entailment']")
 case("variable-unset", ["--set", "run.name=${MUPPET_TEST_UNSET}"],
      "run.name: environment variable MUPPET_TEST_UNSET is not set")
+case("run-name-dots", ["--set", "run.name=.."], "run.name: expected a directory name, got '..'")
 case("storage-below-file", ["--set", "run.storage_path={tmp}/afile/runs"],
      "run.storage_path: '{tmp}/afile/runs' is below '{tmp}/afile', which is a file")
 
