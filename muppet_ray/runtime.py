@@ -80,6 +80,14 @@ def quiet_tune_console() -> None:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
+def trials_keep_working_directory() -> None:
+    """Tune runs each trial in a directory of its own unless told not to, where a relative path
+    in the trial's config (a task's file, a local model) would resolve. Trials keep the working
+    directory of the cluster's workers instead: where the sweep started its local cluster, or
+    the job's working_dir under `ray job submit`. (Tune passes this on to its trials.)"""
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+
+
 def use_deepspeed_accelerator(on_gpu: bool) -> None:
     """DeepSpeed picks its accelerator when first imported: CUDA, or the CPU (gloo)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")

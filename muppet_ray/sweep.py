@@ -41,7 +41,12 @@ from muppet_ray.errors import ConfigError, TrainingError
 from muppet_ray.finetune import check_fractions, finetune, finetune_config
 from muppet_ray.model_source import Source, initial_weights, resolve_source
 from muppet_ray.prefinetune import build_tokenizer, prefinetune
-from muppet_ray.runtime import quiet_tune_console, start_ray, verbose
+from muppet_ray.runtime import (
+    quiet_tune_console,
+    start_ray,
+    trials_keep_working_directory,
+    verbose,
+)
 from muppet_ray.storage import RunDir, run_root
 from muppet_ray.sweep_report import commit, write_results
 from muppet_ray.task_types import TASK_TYPES
@@ -295,6 +300,7 @@ def _run_tune(trainable, params: dict, root: RunDir, base: Config,
         max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // (per_trial + 1)))
     if not verbose():
         quiet_tune_console()
+    trials_keep_working_directory()
     # The trial itself only drives Ray Train runs, whose workers hold the resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = root.uri("tune")

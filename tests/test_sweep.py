@@ -3,6 +3,9 @@ ASHA stops a weak trial. (A real task-count sweep, killed mid-way and restored, 
 multi-node cluster: test_multinode.py.)"""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -111,31 +114,34 @@ def test_finetune_search_stops_weak_trials_early(ray_cluster, tmp_path):
     assert saved["best"]["value"] == report["best"]["value"]
 
 
-def test_a_sweep_whose_points_fail_says_which_and_exits_non_zero(ray_cluster, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_a_sweep_whose_points_fail_says_which_and_exits_non_zero(tmp_path):
     # Bad data shows only where the point's run reads it (in the trial): the sweep writes what
-    # it has, then fails in one line naming the point and the error.
+    # it has, then fails in one line naming the point and the error. Run as a user would, from
+    # their own directory with relative paths (its own local cluster, started there).
     rows = [{"text": f"row {i}", "label": "maybe" if i == 7 else "yes" if i % 3 else "no"}
             for i in range(30)]
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = {"name": "mine", "type": "classification", "train": str(tmp_path / "mine.jsonl"),
+    task = {"name": "mine", "type": "classification", "train": "mine.jsonl",
             "labels": ["no", "yes"]}
-    args = ["sweep", "tasks", "--counts", "0,1", "--eval-tasks", "review",
+    args = ["-m", "muppet_ray", "sweep", "tasks", "--counts", "0,1", "--eval-tasks", "review",
             "--max-concurrent", "1"]
-    monkeypatch.chdir(tmp_path)  # a relative storage path, as the default `runs` is
     for setting in [*TINY, "run.storage_path=store", "run.name=sweep",
                     "protocol.learning_rates=[1e-4]", f"tasks.custom=[{json.dumps(task)}]",
                     "tasks.include=[mine]"]:
         args += ["--set", setting]
-    assert cli.main(args) == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("muppet-ray: error: 1 of 2 sweep points failed: 1 tasks: "), line
+    # (the trial read the task's file, relative to where the sweep was started)
     assert "label 'maybe' is not in the label space" in line, line
     rows = json.loads((tmp_path / "store" / "sweep" / "results.json").read_text())
     failed = next(r for r in rows if r["point"] == "1 tasks")
     assert "label 'maybe'" in failed["error"]
     # The plain backbone's point was scored, and its scores kept below the storage root where
-    # the user asked (not in the trial's own working directory, which a restored sweep would
-    # not find again).
+    # the user asked (not in the trial's own directory, which a restored sweep would not find
+    # again).
     assert [r["point"] for r in rows if "error" not in r] == ["0 tasks"]
     assert len(list((tmp_path / "store" / ".protocol-cache").glob("*.json"))) == 1
