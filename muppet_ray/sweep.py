@@ -200,11 +200,23 @@ def sweep_points(base: Config, axis: str, eval_tasks: list[str], fractions: list
     errors = {r.config["point"]["label"]: _error_line(r.error) for r in grid if r.error}
     rows = collect(root, described, errors)
     write_results(root, rows, axis, report, command, commits)
-    failed = [r for r in rows if "error" in r]
-    if failed:  # (after the results of the others are written)
-        raise TrainingError(f"{len(failed)} of {len(points)} sweep points failed: " + "; ".join(
-            f"{r['point']}: {r['error']}" for r in failed) + f" (results: {root.root})")
+    check_finished(rows, errors, root.root)  # (after the results of the others are written)
     return rows
+
+
+def check_finished(rows: list[dict], errors: dict[str, str], where: str) -> None:
+    """One line for points that failed, or else for points that did not finish (the sweep was
+    stopped: the same command resumes it)."""
+    points = list(dict.fromkeys(r["point"] for r in rows))
+    failed = [point for point in points if point in errors]
+    if failed:
+        raise TrainingError(f"{len(failed)} of {len(points)} sweep points failed: " + "; ".join(
+            f"{point}: {errors[point]}" for point in failed) + f" (results: {where})")
+    unfinished = [r["point"] for r in rows if "error" in r]
+    if unfinished:
+        raise TrainingError(
+            f"{len(unfinished)} of {len(points)} sweep points not finished (the sweep was "
+            f"stopped; the same command resumes it): {', '.join(unfinished)} (results: {where})")
 
 
 def _described(point: dict) -> dict:

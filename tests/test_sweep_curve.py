@@ -10,11 +10,12 @@ import pytest
 import scipy.stats
 
 from muppet_ray.config import Config
-from muppet_ray.errors import ConfigError
+from muppet_ray.errors import ConfigError, TrainingError
 from muppet_ray.storage import RunDir
 from muppet_ray.sweep import (
     _check_orders,
     _described,
+    check_finished,
     parse_ablations,
     record_points,
     report_from,
@@ -231,3 +232,17 @@ def test_tasks_also_are_mixed_in_but_not_in_the_pool():
     with pytest.raises(ConfigError, match=r"tasks.include, tasks.also: tasks listed twice: "
                                           r"\['topic'\]"):
         resolve_tasks(base.replace({"tasks.also": ["topic"]}))
+
+
+def test_a_stopped_sweep_says_its_points_did_not_finish_not_that_they_failed():
+    rows = [{"point": "0 tasks", "test": 0.5}, {"point": "0 tasks", "test": 0.6},
+            {"point": "4 tasks", "error": "no results"},
+            {"point": "8 tasks", "error": "no results"}]
+    with pytest.raises(TrainingError, match=r"^2 of 3 sweep points not finished \(the sweep was "
+                       r"stopped; the same command resumes it\): 4 tasks, 8 tasks \(results: r\)$"):
+        check_finished(rows, {}, "r")
+    failed = [*rows[:3], {"point": "8 tasks", "error": "ValueError: bad"}]
+    with pytest.raises(TrainingError, match=r"^1 of 3 sweep points failed: 8 tasks: ValueError: "
+                                            r"bad \(results: r\)$"):
+        check_finished(failed, {"8 tasks": "ValueError: bad"}, "r")
+    check_finished(rows[:2], {}, "r")  # all finished: nothing to say
