@@ -20,6 +20,8 @@ log(vocabulary size). Metric: the accuracy of those tokens (teacher-forced).
 
 from __future__ import annotations
 
+import functools
+import os
 import zlib
 
 import numpy as np
@@ -79,8 +81,6 @@ PRETRAINED_HEAD_KEYS = {
 def pretrained_head(directory: str) -> dict[str, torch.Tensor]:
     """The masked-LM head a pretrained checkpoint (a local directory) carries, keyed as
     MaskedLMHead's; {} where it has none (e.g. sentence-transformers' MiniLM)."""
-    import os
-
     found: dict[str, torch.Tensor] = {}
     path = os.path.join(directory, "model.safetensors")
     if os.path.exists(path):
@@ -137,7 +137,8 @@ class Denoising(TaskType):
                             max_length=limits.max_length if style == "mlm"
                             else limits.max_target_length)
         seed = zlib.crc32(task.name.encode())
-        noise = self._masked if style == "mlm" else self._infilled
+        noise = (functools.partial(self._masked, replacements=_ordinary_ids(tokenizer))
+                 if style == "mlm" else self._infilled)
         features = []
         for row, ids, special in zip(rows, encoded["input_ids"], encoded["special_tokens_mask"]):
             ordinary = np.array(special) == 0
@@ -149,7 +150,9 @@ class Denoising(TaskType):
         return features
 
     @staticmethod
-    def _masked(ids, ordinary, tokenizer, density, mean_span, rng) -> dict:
+    def _masked(ids, ordinary, tokenizer, density, mean_span, rng, replacements) -> dict:
+        """`replacements`: the ids a random replacement draws from (_ordinary_ids, made once a
+        call: the vocabulary is tens of thousands of ids)."""
         candidates = np.flatnonzero(ordinary)
         labels = np.full(len(ids), IGNORE)
         count = max(int(round(len(candidates) * density)), 1)
@@ -158,7 +161,7 @@ class Denoising(TaskType):
         fate = rng.random(count)
         ids[chosen[fate < MASK_SHARE]] = tokenizer.mask_token_id
         swapped = chosen[(fate >= MASK_SHARE) & (fate < MASK_SHARE + RANDOM_SHARE)]
-        ids[swapped] = rng.choice(_ordinary_ids(tokenizer), len(swapped))
+        ids[swapped] = rng.choice(replacements, len(swapped))
         return {"rows": [ids.tolist()], "decoder_labels": labels.tolist()}
 
     @staticmethod
