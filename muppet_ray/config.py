@@ -322,14 +322,6 @@ class ScalingConfig(Section):
 class RunConfig(Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     """Run directory name under storage_path (default: <job>-<timestamp>)."""
-
-    @field_validator("name")
-    @classmethod
-    def _a_directory_name(cls, name: str | None) -> str | None:
-        if name in (".", ".."):  # (the storage root itself, or above it)
-            raise ValueError(f"run.name: expected a directory name, got {name!r}")
-        return name
-
     storage_path: str = "runs"
     """Local path (made absolute) or s3:// / gs:// URI shared by all nodes."""
     ray_address: str | None = None
@@ -346,6 +338,13 @@ class RunConfig(Section):
     fail_node_at_step: int | None = Field(None, ge=1)
     """Fault injection for tests: the last worker SIGKILLs its node's raylet (the node is lost,
     with every process on it) once when it reaches this step."""
+
+    @field_validator("name")
+    @classmethod
+    def _a_directory_name(cls, name: str | None) -> str | None:
+        if name in (".", ".."):  # (the storage root itself, or above it)
+            raise ValueError(f"run.name: expected a directory name, got {name!r}")
+        return name
 
 
 class ProtocolConfig(Section):
