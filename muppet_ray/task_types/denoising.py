@@ -21,7 +21,6 @@ log(vocabulary size). Metric: the accuracy of those tokens (teacher-forced).
 from __future__ import annotations
 
 import functools
-import os
 import zlib
 
 import numpy as np
@@ -78,21 +77,26 @@ PRETRAINED_HEAD_KEYS = {
 }
 
 
-def pretrained_head(directory: str) -> dict[str, torch.Tensor]:
-    """The masked-LM head a pretrained checkpoint (a local directory) carries, keyed as
-    MaskedLMHead's; {} where it has none (e.g. sentence-transformers' MiniLM)."""
-    found: dict[str, torch.Tensor] = {}
-    path = os.path.join(directory, "model.safetensors")
-    if os.path.exists(path):
+def pretrained_head(model: str) -> dict[str, torch.Tensor]:
+    """The masked-LM head a pretrained checkpoint (a local directory, or a Hub id, whose files
+    building the backbone fetched already) carries, keyed as MaskedLMHead's; {} where it has
+    none (e.g. sentence-transformers' MiniLM) or its weights are sharded."""
+    from transformers.utils import cached_file
+
+    def file(name: str) -> str | None:
+        return cached_file(model, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    if path := file("model.safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            for key in set(f.keys()) & set(PRETRAINED_HEAD_KEYS):
-                found[PRETRAINED_HEAD_KEYS[key]] = f.get_tensor(key)
-    elif os.path.exists(path := os.path.join(directory, "pytorch_model.bin")):
+            return {PRETRAINED_HEAD_KEYS[k]: f.get_tensor(k)
+                    for k in set(f.keys()) & set(PRETRAINED_HEAD_KEYS)}
+    if path := file("pytorch_model.bin"):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        found = {PRETRAINED_HEAD_KEYS[k]: v for k, v in state.items() if k in PRETRAINED_HEAD_KEYS}
-    return found
+        return {PRETRAINED_HEAD_KEYS[k]: v for k, v in state.items() if k in PRETRAINED_HEAD_KEYS}
+    return {}
 
 
 def _ordinary_ids(tokenizer) -> np.ndarray:
