@@ -105,15 +105,9 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
     for task, configs in groups:
         caches = {f: next(prepared)[task.name] for f in configs}
         key = _group_key(configs, source, task, caches, on_gpu)
-        # (scored before: another sweep, or a restart; or under the key of before 2026-12-05,
-        # which held the cache's location, kept under the new key from now on)
-        found = next((k for k in (key, _group_key(configs, source, task, caches, on_gpu,
-                                                  by_location=True))
-                      if store.exists(f"{k}.json")), None)
-        if found:
-            text = store.read_text(f"{found}.json")
-            if found != key:
-                store.write_text(f"{key}.json", text)
+        text = stored_scores(store, key, _group_key(configs, source, task, caches, on_gpu,
+                                                    by_location=True))
+        if text is not None:  # (scored before: another sweep, or a restart)
             scores += [replace(Score(**s), model=label) for s in json.loads(text)]
             continue
         pending.append(run.remote(configs, source, label, task, caches))
@@ -127,6 +121,18 @@ def score_model(base: Config, source: Source, label: str, eval_tasks: list[str],
         print(f"[muppet-ray] {label}: {total - len(pending)} of {total} task x seed "
               "fine-tuning groups scored", flush=True)
     return scores
+
+
+def stored_scores(store: RunDir, key: str, legacy: str) -> str | None:
+    """A group's stored scores: under its key, or under its key of before 2026-12-05 (which held
+    the chunk cache's location: _group_key's `by_location`), then kept under its key too."""
+    if store.exists(f"{key}.json"):
+        return store.read_text(f"{key}.json")
+    if store.exists(f"{legacy}.json"):
+        text = store.read_text(f"{legacy}.json")
+        store.write_text(f"{key}.json", text)
+        return text
+    return None
 
 
 def _group_key(configs: dict[float, Config], source: Source, task: Task,

@@ -101,3 +101,16 @@ def test_scores_are_keyed_by_the_head_each_run_starts_from():
     # Scores stored under the keys of before (which held the cache's location) are still found:
     # the same key as the code of 1f157be made for this group
     assert key(plain, "who_has", "new", by_location=True) == "0cd7c8cc5007d672dfda6593"
+
+
+def test_scores_stored_under_the_key_of_before_are_found_and_kept_under_the_new_one(tmp_path):
+    from muppet_ray.protocol import stored_scores
+    from muppet_ray.storage import RunDir
+
+    store = RunDir(str(tmp_path))
+    assert stored_scores(store, "new", "old") is None
+    store.write_text("old.json", "[1]")
+    assert stored_scores(store, "new", "old") == "[1]"
+    assert store.read_text("new.json") == "[1]"
+    store.write_text("new.json", "[2]")  # the key's own come first
+    assert stored_scores(store, "new", "old") == "[2]"
