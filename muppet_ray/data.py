@@ -49,6 +49,7 @@ from muppet_ray.sources import FileSource
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Features, Limits
 from muppet_ray.tasks import Task
+from muppet_ray.tokenizer import Shipped
 
 FETCH_BLOCK = 32  # micro-batches per Ray Data block in the training stream
 STREAM_SEGMENT = 8 * FETCH_BLOCK  # micro-batches per Ray Data execution of it (see `stream`),
@@ -130,7 +131,7 @@ class CacheIndex:
 # ------------------------------------------------------------------------------ stage 1
 
 
-def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
+def _chunker(task: Task, split: str, shipped: Shipped, settings: ChunkSettings):
     """Ray Data map function: a window of rows (`CHUNKS_PER_BLOCK` chunks' worth) becomes its
     chunks. With `group_by_length`, the window's examples are ordered by length first, so that
     each chunk pads to little more than its own examples' lengths (the schedule draws chunks in
@@ -144,9 +145,10 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
 
     def featurize(rows: list[dict[str, Any]]):
         examples = [task.source.decode(row, split) for row in rows]
-        return task.task_type.featurize(task, examples, tokenizer, settings.limits)
+        return task.task_type.featurize(task, examples, shipped.get(), settings.limits)
 
     def make_chunks(table: pa.Table) -> dict[str, list]:
+        pad_id = shipped.get().pad_token_id
         rows, skipped = table.to_pylist(), [0] * -(-table.num_rows // size)
         try:
             features = featurize(rows)
@@ -169,8 +171,7 @@ def _chunker(task: Task, split: str, tokenizer, settings: ChunkSettings):
         else:
             parts = [features[i * size:(i + 1) * size] for i in range(len(skipped))]
         for part, bad in zip(parts, skipped):
-            chunk = mb.collate(part, None, tokenizer.pad_token_id,
-                               keep_text=split != "train") if part else None
+            chunk = mb.collate(part, None, pad_id, keep_text=split != "train") if part else None
             out["num_examples"].append(len(part))
             out["num_tokens"].append(int(chunk["attention_mask"].sum()) if chunk else 0)
             out["padded_tokens"].append(int(chunk["attention_mask"].size) if chunk else 0)
@@ -275,6 +276,7 @@ def _write_chunks(pending, cache: RunDir, tokenizer) -> None:
     Each job writes a fresh attempt directory below its entry and then the entry's index
     naming it, so runs that tokenize the same task at once never mix their files."""
     write = ray.remote(num_cpus=0, max_retries=0)(_write_split)
+    shipped = Shipped(tokenizer)
     attempt = uuid.uuid4().hex[:12]
     waiting, running = list(pending), []
     try:
@@ -282,7 +284,7 @@ def _write_chunks(pending, cache: RunDir, tokenizer) -> None:
             while waiting and len(running) < CONCURRENT_WRITES:
                 task, split, entry, settings = waiting.pop(0)
                 running.append(write.remote(task, split, cache.root, f"{entry}/{attempt}",
-                                            tokenizer, settings))
+                                            shipped, settings))
             done, running = ray.wait(running, num_returns=1)
             ray.get(done)
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
@@ -305,7 +307,7 @@ def _write_chunks(pending, cache: RunDir, tokenizer) -> None:
         raise unwrap_data_error(e) from None
 
 
-def _write_split(task: Task, split: str, cache_uri: str, directory: str, tokenizer,
+def _write_split(task: Task, split: str, cache_uri: str, directory: str, shipped: Shipped,
                  settings: ChunkSettings) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cache = RunDir(cache_uri)
@@ -325,7 +327,7 @@ def _write_split(task: Task, split: str, cache_uri: str, directory: str, tokeniz
     # blocks).
     window = size * CHUNKS_PER_BLOCK
     ds = ds.repartition(target_num_rows_per_block=window, strict=True)
-    ds = ds.map_batches(_chunker(task, split, tokenizer, settings), batch_size=window,
+    ds = ds.map_batches(_chunker(task, split, shipped, settings), batch_size=window,
                         batch_format="pyarrow")
     ds.context.execution_options.preserve_order = True
     # Ray Data logs a failing job itself; bad data should read as one line on the driver (the

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,7 @@ from muppet_ray.prefinetune import build_tokenizer, resolve_and_check
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
 from muppet_ray.tasks import resolve_tasks
+from muppet_ray.tokenizer import Shipped
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.integration
@@ -260,7 +262,17 @@ def window(name, tokenizer, split="train", budget=0):
 
     settings = data.ChunkSettings(LIMITS, 8, 32, 0, tokens_per_chunk=budget)
     rows = pa.table({"_id": list(range(8 * data.CHUNKS_PER_BLOCK))})
-    return data._chunker(task(name), split, tokenizer, settings)(rows)
+    return data._chunker(task(name), split, Shipped(tokenizer), settings)(rows)
+
+
+def test_a_shipped_tokenizer_is_deserialized_once_in_each_process():
+    from tests.test_task_types import suite_tokenizer
+
+    tokenizer = suite_tokenizer()
+    # (what a Ray task receives: the pickle of a Shipped, here twice as two tasks would)
+    first, second = (pickle.loads(pickle.dumps(Shipped(tokenizer))) for _ in range(2))
+    assert first.get() is second.get()  # the second task finds the first's
+    assert first.get()("a b c").input_ids == tokenizer("a b c").input_ids
 
 
 def example_ids(chunks):
