@@ -69,7 +69,7 @@ def export_from_engine(engine, rank: int, tokenizer, run_dir: RunDir, step: int,
 def write_export(model: MuppetModel, tokenizer, run_dir: RunDir, step: int, config_yaml: str,
                  relative: str = "export") -> str:
     """Write the export (call on one worker, with the full parameters in hand)."""
-    with tempfile.TemporaryDirectory(prefix="muppet-export-") as local:
+    with run_dir.staged(relative) as local:
         model.backbone.save_pretrained(local)
         tokenizer.save_pretrained(local)
         heads = {k: v.detach().cpu().float().contiguous() for k, v in
@@ -77,7 +77,6 @@ def write_export(model: MuppetModel, tokenizer, run_dir: RunDir, step: int, conf
         save_file(heads, os.path.join(local, "heads.safetensors"))
         with open(os.path.join(local, MANIFEST), "w") as f:
             json.dump(manifest(model, step, config_yaml), f, indent=2)
-        run_dir.upload(local, relative)
     return run_dir.uri(relative)
 
 

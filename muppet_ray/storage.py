@@ -18,6 +18,7 @@ Layout of `<storage_path>/<run name>/`:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -121,6 +122,27 @@ class RunDir:
         self.fs.create_dir(self._p(relative), recursive=True)
         pafs.copy_files(local_dir, self._p(relative), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
+
+    @contextlib.contextmanager
+    def staged(self, relative: str):
+        """A local directory to write `relative` into, which replaces `relative` whole on leaving
+        (nothing, if the block fails). Local storage: made beside `relative` and renamed into
+        place, so the bytes are written once; an object store: a temporary directory, uploaded."""
+        if not self.is_local:
+            with tempfile.TemporaryDirectory(prefix="muppet-staged-") as local:
+                yield local
+                self.upload(local, relative)
+            return
+        target = self._p(relative)
+        local = os.path.join(os.path.dirname(target),
+                             f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
+        os.makedirs(local)
+        try:
+            yield local
+            self.remove(relative)
+            os.replace(local, target)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
     def download(self, relative: str, local_dir: str) -> None:
         os.makedirs(local_dir, exist_ok=True)

@@ -53,3 +53,28 @@ def test_a_stored_model_comes_into_a_nodes_cache_whole_once_for_all_and_again_if
     assert local_copy("bert-base-uncased") == "bert-base-uncased"
     fs, _ = pafs.FileSystem.from_uri("s3://muppet")
     fs.delete_dir("muppet/models")
+
+
+def test_a_staged_directory_replaces_its_target_whole_in_place_or_in_a_bucket(s3, tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    run.write_text("export/old.txt", "old")
+    with run.staged("export") as local:
+        # local storage: written beside the target (the same disk), renamed into place
+        assert Path(local).parent == tmp_path / "run"
+        Path(local, "model.bin").write_bytes(b"new")
+        assert run.read_text("export/old.txt") == "old"  # (the old one, until the end)
+    assert sorted(run.list("export")) == ["model.bin"]
+    try:
+        with run.staged("export") as local:
+            Path(local, "half.bin").write_bytes(b"ha")
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert sorted(os.listdir(tmp_path / "run")) == ["export"]  # nothing half-made is left
+    assert sorted(run.list("export")) == ["model.bin"]
+    bucket = RunDir("s3://muppet/runs/staged")
+    with bucket.staged("export") as local:
+        Path(local, "model.bin").write_bytes(b"in a bucket")
+    with bucket.open_input("export/model.bin") as f:
+        assert f.read() == b"in a bucket"
+    bucket.remove()
