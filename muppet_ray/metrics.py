@@ -4,13 +4,15 @@ window of steps a "train" record sums up; the console's progress lines.
 Records: {"kind": "train", "step", "loss", "lr", "examples_per_s", "tokens_per_s",
 "real_token_ratio", "task_loss": {task: loss}, "positions": [first, end)} every `log_every` steps
 and {"kind": "eval", "step", "metrics": {task: {metric: value}}} at each evaluation; with an
-online mixture, {"kind": "mixture", "step", "weights": {task: weight}} at each decision. After a
+online mixture, {"kind": "mixture", "step", "weights": {task: weight}} at each decision; at the
+end, {"kind": "time", "step", "began", "seconds": {phase: seconds}} (worker 0's `Phases`). After a
 restart, steps after the restored checkpoint are logged again: the last record of a step is the
 one that counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +31,23 @@ CONSOLE_LINES = 20  # progress lines a run prints (metrics.jsonl keeps every rec
 # Worker output goes through a logger: Ray Train forwards it to the driver once (its patched
 # `print` would show every line twice).
 log = logging.getLogger("muppet_ray")
+
+
+@dataclass
+class Phases:
+    """Where a worker's time goes, by phase (start-up, evaluation, training, checkpoints, export);
+    `began`: when the worker function started (wall clock, for the driver's side of it)."""
+
+    began: float = field(default_factory=time.time)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -210,6 +229,10 @@ class RunMetrics:
     def mixture(self, step: int, tasks: list[str], weights: list[float]) -> None:
         """The weights an online mixture draws with from `step` on (mixture.py)."""
         self.log({"kind": "mixture", "step": step, "weights": dict(zip(tasks, weights))})
+
+    def time(self, step: int, phases: Phases) -> None:
+        self.log({"kind": "time", "step": step, "began": phases.began,
+                  "seconds": dict(phases.seconds)})
 
     def stopped(self, step: int, reason: str) -> None:
         self.log({"kind": "stopped", "step": step, "reason": reason})

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -111,6 +110,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     """One Ray Train run of the config's tasks — what pre-finetuning, fine-tuning (finetune.py:
     one task, started from trained heads) and evaluation (`evaluate_only`: the starting model
     scored, no training) all are. `job` names the run directory when run.name is unset."""
+    began = time.time()
     tasks = resolve_and_check(config)
     name = config.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = normalize(config.run.storage_path)
@@ -120,8 +120,10 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     runtime.start_ray(config)
     cluster.check_shared(storage)
     use_gpu = _wait_for_workers(config.scaling, name)
-    tokenizer, caches = _prepare_run_dir(config, tasks, run_dir, config_yaml, resuming,
-                                         evaluate_only)
+    driver = {"starting Ray": time.time() - began}
+    with _timed(driver, "tokenizing"):
+        tokenizer, caches = _prepare_run_dir(config, tasks, run_dir, config_yaml, resuming,
+                                             evaluate_only)
     if not evaluate_only:
         _describe(config, tasks, caches)
     cluster.warn_if_no_cpu_left(config)
@@ -131,11 +133,13 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
         train_caches=[caches[t.name].get("train") for t in tasks],
         eval_caches=[caches[t.name]["validation"] for t in tasks],
         initial_heads=initial_heads or {}, evaluate_only=evaluate_only)
+    fit_began = time.time()
     with storage_faults(run_dir.root):
         # (the metrics of its latest checkpoint: the final one's hold the evaluations)
         metrics = _torch_trainer(config, plan, name, storage, use_gpu, callbacks).fit().metrics
+    log = read_log(run_dir)
     if "after" not in (metrics or {}):  # (the run stopped itself, and logged why)
-        reasons = [r["reason"] for r in read_log(run_dir) if r["kind"] == "stopped"]
+        reasons = [r["reason"] for r in log if r["kind"] == "stopped"]
         raise TrainingError(f"run {run_dir.root!r} stopped: "
                             f"{reasons[-1] if reasons else 'without a final checkpoint'}")
     export = "" if evaluate_only else run_dir.uri("export")
@@ -146,7 +150,29 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     print("\n" + result.table(), flush=True)
     if export:
         print(f"\n[muppet-ray] export: {export}", flush=True)
+    worker = next((r for r in reversed(log) if r["kind"] == "time"), None)
+    if worker:
+        print(f"[muppet-ray] {time_line(driver, fit_began, worker, time.time() - began)}",
+              flush=True)
     return result
+
+
+def time_line(driver: dict[str, float], fit_began: float, worker: dict, total: float) -> str:
+    """Where a run's time went: the driver's phases, then worker 0's (its "time" record, whose
+    start-up begins when the driver starts Ray Train), the rest as "other"."""
+    seconds = dict(driver)
+    for phase, value in worker["seconds"].items():
+        seconds[phase] = value + (worker["began"] - fit_began if phase == "start-up" else 0)
+    seconds["other"] = max(0.0, total - sum(seconds.values()))
+    return f"{total:.0f} s: " + ", ".join(f"{phase} {value:.1f}"
+                                          for phase, value in seconds.items())
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], phase: str):
+    start = time.time()
+    yield
+    seconds[phase] = time.time() - start
 
 
 def check_resumable(run_dir: RunDir, config_yaml: str) -> bool:
@@ -273,9 +299,8 @@ def changed_settings(stored_yaml: str, config_yaml: str) -> list[str]:
 
 
 def _save_tokenizer(tokenizer, run_dir: RunDir) -> None:
-    with tempfile.TemporaryDirectory(prefix="muppet-tokenizer-") as local:
+    with run_dir.staged("tokenizer") as local:
         tokenizer.save_pretrained(local)
-        run_dir.upload(local, "tokenizer")
 
 
 def _describe(config: Config, tasks: list[Task], caches) -> None:

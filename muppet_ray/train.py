@@ -43,7 +43,14 @@ from muppet_ray.errors import RunStopped
 from muppet_ray.evaluation import Evaluator
 from muppet_ray.export import export_from_engine
 from muppet_ray.faults import FaultInjection
-from muppet_ray.metrics import RunMetrics, Window, peak_resident_mb, progress_line, resident_mb
+from muppet_ray.metrics import (
+    Phases,
+    RunMetrics,
+    Window,
+    peak_resident_mb,
+    progress_line,
+    resident_mb,
+)
 from muppet_ray.schedule import WorkerSchedule
 from muppet_ray.step import forward_backward, passes
 from muppet_ray.storage import RunDir
@@ -83,9 +90,11 @@ class Trainer:
     evaluator: Evaluator  # validation metrics across the workers (evaluation.py)
     schedule: WorkerSchedule  # this worker's micro-batches, step by step (schedule.py)
     callbacks: list[Callback]  # diagnostics and tests' fault injection (callbacks.py)
+    phases: Phases  # where this worker's time goes (logged at the end)
 
-    def __init__(self, plan: WorkerPlan, workers: Workers, metrics: RunMetrics):
+    def __init__(self, plan: WorkerPlan, workers: Workers, metrics: RunMetrics, phases: Phases):
         self.config, self.workers, self.metrics = plan.config, workers, metrics
+        self.phases = phases
         self.plan, self.run_dir = plan, RunDir(plan.run_dir)
         self.per_step = micro_batches_per_step(self.config)
         self.accum = self.per_step // workers.world  # (config.py checks that it divides)
@@ -98,6 +107,7 @@ class Trainer:
                 saved_stage=fetched and fetched.zero_stage)
             self.kept = (self.checkpointer.restore(self.engine, fetched) if fetched
                          else {"step": 0})
+        self.phases.seconds["start-up"] = time.time() - phases.began
         self.evaluator = Evaluator(self.engine, plan.layouts, plan.eval_caches, workers,
                                    self.config.batching.max_tokens_per_pass, self.zero3)
         self.schedule = WorkerSchedule(self.config, self.task_names, plan.train_caches, workers,
@@ -137,7 +147,9 @@ class Trainer:
         for step in range(start, steps):
             for callback in self.callbacks:
                 callback.before_step(step)
-            bad_in_a_row = 0 if self.train_step(step, stream, window) else bad_in_a_row + 1
+            with self.phases.timed("training"):
+                applied = self.train_step(step, stream, window)
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
             done = step + 1
             if bad_in_a_row > settings.max_bad_steps:
                 raise RunStopped(done, f"{bad_in_a_row} steps in a row (the last {done}) had a "
@@ -166,8 +178,10 @@ class Trainer:
                               "before": self.kept.get("before", {})})
         if self.schedule.mixing:
             self.metrics.write_figure("mixture_weights.png", self.schedule.weights_plot())
-        export = export_from_engine(self.engine, self.workers.rank, self.plan.tokenizer,
-                                    self.run_dir, steps, self.plan.config_yaml)
+        with self.phases.timed("export"):
+            export = export_from_engine(self.engine, self.workers.rank, self.plan.tokenizer,
+                                        self.run_dir, steps, self.plan.config_yaml)
+        self.metrics.time(steps, self.phases)
         ray.train.report({"step": steps, "export": export or "", **_flatten(final)})
 
     def train_step(self, step: int, stream, window: Window) -> bool:
@@ -244,7 +258,8 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, dict[str, float]]:
         began = time.perf_counter()
-        metrics = self.evaluator()
+        with self.phases.timed("evaluation"):
+            metrics = self.evaluator()
         self.metrics.eval(step, metrics, time.perf_counter() - began)
         for callback in self.callbacks:
             callback.after_evaluation(step)
@@ -266,7 +281,8 @@ class Trainer:
             self.kept["mixture"] = mixing.state()
         self.metrics.flush()
         upload = next(filter(None, (c.checkpoint_upload(step) for c in self.callbacks)), None)
-        self.checkpointer.save(self.engine, step, self.zero_stage, self.kept, metrics, upload)
+        with self.phases.timed("checkpoints"):
+            self.checkpointer.save(self.engine, step, self.zero_stage, self.kept, metrics, upload)
 
 
 def evaluate_only(plan: WorkerPlan, workers: Workers, metrics: RunMetrics) -> None:
@@ -320,6 +336,7 @@ def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def train_loop_per_worker(plan: WorkerPlan) -> None:
     """Ray Train's per-worker function (the launcher binds the plan: prefinetune.launch)."""
+    phases = Phases()
     log.setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False
     workers = Workers.of_this_run()
@@ -335,7 +352,7 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
         if plan.evaluate_only:
             evaluate_only(plan, workers, metrics)
         else:
-            Trainer(plan, workers, metrics).train()
+            Trainer(plan, workers, metrics, phases).train()
     except RunStopped as stop:
         # Logged, not raised: Ray Train would restart a run whose worker raised, and stop it
         # again at the same step. The driver finds no final checkpoint and reads why here.

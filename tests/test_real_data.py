@@ -13,6 +13,8 @@ import pytest
 
 from muppet_ray.config import TaskSpec, load_config
 from muppet_ray.errors import DataError
+from muppet_ray.metrics import read_log
+from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
 from muppet_ray.tasks import custom_task
 from muppet_ray.tokenizer import load_tokenizer
@@ -172,7 +174,7 @@ def test_a_capped_validation_split_is_a_random_sample(ray_cluster, tmp_path):
     assert all(labels.count(k) > 30 for k in range(3)), [labels.count(k) for k in range(3)]
 
 
-def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
+def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path, capsys):
     """Real rows of all four task types, and denoising of one's text, through the whole run: Ray
     Data, 2 Ray Train workers, DeepSpeed, evaluation (SQuAD F1 on text, ROUGE on generated text)
     and export."""
@@ -208,6 +210,14 @@ def test_a_few_training_steps_on_real_data_of_every_type(ray_cluster, tmp_path):
     for name, key in metric.items():
         assert 0.0 <= result.after[name][key] <= 1.0, (name, result.after[name])
     assert (tmp_path / "run" / "export" / "muppet.json").exists()
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # (export, tokenizer: staged in place)
+    # where the time went: worker 0's phases, and the driver's line that adds its own
+    timed = [r for r in read_log(RunDir(result.run_dir)) if r["kind"] == "time"]
+    assert sorted(timed[-1]["seconds"]) == ["checkpoints", "evaluation", "export", "start-up",
+                                            "training"]
+    assert all(v > 0 for v in timed[-1]["seconds"].values())
+    line = next(x for x in capsys.readouterr().out.splitlines() if " s: starting Ray " in x)
+    assert "tokenizing" in line and "training" in line and "other" in line
 
     from muppet_ray import data
     from tests.test_integration import schedule_of, train_records
