@@ -1,0 +1,67 @@
+"""Where the main command's time goes, for two checkouts side by side (issue 24, item 4).
+
+    python bench/command_time.py --code OLD --code NEW [--repeats 2] [--shared ../shared]
+
+`muppet-ray prefinetune` of bench/throughput.py's `--quick` work (MiniLM, the 30 BIG-bench
+classification and multiple-choice tasks, 2 workers x 1 CPU, 20 steps, 16 validation examples a
+task), each run in a fresh storage root (so it tokenizes), the checkouts taking turns. Phases
+from the console lines' times (throughput.phases: the same cut for any commit); where the
+command prints its own time line (`[muppet-ray] N s: starting Ray ...`), that too. Prints a
+table of medians, and each checkout's ratio of whole command to training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+from throughput import muppet, task_config
+
+
+def commit(code: Path) -> str:
+    return subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or str(code)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--code", action="append", required=True)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--shared", default=os.environ.get("MUPPET_SHARED", "../shared"))
+    args = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="muppet-command-time-"))
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(task_config(Path(args.shared).resolve(), 20, 16)))
+    codes = [Path(c).resolve() for c in args.code]
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(codes))}
+    for repeat in range(args.repeats):
+        for i, code in enumerate(codes):
+            print(f"[bench] repeat {repeat + 1}/{args.repeats}: {commit(code)}", flush=True)
+            result = muppet(code, config_path, out / f"r{repeat}-c{i}", "w2", [],
+                            out / f"r{repeat}-c{i}.log")
+            result["own"] = next((line.strip() for _, line in result["lines"]
+                                  if " s: starting Ray " in line), "")
+            runs[i].append(result)
+    phases = ["tokenize", "start-up", "eval", "train", "after"]
+    print(f"\n{args.repeats} repeat(s), medians, seconds; runs in {out}\n")
+    print(f"| {'code':<10} | whole | " + " | ".join(phases) + " | whole / train |")
+    print("|" + "---|" * (len(phases) + 3))
+    for i, code in enumerate(codes):
+        whole = statistics.median(r["seconds"] for r in runs[i])
+        parts = [statistics.median(r["phases"].get(p, float("nan")) for r in runs[i])
+                 for p in phases]
+        print(f"| {commit(code):<10} | {whole:.1f} | " + " | ".join(f"{v:.1f}" for v in parts)
+              + f" | {whole / parts[3]:.2f} |")
+    for i, code in enumerate(codes):
+        for r in runs[i]:
+            if r["own"]:
+                print(f"{commit(code)}: {r['own']}")
+
+
+if __name__ == "__main__":
+    main()
