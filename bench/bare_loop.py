@@ -123,6 +123,10 @@ def main() -> None:
     config, specs, per_step, micro_batches = load_micro_batches(run, args.from_step, args.steps)
     tokenizer = load_tokenizer(run.uri("tokenizer"))
     model = BareModel(build_backbone(config.model, tokenizer), specs).to(device)
+    # Dropout on, as the run trains: a pretrained backbone comes from `from_pretrained` in eval
+    # mode, and was measured so until issue 24 (no dropout, and PyTorch's fast attention kernel,
+    # which attention dropout rules out on CPUs: 1.55x the tokens/s of the same loop trained).
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate,
                                   fused=device.type == "cuda")
     batches = [{k: (torch.from_numpy(v).long() if v.dtype.kind in "iu" else
