@@ -375,8 +375,17 @@ class Checkpointer:
             ray.get_runtime_context().get_node_id(),
             dir_name(step, set(self.run_dir.list(""))) if self.workers.rank == 0 else None))
         nodes, name = [node for node, _ in every], every[0][1]
-        with tempfile.TemporaryDirectory(prefix="muppet-ckpt-") as directory:
+        directory = tempfile.mkdtemp(prefix="muppet-ckpt-")
+        try:
             save(engine, directory, {**kept, "step": step}, self.workers.rank,
                  self.workers.world, nodes, zero_stage)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        # Uploaded in the background while training goes on (or the run ends: the final one
+        # beside the export); Ray Train registers it only once every worker's part is in
+        # storage, so a run killed before still resumes from the one before, and it removes the
+        # local copy after. Its reports keep their order.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=name, checkpoint_upload_fn=upload,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)

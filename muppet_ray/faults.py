@@ -30,12 +30,13 @@ class FaultInjection(Callback):
         self.mine = rank == min(config.run.fail_rank, world - 1)
         self.last = rank == world - 1
         self.run_dir, self.rank = run_dir, rank
+        self.uploading = False  # the upload that dies is under way (checkpoints upload async)
 
     def due(self, step: int) -> bool:
         return self.mine and step == self.step and not self.run_dir.exists(MARKER)
 
     def before_step(self, step: int) -> None:
-        if self.due(step):
+        if self.due(step) and not self.uploading:
             self.die(step, "")
         if self.last and step == self.node_step and not self.run_dir.exists(NODE_MARKER):
             self.wait_for_checkpoint(step)
@@ -55,6 +56,7 @@ class FaultInjection(Callback):
         the next one's bytes, and dies."""
         if not self.due(step):
             return None
+        self.uploading = True  # (it runs beside the next steps: they must not die first)
 
         def upload(checkpoint: ray.train.Checkpoint, name: str):
             files = sorted(os.path.relpath(os.path.join(root, f), checkpoint.path)
