@@ -1,26 +1,35 @@
 """Where the main command's time goes, for two checkouts side by side (issue 24, item 4).
 
     python bench/command_time.py --code OLD --code NEW [--repeats 2] [--shared ../shared]
+                                 [--s3] [--set section.key=value ...]
 
 `muppet-ray prefinetune` of bench/throughput.py's `--quick` work (MiniLM, the 30 BIG-bench
 classification and multiple-choice tasks, 2 workers x 1 CPU, 20 steps, 16 validation examples a
 task), each run in a fresh storage root (so it tokenizes), the checkouts taking turns. Phases
 from the console lines' times (throughput.phases: the same cut for any commit); where the
 command prints its own time line (`[muppet-ray] N s: starting Ray ...`), that too. Prints a
-table of medians, and each checkout's ratio of whole command to training time.
+table of medians, and each checkout's ratio of whole command to training time. `--s3` stores the
+runs in a bucket of moto's S3 server on 127.0.0.1 instead (only the whole command's time and
+the command's own line then); `--set` changes a setting of every run (e.g.
+`training.checkpoint_every=5`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from throughput import muppet, task_config
+from throughput import ROOT, muppet, run_command, task_config
+
+sys.path.insert(0, str(ROOT))
+from tests.services import BUCKET, s3_server  # noqa: E402
 
 
 def commit(code: Path) -> str:
@@ -33,20 +42,33 @@ def main() -> None:
     parser.add_argument("--code", action="append", required=True)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shared", default=os.environ.get("MUPPET_SHARED", "../shared"))
+    parser.add_argument("--s3", action="store_true", help="runs stored in a local S3 server")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="muppet-command-time-"))
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(task_config(Path(args.shared).resolve(), 20, 16)))
     codes = [Path(c).resolve() for c in args.code]
     runs: dict[int, list[dict]] = {i: [] for i in range(len(codes))}
-    for repeat in range(args.repeats):
-        for i, code in enumerate(codes):
-            print(f"[bench] repeat {repeat + 1}/{args.repeats}: {commit(code)}", flush=True)
-            result = muppet(code, config_path, out / f"r{repeat}-c{i}", "w2", [],
-                            out / f"r{repeat}-c{i}.log")
-            result["own"] = next((line.strip() for _, line in result["lines"]
-                                  if " s: starting Ray " in line), "")
-            runs[i].append(result)
+    with s3_server() if args.s3 else contextlib.nullcontext() as s3_env:
+        for repeat in range(args.repeats):
+            for i, code in enumerate(codes):
+                print(f"[bench] repeat {repeat + 1}/{args.repeats}: {commit(code)}", flush=True)
+                log = out / f"r{repeat}-c{i}.log"
+                if s3_env:
+                    env = {**os.environ, **s3_env, "PYTHONPATH": str(code)}
+                    result = run_command([sys.executable, "-m", "muppet_ray", "prefinetune",
+                                          "--config", str(config_path), *[a for x in [
+                                              f"run.storage_path=s3://{BUCKET}/r{repeat}-c{i}",
+                                              "run.name=w2", *args.set] for a in ("--set", x)]],
+                                         env, log, cwd=code)
+                    result["phases"] = {}
+                else:
+                    result = muppet(code, config_path, out / f"r{repeat}-c{i}", "w2", args.set,
+                                    log)
+                result["own"] = next((line.strip() for _, line in result["lines"]
+                                      if " s: starting Ray " in line), "")
+                runs[i].append(result)
     phases = ["tokenize", "start-up", "eval", "train", "after"]
     print(f"\n{args.repeats} repeat(s), medians, seconds; runs in {out}\n")
     print(f"| {'code':<10} | whole | " + " | ".join(phases) + " | whole / train |")

@@ -127,6 +127,7 @@ def main() -> None:
                     if row:
                         rows.append(row)
                         print(HEADER + "\n" + format_row(row), flush=True)
+                        print(f"  {row['time_line']}", flush=True)  # (where the command went)
                         with (out / "results.jsonl").open("a") as f:
                             f.write(json.dumps(row) + "\n")
     print("\n" + HEADER)
@@ -219,9 +220,15 @@ def measure(args, workload: str, size: str, zero: str, attention: str, name: str
         "bare_gpu_peak_mb": bare.get("gpu_peak_mb", 0.0), "command_s": command_s,
         "train_s": train_s, "command_per_train": command_s / train_s,
         "zero_chosen": _zero_chosen(out / f"{name}.log"),
+        "time_line": _time_line(out / f"{name}.log"),
         "micro_batch": args.micro_batch, "accum": args.accum, "steps": args.steps,
         "device": _device_name(),
     }
+
+
+def _time_line(log: Path) -> str:
+    """The command's own line of where its time went (starting Ray, tokenizing, ...)."""
+    return next((x.strip() for x in log.read_text().splitlines() if " s: starting Ray " in x), "")
 
 
 def _zero_chosen(log: Path) -> str:
