@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -134,8 +135,11 @@ class RunDir:
                 self.upload(local, relative)
             return
         target = self._p(relative)
-        local = os.path.join(os.path.dirname(target),
-                             f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
+        parent, name = os.path.split(target)
+        # (one a killed writer left: a run directory has one writer of each of these at a time)
+        for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+        local = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
         os.makedirs(local)
         try:
             yield local

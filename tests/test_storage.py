@@ -71,6 +71,10 @@ def test_a_staged_directory_replaces_its_target_whole_in_place_or_in_a_bucket(s3
     except OSError:
         pass
     assert sorted(os.listdir(tmp_path / "run")) == ["export"]  # nothing half-made is left
+    (tmp_path / "run" / ".export.0123abcd.tmp").mkdir()  # (as a writer killed midway leaves it)
+    with run.staged("export") as local:
+        Path(local, "model.bin").write_bytes(b"new")
+    assert sorted(os.listdir(tmp_path / "run")) == ["export"]
     assert sorted(run.list("export")) == ["model.bin"]
     bucket = RunDir("s3://muppet/runs/staged")
     with bucket.staged("export") as local:
