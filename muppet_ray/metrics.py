@@ -36,7 +36,7 @@ log = logging.getLogger("muppet_ray")
 @dataclass
 class Phases:
     """Where a worker's time goes, by phase (start-up, evaluation, training, checkpoints, export);
-    `began`: when the worker function started (wall clock, for the driver's side of it)."""
+    `began`: when the worker started (wall clock, so the driver can add its side of it)."""
 
     began: float = field(default_factory=time.time)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -48,6 +48,9 @@ class Phases:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def since_began(self, phase: str) -> None:
+        self.seconds[phase] = time.time() - self.began
 
 
 @dataclass
@@ -194,6 +197,7 @@ class RunMetrics:
     def __init__(self, run_dir: RunDir, rank: int):
         self.run_dir = run_dir
         self.logger = MetricsLogger(run_dir) if rank == 0 else None
+        self.phases = Phases()  # (made as the worker starts: its start-up counts from here)
 
     def log(self, record: dict) -> None:
         if self.logger:
@@ -230,9 +234,9 @@ class RunMetrics:
         """The weights an online mixture draws with from `step` on (mixture.py)."""
         self.log({"kind": "mixture", "step": step, "weights": dict(zip(tasks, weights))})
 
-    def time(self, step: int, phases: Phases) -> None:
-        self.log({"kind": "time", "step": step, "began": phases.began,
-                  "seconds": dict(phases.seconds)})
+    def time(self, step: int) -> None:
+        self.log({"kind": "time", "step": step, "began": self.phases.began,
+                  "seconds": dict(self.phases.seconds)})
 
     def stopped(self, step: int, reason: str) -> None:
         self.log({"kind": "stopped", "step": step, "reason": reason})

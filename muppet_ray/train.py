@@ -43,14 +43,7 @@ from muppet_ray.errors import RunStopped
 from muppet_ray.evaluation import Evaluator
 from muppet_ray.export import export_from_engine
 from muppet_ray.faults import FaultInjection
-from muppet_ray.metrics import (
-    Phases,
-    RunMetrics,
-    Window,
-    peak_resident_mb,
-    progress_line,
-    resident_mb,
-)
+from muppet_ray.metrics import RunMetrics, Window, peak_resident_mb, progress_line, resident_mb
 from muppet_ray.schedule import WorkerSchedule
 from muppet_ray.step import forward_backward, passes
 from muppet_ray.storage import RunDir
@@ -90,11 +83,9 @@ class Trainer:
     evaluator: Evaluator  # validation metrics across the workers (evaluation.py)
     schedule: WorkerSchedule  # this worker's micro-batches, step by step (schedule.py)
     callbacks: list[Callback]  # diagnostics and tests' fault injection (callbacks.py)
-    phases: Phases  # where this worker's time goes (logged at the end)
 
-    def __init__(self, plan: WorkerPlan, workers: Workers, metrics: RunMetrics, phases: Phases):
+    def __init__(self, plan: WorkerPlan, workers: Workers, metrics: RunMetrics):
         self.config, self.workers, self.metrics = plan.config, workers, metrics
-        self.phases = phases
         self.plan, self.run_dir = plan, RunDir(plan.run_dir)
         self.per_step = micro_batches_per_step(self.config)
         self.accum = self.per_step // workers.world  # (config.py checks that it divides)
@@ -107,7 +98,7 @@ class Trainer:
                 saved_stage=fetched and fetched.zero_stage)
             self.kept = (self.checkpointer.restore(self.engine, fetched) if fetched
                          else {"step": 0})
-        self.phases.seconds["start-up"] = time.time() - phases.began
+        self.metrics.phases.since_began("start-up")
         self.evaluator = Evaluator(self.engine, plan.layouts, plan.eval_caches, workers,
                                    self.config.batching.max_tokens_per_pass, self.zero3)
         self.schedule = WorkerSchedule(self.config, self.task_names, plan.train_caches, workers,
@@ -147,7 +138,7 @@ class Trainer:
         for step in range(start, steps):
             for callback in self.callbacks:
                 callback.before_step(step)
-            with self.phases.timed("training"):
+            with self.metrics.phases.timed("training"):
                 applied = self.train_step(step, stream, window)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             done = step + 1
@@ -170,7 +161,7 @@ class Trainer:
             if done % settings.checkpoint_every == 0 and done != steps:
                 self.save(done, {"step": done})
             window.start += time.perf_counter() - paused  # (rates count training time only)
-        self.check_weights(steps)
+        check_weights(self.engine, self.workers, steps)
         final = self.evaluate(steps)
         if start < steps:  # (a restart after the final checkpoint only re-exports)
             # (the metrics of Ray Train's result, which are its latest checkpoint's)
@@ -178,10 +169,10 @@ class Trainer:
                               "before": self.kept.get("before", {})})
         if self.schedule.mixing:
             self.metrics.write_figure("mixture_weights.png", self.schedule.weights_plot())
-        with self.phases.timed("export"):
+        with self.metrics.phases.timed("export"):
             export = export_from_engine(self.engine, self.workers.rank, self.plan.tokenizer,
                                         self.run_dir, steps, self.plan.config_yaml)
-        self.metrics.time(steps, self.phases)
+        self.metrics.time(steps)
         ray.train.report({"step": steps, "export": export or "", **_flatten(final)})
 
     def train_step(self, step: int, stream, window: Window) -> bool:
@@ -258,31 +249,31 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, dict[str, float]]:
         began = time.perf_counter()
-        with self.phases.timed("evaluation"):
+        with self.metrics.phases.timed("evaluation"):
             metrics = self.evaluator()
         self.metrics.eval(step, metrics, time.perf_counter() - began)
         for callback in self.callbacks:
             callback.after_evaluation(step)
         return metrics
 
-    def check_weights(self, step: int) -> None:
-        """Stop the run if a weight is not finite on some worker: no checkpoint or export ever
-        holds a non-finite weight. Under ZeRO-3 each checks its own shards."""
-        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
-                     for p in self.engine.module.parameters())
-        if self.workers.any(not finite):
-            raise RunStopped(step, f"weights became non-finite by step {step}; nothing was saved "
-                             "from then on (lower training.learning_rate, or check the tasks' "
-                             "data)")
-
     def save(self, step: int, metrics: dict) -> None:
-        self.check_weights(step)
+        check_weights(self.engine, self.workers, step)
         if mixing := self.schedule.mixing:
             self.kept["mixture"] = mixing.state()
         self.metrics.flush()
         upload = next(filter(None, (c.checkpoint_upload(step) for c in self.callbacks)), None)
-        with self.phases.timed("checkpoints"):
+        with self.metrics.phases.timed("checkpoints"):
             self.checkpointer.save(self.engine, step, self.zero_stage, self.kept, metrics, upload)
+
+
+def check_weights(engine, workers: Workers, step: int) -> None:
+    """Stop the run if a weight is not finite on some worker: no checkpoint or export ever holds
+    a non-finite weight. Under ZeRO-3 each checks its own shards."""
+    finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())
+                 for p in engine.module.parameters())
+    if workers.any(not finite):
+        raise RunStopped(step, f"weights became non-finite by step {step}; nothing was saved from "
+                         "then on (lower training.learning_rate, or check the tasks' data)")
 
 
 def evaluate_only(plan: WorkerPlan, workers: Workers, metrics: RunMetrics) -> None:
@@ -336,7 +327,6 @@ def _flatten(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def train_loop_per_worker(plan: WorkerPlan) -> None:
     """Ray Train's per-worker function (the launcher binds the plan: prefinetune.launch)."""
-    phases = Phases()
     log.setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False
     workers = Workers.of_this_run()
@@ -352,7 +342,7 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
         if plan.evaluate_only:
             evaluate_only(plan, workers, metrics)
         else:
-            Trainer(plan, workers, metrics, phases).train()
+            Trainer(plan, workers, metrics).train()
     except RunStopped as stop:
         # Logged, not raised: Ray Train would restart a run whose worker raised, and stop it
         # again at the same step. The driver finds no final checkpoint and reads why here.
