@@ -139,12 +139,12 @@ def test_ray_job_submit_beside_a_zero2_run_that_learns_and_exports(
     records = [json.loads(line) for line in log.read_text().splitlines()]
     logged = [(r["kind"], r["step"]) for r in records]
     assert logged == [("eval", 0), *[("train", s) for s in range(10, 61, 10)], ("eval", 60),
-                      ("transfer", 60)]
+                      ("transfer", 60), ("time", 60)]
     check_zero2_run(beside["result"], config, tmp_path / "beside", capfd)
 
     # Task-transfer diagnostics (transfer.py): every task's gradient similarity to every other,
     # measured across the two workers, and the heat map beside the log.
-    transfer, tasks = records[-1], [t.name for t in beside["result"].tasks]
+    transfer, tasks = records[-2], [t.name for t in beside["result"].tasks]
     assert transfer["tasks"] == tasks and len(tasks) == 8  # (the suite's, summarization too)
     cosine = np.array(transfer["cosine"])
     assert cosine.shape == (8, 8) and np.allclose(cosine, cosine.T, atol=1e-3)
