@@ -28,7 +28,7 @@ from muppet_ray.config import (
     validate,
 )
 from muppet_ray.errors import ConfigError, MuppetError, TrainingError, storage_faults
-from muppet_ray.metrics import read_log
+from muppet_ray.metrics import Phases, read_log
 from muppet_ray.mixture import examples_per_micro_batch
 from muppet_ray.model import check_positions, is_encoder_decoder
 from muppet_ray.sources import BuiltinSource, FileSource
@@ -120,8 +120,9 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
     runtime.start_ray(config)
     cluster.check_shared(storage)
     use_gpu = _wait_for_workers(config.scaling, name)
-    driver = {"starting Ray": time.time() - began}
-    with _timed(driver, "tokenizing"):
+    driver = Phases(began)
+    driver.since_began("starting Ray")
+    with driver.timed("tokenizing"):
         tokenizer, caches = _prepare_run_dir(config, tasks, run_dir, config_yaml, resuming,
                                              evaluate_only)
     if not evaluate_only:
@@ -152,7 +153,7 @@ def launch(config: Config, job: str, initial_heads: dict | None = None,
         print(f"\n[muppet-ray] export: {export}", flush=True)
     worker = next((r for r in reversed(log) if r["kind"] == "time"), None)
     if worker:
-        print(f"[muppet-ray] {time_line(driver, fit_began, worker, time.time() - began)}",
+        print(f"[muppet-ray] {time_line(driver.seconds, fit_began, worker, time.time() - began)}",
               flush=True)
     return result
 
@@ -166,13 +167,6 @@ def time_line(driver: dict[str, float], fit_began: float, worker: dict, total: f
     seconds["other"] = max(0.0, total - sum(seconds.values()))
     return f"{total:.0f} s: " + ", ".join(f"{phase} {value:.1f}"
                                           for phase, value in seconds.items())
-
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], phase: str):
-    start = time.time()
-    yield
-    seconds[phase] = time.time() - start
 
 
 def check_resumable(run_dir: RunDir, config_yaml: str) -> bool:
