@@ -288,8 +288,11 @@ def _write_chunks(pending, cache: RunDir, tokenizer) -> None:
             done, running = ray.wait(running, num_returns=1)
             ray.get(done)
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
+        # Killed, not interrupted: an interrupt that lands inside an import leaves the module
+        # half-imported in a worker Ray goes on reusing, and every later task there fails
+        # (fsspec, in CI). Its Ray Data job goes with it (Ray kills what a dead owner leased).
         for ref in running:
-            ray.cancel(ref)
+            ray.cancel(ref, force=True)
         # Wait until the cancelled writers are gone before removing what they wrote: a writer
         # still running would put files back (seen under load in CI).
         if running:

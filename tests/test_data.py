@@ -137,6 +137,54 @@ def test_data_errors_name_task_file_and_row(ray_cluster, tmp_path, bad_row, mess
     assert "\n" not in str(info.value)
 
 
+def test_a_data_error_kills_the_other_writers(ray_cluster, tmp_path):
+    """The writers still running when one task's data fails are killed, not interrupted: an
+    interrupt inside an import left a half-imported fsspec in a worker that Ray reused, and
+    every later tokenizing there failed."""
+    import os
+    import time
+
+    pid_file = tmp_path / "slow-writer.pid"
+
+    class Slow:  # the topic task's source, whose train split takes a minute to read
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):  # (not for "inner": unpickling asks before it is set)
+            if name == "inner":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+        def read(self, split):
+            if split == "train":
+                pid_file.write_text(str(os.getpid()))
+                time.sleep(60)
+            return self.inner.read(split)
+
+    config = custom(tmp_path, [*GOOD[:5], {"sentence": "a", "gold": "maybe"}, *GOOD[5:]],
+                    fields={"text": "sentence", "label": "gold"})
+    [bad] = resolve_tasks(config)
+    [topic] = resolve_tasks(make_config(tmp_path, "tasks.include=[topic]"))
+    slow = dataclasses.replace(topic, source=Slow(topic.source))
+    tasks = [slow, bad]  # slow's splits start first (2 writers at once); bad's then fail
+    settings = data.ChunkSettings(LIMITS, 8, 32, config.training.seed)
+    run_dir = RunDir(str(tmp_path / "run"))
+    began = time.monotonic()
+    with pytest.raises(DataError, match="label 'maybe'"):
+        data.prepare(tasks, run_dir, build_tokenizer(config, tasks), settings)
+    assert time.monotonic() - began < 50  # the slow writer was not waited for
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # a killed worker is gone within moments
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the cancelled writer (pid {pid}) is still alive, for Ray to reuse")
+    assert not (tmp_path / "run").exists()  # nothing of the failed start is left
+
+
 def test_bad_rows_can_be_skipped_and_are_counted(ray_cluster, tmp_path):
     bad = [{"sentence": "a", "gold": "maybe"}, '{"sentence": ', {"gold": "yes"}]
     rows = GOOD[:8] + bad + GOOD[8:]
