@@ -146,7 +146,7 @@ def test_a_data_error_kills_the_other_writers(ray_cluster, tmp_path):
 
     pid_file = tmp_path / "slow-writer.pid"
 
-    class Slow:  # the topic task's source, whose train split takes a minute to read
+    class Slow:  # the topic task's source, whose train split takes ten minutes to read
         def __init__(self, inner):
             self.inner = inner
 
@@ -158,7 +158,7 @@ def test_a_data_error_kills_the_other_writers(ray_cluster, tmp_path):
         def read(self, split):
             if split == "train":
                 pid_file.write_text(str(os.getpid()))
-                time.sleep(60)
+                time.sleep(600)
             return self.inner.read(split)
 
     config = custom(tmp_path, [*GOOD[:5], {"sentence": "a", "gold": "maybe"}, *GOOD[5:]],
@@ -172,7 +172,7 @@ def test_a_data_error_kills_the_other_writers(ray_cluster, tmp_path):
     began = time.monotonic()
     with pytest.raises(DataError, match="label 'maybe'"):
         data.prepare(tasks, run_dir, build_tokenizer(config, tasks), settings)
-    assert time.monotonic() - began < 50  # the slow writer was not waited for
+    assert time.monotonic() - began < 120  # the slow writer was not waited for
     pid = int(pid_file.read_text())
     for _ in range(100):  # a killed worker is gone within moments
         try:
