@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,6 +307,30 @@ class Fetched:
         return zero_stage_in(self.state)
 
 
+LOCAL_COPY = "muppet-ckpt-"  # + the writer's pid: a checkpoint's local copy, until uploaded
+
+
+def copies_of_dead_workers() -> list[str]:
+    """The local copies of checkpoints on this node whose worker was killed before uploading
+    them (a SIGKILL leaves it no time to clean up)."""
+    copies = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{LOCAL_COPY}*-*")):
+        pid = os.path.basename(path)[len(LOCAL_COPY):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            copies.append(path)
+    return copies
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 class Checkpointer:
     """A training worker's checkpoints: it finds the newest intact one to resume from (fetching
     it resharded if another number of workers wrote it), restores it, and saves new ones, at the
@@ -315,6 +340,9 @@ class Checkpointer:
         self.run_dir, self.workers = run_dir, workers
         self.sharded = sharded  # ZeRO 1-3: a checkpoint of another world size needs resharding
         self.per_step = per_step  # micro-batches per step (for the resharding warning)
+        self._uploaded: threading.Event | None = None  # set once the last save's upload ended
+        for copy in copies_of_dead_workers():  # (each start of a worker on the node looks)
+            shutil.rmtree(copy, ignore_errors=True)
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[Fetched | None]:
@@ -375,17 +403,38 @@ class Checkpointer:
             ray.get_runtime_context().get_node_id(),
             dir_name(step, set(self.run_dir.list(""))) if self.workers.rank == 0 else None))
         nodes, name = [node for node, _ in every], every[0][1]
-        directory = tempfile.mkdtemp(prefix="muppet-ckpt-")
+        if self._uploaded is not None:
+            # One local copy waits for its upload at a time: storage slower than the checkpoints
+            # would otherwise fill the node's disk with them.
+            self._uploaded.wait()
+        directory = tempfile.mkdtemp(prefix=f"{LOCAL_COPY}{os.getpid()}-")
         try:
             save(engine, directory, {**kept, "step": step}, self.workers.rank,
                  self.workers.world, nodes, zero_stage)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
+        uploaded = threading.Event()
+        persist = upload or ray.train.get_context().get_storage().persist_current_checkpoint
+
+        def upload_or_drop(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+            try:
+                return persist(checkpoint, name)
+            except BaseException:  # (Ray removes the local copy only after an upload succeeds)
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+                raise
+            finally:
+                uploaded.set()
+
         # Uploaded in the background while training goes on (or the run ends: the final one
         # beside the export); Ray Train registers it only once every worker's part is in
         # storage, so a run killed before still resumes from the one before, and it removes the
         # local copy after. Its reports keep their order.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=name, checkpoint_upload_fn=upload,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload_or_drop,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self._uploaded = uploaded

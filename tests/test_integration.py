@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from muppet_ray import data
+from muppet_ray import checkpoint, data
 from muppet_ray.config import micro_batches_per_step
 from muppet_ray.errors import DataError, StorageError
 from muppet_ray.export import load_exported
@@ -103,8 +103,8 @@ def small_storage(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def fill_once(storage, ready) -> threading.Thread:
-    """Fills `storage` to the last byte once `ready()`."""
+def fill_once(storage, ready, room: int = 0) -> threading.Thread:
+    """Fills `storage` once `ready()`, up to its last `room` bytes."""
     def fill() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not ready():
@@ -113,10 +113,11 @@ def fill_once(storage, ready) -> threading.Thread:
         # has unmounted it, and this filled the machine's own disk (51 GB) in CI.
         if not (ready() and os.path.ismount(storage)):
             return
-        with contextlib.suppress(OSError), open(storage / "filler", "wb") as f:
-            while True:  # (until the file system is full: the write raises, and so may close)
-                f.write(bytes(1 << 20))
-                f.flush()
+        with open(storage / "filler", "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):
+                while f.write(bytes(1 << 20)):  # (until the file system is full)
+                    pass
+            os.ftruncate(f.fileno(), max(0, os.fstat(f.fileno()).st_size - room))
 
     thread = threading.Thread(target=fill, daemon=True)
     thread.start()
@@ -136,12 +137,16 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
     # local cluster are SIGKILLed there instead. A sweep's driver is killed mid-run in
     # test_multinode.py.)
     if tmpfs is not None:
-        filler = fill_once(tmpfs, lambda: "checkpoint_000008" in run_dir.registered_checkpoints())
+        # (room for the run's log, not for a checkpoint: the next checkpoint's upload fails)
+        filler = fill_once(tmpfs, lambda: "checkpoint_000008" in run_dir.registered_checkpoints(),
+                           room=256 << 10)
         with pytest.raises(StorageError, match=r"^cannot write \S+: No space left on device "
                                                r"\(errno 28\); free space"):
             prefinetune(make_config(storage, *zero3, "run.max_failures=0"))  # (no retries)
         filler.join(timeout=60)
         (tmpfs / "filler").unlink()
+        # (the failed upload's local copy is removed with it: Ray removes only uploaded ones)
+        assert not checkpoint.copies_of_dead_workers()
     else:
         command = [sys.executable, "-m", "muppet_ray", "prefinetune",
                    *[a for s in small_run(storage, *zero3) for a in ("--set", s)]]
@@ -174,4 +179,5 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
     assert transfer["step"] == 24 and transfer["tasks"] == [t.name for t in result.tasks]
     assert np.allclose(np.diag(transfer["cosine"]), 1, atol=1e-3)
     assert (storage / "run" / "gradient_similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert not checkpoint.copies_of_dead_workers()  # (a SIGKILLed one's: removed on restart)
 
