@@ -290,7 +290,8 @@ def _write_chunks(pending, cache: RunDir, tokenizer) -> None:
     except Exception as e:  # a DataError raised inside a Ray task arrives wrapped
         # Killed, not interrupted: an interrupt that lands inside an import leaves the module
         # half-imported in a worker Ray goes on reusing, and every later task there fails
-        # (fsspec, in CI). Its Ray Data job goes with it (Ray kills what a dead owner leased).
+        # (fsspec, in CI). Its Ray Data job's tasks go too, a moment later (Ray ends what a dead
+        # owner leased): a file one writes after the clean-up below is in no index, never read.
         for ref in running:
             ray.cancel(ref, force=True)
         # Wait until the cancelled writers are gone before removing what they wrote: a writer

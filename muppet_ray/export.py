@@ -69,7 +69,7 @@ def export_from_engine(engine, rank: int, tokenizer, run_dir: RunDir, step: int,
 def write_export(model: MuppetModel, tokenizer, run_dir: RunDir, step: int, config_yaml: str,
                  relative: str = "export") -> str:
     """Write the export (call on one worker, with the full parameters in hand)."""
-    with run_dir.staged(relative) as local:
+    with run_dir.staged(relative, last=MANIFEST) as local:
         model.backbone.save_pretrained(local)
         tokenizer.save_pretrained(local)
         heads = {k: v.detach().cpu().float().contiguous() for k, v in

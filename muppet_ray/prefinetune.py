@@ -163,7 +163,9 @@ def time_line(driver: dict[str, float], fit_began: float, worker: dict, total: f
     start-up begins when the driver starts Ray Train), the rest as "other"."""
     seconds = dict(driver)
     for phase, value in worker["seconds"].items():
-        seconds[phase] = value + (worker["began"] - fit_began if phase == "start-up" else 0)
+        # (start-up: from the driver's clock to worker 0's; they may be two nodes' clocks)
+        seconds[phase] = value + (max(0.0, worker["began"] - fit_began) if phase == "start-up"
+                                  else 0)
     seconds["other"] = max(0.0, total - sum(seconds.values()))
     return f"{total:.0f} s: " + ", ".join(f"{phase} {value:.1f}"
                                           for phase, value in seconds.items())

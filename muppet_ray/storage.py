@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -38,6 +39,7 @@ CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record o
 
 
 CACHE_DIR_VARIABLE = "MUPPET_CACHE_DIR"  # this node's cache of models stored at URIs
+STALE_STAGING_S = 3600  # a staging directory untouched this long is a killed writer's
 
 
 def is_uri(location: str) -> bool:
@@ -125,20 +127,32 @@ class RunDir:
                         destination_filesystem=self.fs)
 
     @contextlib.contextmanager
-    def staged(self, relative: str):
-        """A local directory to write `relative` into, which replaces `relative` whole on leaving
+    def staged(self, relative: str, last: str | None = None):
+        """A local directory to write `relative` into, which replaces `relative` on leaving
         (nothing, if the block fails). Local storage: made beside `relative` and renamed into
-        place, so the bytes are written once; an object store: a temporary directory, uploaded."""
+        place, so the bytes are written once and it is replaced whole. An object store has no
+        rename: a temporary directory, uploaded, its file `last` (the one that says it is
+        complete) after the rest, so that an upload cut short is never taken as complete."""
         if not self.is_local:
             with tempfile.TemporaryDirectory(prefix="muppet-staged-") as local:
                 yield local
+                held = None
+                if last is not None and os.path.exists(marker := os.path.join(local, last)):
+                    with open(marker, "rb") as f:
+                        held = f.read()
+                    os.remove(marker)
                 self.upload(local, relative)
+                if held is not None:
+                    self.write_bytes(f"{relative}/{last}", held)
             return
         target = self._p(relative)
         parent, name = os.path.split(target)
-        # (one a killed writer left: a run directory has one writer of each of these at a time)
+        # Those a killed writer left; not another's at work on the same target (two
+        # `finetune --from` of one checkpoint export it to the same place): those are younger.
         for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):
-            shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.path.getmtime(stale) > STALE_STAGING_S:
+                    shutil.rmtree(stale, ignore_errors=True)
         local = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
         os.makedirs(local)
         try:

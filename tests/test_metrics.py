@@ -42,3 +42,16 @@ def test_a_line_cut_short_is_dropped_before_the_next_start_appends(tmp_path):
     write(run_dir, 2, 3)
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3]
     assert log.read_text().count("\n") == 3
+
+
+def test_the_time_line_adds_up_to_the_whole_even_with_two_nodes_clocks():
+    from muppet_ray.prefinetune import time_line
+
+    driver = {"starting Ray": 4.0, "tokenizing": 30.0}
+    worker = {"began": 1010.0, "seconds": {"start-up": 3.0, "training": 50.0}}
+    # worker 0 began 10 s after the driver handed the run to Ray Train (at 1000 by its clock)
+    assert time_line(driver, 1000.0, worker, 100.0) == (
+        "100 s: starting Ray 4.0, tokenizing 30.0, start-up 13.0, training 50.0, other 3.0")
+    # on a node whose clock is behind the driver's, it seems to begin before: never below 0
+    assert time_line(driver, 1030.0, worker, 80.0) == (
+        "80 s: starting Ray 4.0, tokenizing 30.0, start-up 3.0, training 50.0, other 0.0")

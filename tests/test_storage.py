@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
 from muppet_ray.storage import RunDir, local_copy
 from tests.conftest import ROOT
@@ -55,7 +56,8 @@ def test_a_stored_model_comes_into_a_nodes_cache_whole_once_for_all_and_again_if
     fs.delete_dir("muppet/models")
 
 
-def test_a_staged_directory_replaces_its_target_whole_in_place_or_in_a_bucket(s3, tmp_path):
+def test_a_staged_directory_replaces_its_target_whole_in_place_or_in_a_bucket(s3, tmp_path,
+                                                                              monkeypatch):
     run = RunDir(str(tmp_path / "run"))
     run.write_text("export/old.txt", "old")
     with run.staged("export") as local:
@@ -71,14 +73,35 @@ def test_a_staged_directory_replaces_its_target_whole_in_place_or_in_a_bucket(s3
     except OSError:
         pass
     assert sorted(os.listdir(tmp_path / "run")) == ["export"]  # nothing half-made is left
-    (tmp_path / "run" / ".export.0123abcd.tmp").mkdir()  # (as a writer killed midway leaves it)
+    killed = tmp_path / "run" / ".export.0123abcd.tmp"
+    at_work = tmp_path / "run" / ".export.4567.tmp"
+    killed.mkdir()  # (as a writer killed midway leaves it, an hour ago)
+    os.utime(killed, (time.time() - 3601,) * 2)
+    at_work.mkdir()  # (another command's, writing the same export now)
     with run.staged("export") as local:
         Path(local, "model.bin").write_bytes(b"new")
-    assert sorted(os.listdir(tmp_path / "run")) == ["export"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".export.4567.tmp", "export"]
     assert sorted(run.list("export")) == ["model.bin"]
     bucket = RunDir("s3://muppet/runs/staged")
     with bucket.staged("export") as local:
         Path(local, "model.bin").write_bytes(b"in a bucket")
     with bucket.open_input("export/model.bin") as f:
         assert f.read() == b"in a bucket"
+    # In a bucket, the file that says it is complete goes last: an upload that fails midway
+    # leaves an export without it, which is never taken as complete.
+    copy_files = pafs.copy_files
+
+    def connection_lost(*args, **kwargs):  # (the files are in; the answer never comes)
+        copy_files(*args, **kwargs)
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(pafs, "copy_files", connection_lost)
+    with pytest.raises(OSError), bucket.staged("export", last="muppet.json") as local:
+        Path(local, "muppet.json").write_text("{}")
+        Path(local, "model.bin").write_bytes(b"more")
+    monkeypatch.undo()
+    assert not bucket.exists("export/muppet.json")
+    with bucket.staged("export", last="muppet.json") as local:
+        Path(local, "muppet.json").write_text("{}")
+    assert bucket.read_text("export/muppet.json") == "{}"
     bucket.remove()
