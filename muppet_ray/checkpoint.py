@@ -40,6 +40,8 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
+from ray._common.retry import call_with_retry  # (Ray Train's retry of uploads; ray is pinned)
+from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
 
 from muppet_ray.errors import RunStopped
 from muppet_ray.storage import RunDir
@@ -310,15 +312,20 @@ class Fetched:
 LOCAL_COPY = "muppet-ckpt-"  # + the writer's pid: a checkpoint's local copy, until uploaded
 
 
-def copies_of_dead_workers() -> list[str]:
-    """The local copies of checkpoints on this node whose worker was killed before uploading
-    them (a SIGKILL leaves it no time to clean up)."""
-    copies = []
+def local_copies() -> dict[str, int]:
+    """The local copies of checkpoints on this node, with their writers' pids."""
+    copies = {}
     for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{LOCAL_COPY}*-*")):
         pid = os.path.basename(path)[len(LOCAL_COPY):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            copies.append(path)
+        if pid.isdigit():
+            copies[path] = int(pid)
     return copies
+
+
+def copies_of_dead_workers() -> list[str]:
+    """Those whose worker was killed before uploading them (a SIGKILL leaves it no time to
+    clean up)."""
+    return [path for path, pid in local_copies().items() if not _alive(pid)]
 
 
 def _alive(pid: int) -> bool:
@@ -414,26 +421,35 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        uploaded = threading.Event()
+        uploaded, failed = threading.Event(), []
         persist = upload or ray.train.get_context().get_storage().persist_current_checkpoint
 
-        def upload_or_drop(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        def upload_then_drop(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+            # The local copy goes once the upload has ended, whether or not it succeeded (Ray
+            # would remove it only after a success, and after this returns). Ray retries some
+            # storage errors by calling this again: they are retried here, as Ray would, before
+            # the copy goes, and a call after that fails as the last one did.
+            if failed:
+                raise failed[0]
             try:
-                return persist(checkpoint, name)
-            except BaseException:  # (Ray removes the local copy only after an upload succeeds)
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
+                return call_with_retry(persist, "upload checkpoint", AWS_RETRYABLE_TOKENS, 3, 32,
+                                       checkpoint, name)
+            except BaseException as e:
+                failed.append(e)
                 raise
             finally:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
                 uploaded.set()
 
         # Uploaded in the background while training goes on (or the run ends: the final one
         # beside the export); Ray Train registers it only once every worker's part is in
-        # storage, so a run killed before still resumes from the one before, and it removes the
-        # local copy after. Its reports keep their order.
+        # storage, so a run killed before still resumes from the one before. Its reports keep
+        # their order.
         try:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=name, checkpoint_upload_fn=upload_or_drop,
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload_then_drop,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=False)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -131,6 +131,7 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
     run_dir = RunDir(str(storage / "run"))
     log = storage / "run" / LOG
     config = make_config(storage, *zero3)
+    before = checkpoint.local_copies()
 
     # 1. The storage fills up once the step-8 checkpoint is in: the run stops, one line names
     # the path. (Where no small file system can be mounted here, not root, the driver and its
@@ -146,7 +147,7 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
         filler.join(timeout=60)
         (tmpfs / "filler").unlink()
         # (the failed upload's local copy is removed with it: Ray removes only uploaded ones)
-        assert not checkpoint.copies_of_dead_workers()
+        assert not copies_left_behind(before)
     else:
         command = [sys.executable, "-m", "muppet_ray", "prefinetune",
                    *[a for s in small_run(storage, *zero3) for a in ("--set", s)]]
@@ -179,5 +180,16 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
     assert transfer["step"] == 24 and transfer["tasks"] == [t.name for t in result.tasks]
     assert np.allclose(np.diag(transfer["cosine"]), 1, atol=1e-3)
     assert (storage / "run" / "gradient_similarity.png").read_bytes()[:4] == b"\x89PNG"
-    assert not checkpoint.copies_of_dead_workers()  # (a SIGKILLed one's: removed on restart)
+    assert not copies_left_behind(before)  # (a SIGKILLed one's: removed on restart)
+
+
+def copies_left_behind(before: dict[str, int]) -> list[str]:
+    """The local copies of checkpoints made since `before` whose workers are gone, once the
+    workers of the run are (Ray stops them asynchronously; another run's may live on)."""
+    deadline = time.monotonic() + 30
+    while True:
+        new = {path: pid for path, pid in checkpoint.local_copies().items() if path not in before}
+        if time.monotonic() > deadline or not any(map(checkpoint._alive, new.values())):
+            return [path for path, pid in new.items() if not checkpoint._alive(pid)]
+        time.sleep(0.5)
 
