@@ -147,8 +147,9 @@ class RunDir:
             return
         target = self._p(relative)
         parent, name = os.path.split(target)
-        # Those a killed writer left; not another's at work on the same target (two
-        # `finetune --from` of one checkpoint export it to the same place): those are younger.
+        # Those a killed writer left, not one another command is writing now (two `finetune
+        # --from` of one checkpoint export it to the same place, and replace each other's in
+        # turn, with the same content).
         for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - os.path.getmtime(stale) > STALE_STAGING_S:

@@ -146,27 +146,31 @@ def test_a_data_error_kills_the_other_writers(ray_cluster, tmp_path):
 
     pid_file = tmp_path / "slow-writer.pid"
 
-    class Slow:  # the topic task's source, whose train split takes ten minutes to read
-        def __init__(self, inner):
-            self.inner = inner
+    class Source:  # a task's source; "slow": its train split takes ten minutes to read;
+        # "after": reads once the slow one is reading (so that it is running when this fails)
+        def __init__(self, inner, role):
+            self.inner, self.role = inner, role
 
-        def __getattr__(self, name):  # (not for "inner": unpickling asks before it is set)
-            if name == "inner":
+        def __getattr__(self, name):  # (not for these: unpickling asks before they are set)
+            if name in ("inner", "role"):
                 raise AttributeError(name)
             return getattr(self.inner, name)
 
         def read(self, split):
-            if split == "train":
+            if self.role == "slow" and split == "train":
                 pid_file.write_text(str(os.getpid()))
                 time.sleep(600)
+            while self.role == "after" and not pid_file.exists():
+                time.sleep(0.1)
             return self.inner.read(split)
 
     config = custom(tmp_path, [*GOOD[:5], {"sentence": "a", "gold": "maybe"}, *GOOD[5:]],
                     fields={"text": "sentence", "label": "gold"})
     [bad] = resolve_tasks(config)
     [topic] = resolve_tasks(make_config(tmp_path, "tasks.include=[topic]"))
-    slow = dataclasses.replace(topic, source=Slow(topic.source))
-    tasks = [slow, bad]  # slow's splits start first (2 writers at once); bad's then fail
+    tasks = [dataclasses.replace(topic, source=Source(topic.source, "slow")),
+             dataclasses.replace(bad, source=Source(bad.source, "after"))]
+    # (2 writers at once: slow's splits start first, then bad's, which fail)
     settings = data.ChunkSettings(LIMITS, 8, 32, config.training.seed)
     run_dir = RunDir(str(tmp_path / "run"))
     began = time.monotonic()

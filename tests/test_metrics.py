@@ -44,7 +44,7 @@ def test_a_line_cut_short_is_dropped_before_the_next_start_appends(tmp_path):
     assert log.read_text().count("\n") == 3
 
 
-def test_the_time_line_adds_up_to_the_whole_even_with_two_nodes_clocks():
+def test_the_time_line_never_has_a_negative_part_whatever_two_nodes_clocks_say():
     from muppet_ray.prefinetune import time_line
 
     driver = {"starting Ray": 4.0, "tokenizing": 30.0}
