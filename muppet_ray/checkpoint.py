@@ -325,10 +325,10 @@ def local_copies() -> dict[str, int]:
 def copies_of_dead_workers() -> list[str]:
     """Those whose worker was killed before uploading them (a SIGKILL leaves it no time to
     clean up)."""
-    return [path for path, pid in local_copies().items() if not _alive(pid)]
+    return [path for path, pid in local_copies().items() if not process_alive(pid)]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,6 +10,7 @@ import pytest
 
 from muppet_ray import batch as mb
 from muppet_ray import data
+from muppet_ray.checkpoint import process_alive
 from muppet_ray.config import BatchingConfig, Config, MixtureConfig
 from muppet_ray.errors import DataError
 from muppet_ray.mixture import build_schedule
@@ -179,9 +180,7 @@ def test_a_data_error_kills_the_other_writers(ray_cluster, tmp_path):
     assert time.monotonic() - began < 120  # the slow writer was not waited for
     pid = int(pid_file.read_text())
     for _ in range(100):  # a killed worker is gone within moments
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             break
         time.sleep(0.1)
     else:

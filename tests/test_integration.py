@@ -189,7 +189,7 @@ def copies_left_behind(before: dict[str, int]) -> list[str]:
     deadline = time.monotonic() + 30
     while True:
         new = {path: pid for path, pid in checkpoint.local_copies().items() if path not in before}
-        if time.monotonic() > deadline or not any(map(checkpoint._alive, new.values())):
-            return [path for path, pid in new.items() if not checkpoint._alive(pid)]
+        if time.monotonic() > deadline or not any(map(checkpoint.process_alive, new.values())):
+            return [path for path, pid in new.items() if not checkpoint.process_alive(pid)]
         time.sleep(0.5)
 
