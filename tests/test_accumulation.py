@@ -1,5 +1,6 @@
 """A step's micro-batches run in several passes and reduced once (train.py) give the update of
-the whole step, under every ZeRO stage (ZeRO-3 also with each layer gathered whole): real
+the whole step, under every ZeRO stage (ZeRO-3 also with each layer gathered whole), and the
+task-transfer sketches taken meanwhile (transfer.py) are those of the whole gradients: real
 DeepSpeed in 2 processes on the CPU (gloo)."""
 
 import os
@@ -7,6 +8,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muppet_ray import batch as mb
@@ -14,6 +16,7 @@ from muppet_ray.config import ModelConfig
 from muppet_ray.engine import fetch_layers_whole
 from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.train import one_reduction
+from muppet_ray.transfer import GradientSimilarity
 from tests.test_task_types import featurize, suite_tokenizer, task
 
 pytestmark = pytest.mark.integration
@@ -48,6 +51,22 @@ def expected_weights(tokenizer, batches, arch: str = "bert"):
     return model.state_dict()
 
 
+def expected_sketches(tokenizer, batches, arch: str, world: int) -> torch.Tensor:
+    """Plain PyTorch, one process: the tasks' gradient sketches (transfer.py) summed over the
+    workers, each worker's micro-batches trained whole, scaled as the step scales them."""
+    model = build_model(tokenizer, arch)
+    total = 0
+    for rank in range(world):
+        similarity = GradientSimilarity(model, len(TASKS), torch.device("cpu"))
+        mine = batches[rank::world]
+        for batch in mine:
+            model.zero_grad(set_to_none=True)
+            with similarity.measuring(batch):
+                (model(mb.to_torch(batch, torch.device("cpu")))["loss"] / len(mine)).backward()
+        total = total + similarity.sketches
+    return total
+
+
 def run_worker(rank: int, port: int, world: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
@@ -57,6 +76,8 @@ def run_worker(rank: int, port: int, world: int):
     tokenizer = suite_tokenizer()
     batches = micro_batches(tokenizer)
     expected = {arch: expected_weights(tokenizer, batches, arch) for arch in ("bert", "bart")}
+    sketches = {arch: expected_sketches(tokenizer, batches, arch, world)
+                for arch in ("bert", "bart")}
     mine = batches[rank::world]
     # ZeRO-3 as DeepSpeed hooks it by default, and as muppet-ray runs it (each layer one unit,
     # the encoder's and the decoder's on an encoder-decoder)
@@ -75,13 +96,24 @@ def run_worker(rank: int, port: int, world: int):
                     "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                     "zero_allow_untested_optimizer": True,
                     "gradient_clipping": 0.0})  # (DeepSpeed's default clips at 1.0)
+        # (built on the engine's module, as train.py does: under ZeRO-3 its weights are shards)
+        similarity = GradientSimilarity(engine.module, len(TASKS), torch.device("cpu"))
         with one_reduction(engine, stage):
             for batch in mine:
                 # 3 passes each: the 2-example span micro-batch gets a share-0 third pass
-                for piece, share in mb.split(batch, 3):
-                    out = engine(mb.to_torch(piece, torch.device("cpu")))
-                    engine.backward(out["loss"] * (share / len(mine)))
+                with similarity.measuring(batch):
+                    for piece, share in mb.split(batch, 3):
+                        out = engine(mb.to_torch(piece, torch.device("cpu")))
+                        engine.backward(out["loss"] * (share / len(mine)))
         engine.step()
+        # The sketches are the whole gradients' (each weight's hook saw all of its gradient of
+        # each pass, not this worker's shard of it, at the same index as in the plain model).
+        summed = similarity.sketches.clone()
+        dist.all_reduce(summed)
+        want = sketches[arch]
+        assert torch.allclose(summed, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), (
+            arch, stage, layers_whole, float((summed - want).abs().max()))
+        assert similarity.similarities(world)[0] == [0, 1, 2]
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             got = engine.module.state_dict()

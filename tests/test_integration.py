@@ -174,7 +174,8 @@ def test_a_run_resumes_after_its_storage_fills(ray_cluster, small_storage):
     assert positions == list(range(24 * micro_batches_per_step(config)))
     assert_loss_falls(result.run_dir)
     assert AutoModel.from_pretrained(result.export_dir) is not None
-    # Task transfer is measured under ZeRO-3 too (each weight's hook sees its whole gradient).
+    # Task transfer is measured under ZeRO-3 too, and logged for every task (that its sketches
+    # are the whole gradients', not a worker's shards: test_accumulation.py).
     transfer = [r for r in map(json.loads, log.read_text().splitlines())
                 if r["kind"] == "transfer"][-1]
     assert transfer["step"] == 24 and transfer["tasks"] == [t.name for t in result.tasks]
