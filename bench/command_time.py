@@ -9,8 +9,8 @@ task), each run in a fresh storage root (so it tokenizes), the checkouts taking 
 from the console lines' times (throughput.phases: the same cut for any commit); where the
 command prints its own time line (`[muppet-ray] N s: starting Ray ...`), that too. Prints a
 table of medians, and each checkout's ratio of whole command to training time. `--s3` stores the
-runs in a bucket of moto's S3 server on 127.0.0.1 instead (only the whole command's time and
-the command's own line then); `--set` changes a setting of every run (e.g.
+runs in a bucket of moto's S3 server on 127.0.0.1 instead (the phases then from the run's
+metrics.jsonl read back from the bucket); `--set` changes a setting of every run (e.g.
 `training.checkpoint_every=5`).
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -25,8 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import yaml
-from throughput import ROOT, muppet, run_command, task_config
+from throughput import ROOT, muppet, phases, run_command, task_config
 
 sys.path.insert(0, str(ROOT))
 from tests.services import BUCKET, s3_server  # noqa: E402
@@ -35,6 +37,15 @@ from tests.services import BUCKET, s3_server  # noqa: E402
 def commit(code: Path) -> str:
     return subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip() or str(code)
+
+
+def bucket_records(s3_env: dict, key: str) -> list[dict]:
+    """A run's metrics.jsonl records, read from the test bucket."""
+    s3 = pafs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"],
+                           access_key=s3_env["AWS_ACCESS_KEY_ID"],
+                           secret_key=s3_env["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+    with s3.open_input_stream(f"{BUCKET}/{key}") as f:
+        return [json.loads(line) for line in f.read().decode().splitlines()]
 
 
 def main() -> None:
@@ -62,21 +73,22 @@ def main() -> None:
                                               f"run.storage_path=s3://{BUCKET}/r{repeat}-c{i}",
                                               "run.name=w2", *args.set] for a in ("--set", x)]],
                                          env, log, cwd=code)
-                    result["phases"] = {}
+                    result["phases"] = phases(result, bucket_records(
+                        s3_env, f"r{repeat}-c{i}/w2/metrics.jsonl"))
                 else:
                     result = muppet(code, config_path, out / f"r{repeat}-c{i}", "w2", args.set,
                                     log)
                 result["own"] = next((line.strip() for _, line in result["lines"]
                                       if " s: starting Ray " in line), "")
                 runs[i].append(result)
-    phases = ["tokenize", "start-up", "eval", "train", "after"]
+    names = ["tokenize", "start-up", "eval", "train", "after"]
     print(f"\n{args.repeats} repeat(s), medians, seconds; runs in {out}\n")
-    print(f"| {'code':<10} | whole | " + " | ".join(phases) + " | whole / train |")
-    print("|" + "---|" * (len(phases) + 3))
+    print(f"| {'code':<10} | whole | " + " | ".join(names) + " | whole / train |")
+    print("|" + "---|" * (len(names) + 3))
     for i, code in enumerate(codes):
         whole = statistics.median(r["seconds"] for r in runs[i])
         parts = [statistics.median(r["phases"].get(p, float("nan")) for r in runs[i])
-                 for p in phases]
+                 for p in names]
         print(f"| {commit(code):<10} | {whole:.1f} | " + " | ".join(f"{v:.1f}" for v in parts)
               + f" | {whole / parts[3]:.2f} |")
     for i, code in enumerate(codes):
