@@ -67,7 +67,7 @@ def main() -> None:
                 print(f"[bench] repeat {repeat + 1}/{args.repeats}: {commit(code)}", flush=True)
                 log = out / f"r{repeat}-c{i}.log"
                 if s3_env:
-                    env = {**os.environ, **s3_env, "PYTHONPATH": str(code)}
+                    env = {**os.environ, **s3_env, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
                     result = run_command([sys.executable, "-m", "muppet_ray", "prefinetune",
                                           "--config", str(config_path), *[a for x in [
                                               f"run.storage_path=s3://{BUCKET}/r{repeat}-c{i}",

@@ -7,9 +7,10 @@ that other code made: the cache is keyed by settings, model, data and device, no
 For the model (default: the config's plain `model.pretrained`, a sweep's point 0), every eval
 task x seed group the protocol would score is looked up in `ROOT/.protocol-cache` under the key
 this code computes; then the first `--groups` seeds of each eval task are fine-tuned again here,
-every fraction and learning rate, one thread (as a protocol task runs), and the scores compared
-with the stored ones. Needs the groups' chunks in `ROOT/.chunk-cache` (it tokenizes what is
-missing, with Ray Data). Prints a table; exits 1 if a recomputed score differs.
+every fraction and learning rate, with as many threads as a protocol task
+(`scaling.cpus_per_worker`), and their scores, steps and training examples compared with the
+stored ones. Needs the groups' chunks in `ROOT/.chunk-cache` (it tokenizes what is missing, with
+Ray Data). Prints a table; exits 1 if a group is missing or a recomputed run differs.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
             stored[name, seed] = (task, configs, caches, json.loads(text))
     print(f"{found} of {len(groups)} groups found in {store.root} under this code's keys\n")
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, int(base.scaling.cpus_per_worker)))  # (as _fine_tune_runs)
     runtime.no_cpu_kernel_cache()
     print("| task | seed | fraction | lr | stored validation / test | recomputed | equal | s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -80,15 +81,17 @@ def main() -> None:
         heads, _ = initial_heads(source, [task], base.protocol.head)
         for s in scores:
             start = time.monotonic()
-            validation, test, _ = protocol.fine_tune(
+            validation, test, steps = protocol.fine_tune(
                 configs[s["fraction"]], tokenizer, task, heads, caches[s["fraction"]],
                 s["learning_rate"], torch.device("cpu"))
-            equal = (validation, test) == (s["validation"], s["test"])
+            equal = (validation, test, steps, caches[s["fraction"]]["train"].examples) == (
+                s["validation"], s["test"], s["steps"], s["train_examples"])
             differ += not equal
             print(f"| {name} | {seed} | {s['fraction']} | {s['learning_rate']:g} | "
                   f"{s['validation']:.6f} / {s['test']:.6f} | {validation:.6f} / {test:.6f} | "
                   f"{'yes' if equal else 'NO'} | {time.monotonic() - start:.0f} |", flush=True)
-    sys.exit(1 if differ else 0)
+    print(f"\n{len(groups) - found} groups missing, {differ} recomputed runs differ")
+    sys.exit(1 if differ or found < len(groups) else 0)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ def run_worker(rank: int, port: int, world: int):
         summed = similarity.sketches.clone()
         dist.all_reduce(summed)
         want = sketches[arch]
+        assert (want.abs().sum(dim=1) > 0).all()  # (every task's gradient was sketched)
         assert torch.allclose(summed, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), (
             arch, stage, layers_whole, float((summed - want).abs().max()))
         assert similarity.similarities(world)[0] == [0, 1, 2]
