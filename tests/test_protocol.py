@@ -14,10 +14,14 @@ def score(model, task, seed, lr, validation, test, fraction=1.0):
 
 
 def test_the_learning_rate_is_chosen_on_validation_never_on_test():
-    scores = [score("m", "a", s, 1e-4, 0.6, 0.9) for s in range(3)]
-    scores += [score("m", "a", s, 3e-5, 0.7, 0.5) for s in range(3)]  # better on validation
-    picked = chosen(scores)
-    assert {s.learning_rate for s in picked} == {3e-5} and len(picked) == 3
+    # On task a, 1e-4 is best on test and on seed 0's validation, 3e-5 on the mean validation
+    # over seeds: one rate for every seed, by the mean. On task b the other way round.
+    scores = [score("m", "a", s, 1e-4, v, 0.9) for s, v in enumerate([0.9, 0.5, 0.5])]
+    scores += [score("m", "a", s, 3e-5, v, 0.5) for s, v in enumerate([0.6, 0.7, 0.7])]
+    scores += [score("m", "b", s, 1e-4, v, 0.5) for s, v in enumerate([0.6, 0.7, 0.7])]
+    scores += [score("m", "b", s, 3e-5, v, 0.9) for s, v in enumerate([0.9, 0.5, 0.5])]
+    picked = {(s.task, s.seed): s.learning_rate for s in chosen(scores)}
+    assert picked == {**{("a", s): 3e-5 for s in range(3)}, **{("b", s): 1e-4 for s in range(3)}}
 
 
 def test_interval_is_the_student_t_one():
