@@ -97,9 +97,25 @@ def test_cut_out_spans_become_one_mask_each_and_the_decoder_writes_the_text(toke
         masks = source.count(tokenizer.mask_token_id)
         assert masks == max(round(noise / 2.0), 1)
         assert len(source) == len(tokens) - noise + masks
-        kept = [t for t in source if t != tokenizer.mask_token_id]
-        it = iter(tokens)  # the kept tokens are the text's, in order
-        assert all(any(t == u for u in it) for t in kept)
+        # In place: split at the masks, the source is runs of the text's tokens, the first at
+        # its start, each next one after at least one cut-out token, the text's end reached
+        # (kept tokens first, as in T5; two masks never side by side: a span is one mask).
+        runs, run = [], []
+        for t in source:
+            if t == tokenizer.mask_token_id:
+                runs.append(run)
+                run = []
+            else:
+                run.append(t)
+        runs.append(run)
+        assert runs[0] and all(runs[1:-1])
+        end = len(runs[0])
+        assert runs[0] == tokens[:end]
+        for run in filter(None, runs[1:]):
+            start = next(i for i in range(end + 1, len(tokens) - len(run) + 1)
+                         if tokens[i:i + len(run)] == run)
+            end = start + len(run)
+        assert end == len(tokens) or not runs[-1]
 
 
 def small_model(arch: str, tokenizer, layouts):

@@ -1,5 +1,7 @@
 """Mixture weights for each rule, and the composition each batching strategy promises."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -207,8 +209,9 @@ def test_online_mixture_state_round_trips_through_a_checkpoint():
     mixing.add(np.array([3.0, 1.0, 0.5, 0.2]), np.array([4.0, 2.0, 1.0, 1.0]))
     mixing.decide()
     mixing.add(np.array([0.7, 0.0, 0.0, 0.9]), np.array([1.0, 0.0, 0.0, 1.0]))  # (mid-interval)
-    state = mixing.state()
+    state = pickle.loads(pickle.dumps(mixing.state()))  # (as a checkpoint keeps it)
     again = OnlineMixture.of_run(list(mixing.prior), MixtureConfig(rule="online"), state)
+    assert again.decided is not mixing.decided  # (its own: deciding again changes only it)
     assert again.decided == mixing.decided and again.decide() == mixing.decide()
     assert all(isinstance(v, list) for v in state.values())  # (plain lists: any pickle loads)
 
