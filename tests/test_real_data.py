@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -45,17 +46,29 @@ def features_of(t, tokenizer, n=40):
     return rows, t.task_type.featurize(t, rows, tokenizer, LIMITS)
 
 
+def best_targets(path: str, rows) -> list[str]:
+    """Each row's best-scored target, read from the BIG-bench file itself (`_row` counts its
+    examples from 1)."""
+    examples = json.loads(Path(path).read_text(encoding="utf-8"))["examples"]
+    scores = [examples[r["_row"] - 1]["target_scores"] for r in rows]
+    return [max(s, key=s.get) for s in scores]
+
+
 def test_bigbench_classification(ray_cluster, tokenizer):
-    t = task(format="bigbench", train=f"{DATA}/bigbench/sports_understanding/task.json")
+    path = f"{DATA}/bigbench/sports_understanding/task.json"
+    t = task(format="bigbench", train=path)
     assert (t.type, t.labels) == ("classification", ("plausible", "implausible"))
     rows, features = features_of(t, tokenizer)
+    assert [r["label"] for r in rows] == best_targets(path, rows)
     assert all(f.label == t.labels.index(r["label"]) for r, f in zip(rows, features))
 
 
 def test_bigbench_multiple_choice(ray_cluster, tokenizer):
-    t = task(format="bigbench", train=f"{DATA}/bigbench/social_iqa/task.json")
+    path = f"{DATA}/bigbench/social_iqa/task.json"
+    t = task(format="bigbench", train=path)
     assert t.type == "multiple_choice"
     rows, features = features_of(t, tokenizer)
+    assert [r["choices"][r["label"]] for r in rows] == best_targets(path, rows)
     for row, f in zip(rows, features):
         assert len(f.rows) == len(row["choices"]) >= 2
         correct = tokenizer.decode(f.rows[f.label], skip_special_tokens=True)
