@@ -111,6 +111,8 @@ def test_a_compiled_packed_backbone_trains_as_the_eager_one(tokenizer):
     # is what the CPU suite can afford.
     eager = build("bert", ["entailment"], "packed", tokenizer)
     compiled = build("bert", ["entailment"], "packed", tokenizer)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled.backbone.compile(dynamic=True, backend="aot_eager")
     for n in (6, 4):
         batch = to_torch(collate(featurize("entailment", tokenizer, n), 0,
@@ -121,3 +123,4 @@ def test_a_compiled_packed_backbone_trains_as_the_eager_one(tokenizer):
         assert torch.allclose(losses[1], losses[0], atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(b.grad, a.grad, atol=1e-5), name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # (it was traced)

@@ -1,10 +1,12 @@
 """Per task type: features, head shapes, loss-scaling values and metrics (no Ray)."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from rouge_score import rouge_scorer
 
 from muppet_ray import suite
 from muppet_ray.batch import collate, from_bytes, merge, to_bytes, to_torch
@@ -303,11 +305,26 @@ def test_generation_is_scored_on_decoded_text(model, tokenizer):
                              tokenizer.pad_token_id, keep_text=True), "cpu")
     assert [str(a) for a in batch["answers"]] == [
         r["target"] for r in task("summarize").source.sample("train", 3)]
-    model.eval()
+    # (an untrained model generates nothing but special tokens: this one is made to say one
+    # word of the first reference again and again, so that the scores are not all 0)
+    model = copy.deepcopy(model).eval()
+    word = tokenizer(str(batch["answers"][0]), add_special_tokens=False)["input_ids"][0]
+    model.backbone.final_logits_bias[0, word] = 100.0
     stats = model.evaluate(batch)
-    model.train()
+    # the sums of ROUGE-L, -1, -2 F1 over the rows, and their count: the model's greedy
+    # generation, decoded, scored against each row's reference text
+    with torch.no_grad():
+        texts = tokenizer.batch_decode(model.generate(model.prepare(batch)),
+                                       skip_special_tokens=True)
+    assert all(len(t.split()) >= 2 for t in texts), texts
+    scorer = rouge_scorer.RougeScorer(["rougeL", "rouge1", "rouge2"], use_stemmer=True)
+    scores = [scorer.score(str(a), t) for a, t in zip(batch["answers"], texts)]
     row = stats[list(suite.SUITE).index("summarize")]
-    assert row[3] == 3 and all(0.0 <= v <= 3.0 for v in row[:3])  # ROUGE-L, -1, -2; count
+    assert row[3] == 3 and row[1] > 0 and row[:3].tolist() == pytest.approx(
+        [sum(s[k].fmeasure for s in scores) for k in ("rougeL", "rouge1", "rouge2")])
+    # scored against the generated text itself, each row scores 1
+    stats = model.evaluate({**batch, "answers": np.array(texts, dtype=object)})
+    assert stats[list(suite.SUITE).index("summarize")][:3].tolist() == pytest.approx([3.0] * 3)
 
 
 def test_a_question_that_leaves_its_context_no_room_is_a_bad_row(tokenizer):
