@@ -110,14 +110,34 @@ def custom(tmp_path, rows, **fields):
                        "model.pretrained=null")
 
 
-GOOD = [{"sentence": f"row {i} says yes", "gold": "yes" if i % 2 else "no"} for i in range(40)]
+GOOD = [{"sentence": f"row {i} says {gold}", "gold": gold}
+        for i, gold in enumerate(["no", "yes"] * 20)]
 
 
 def test_custom_jsonl_task(ray_cluster, tmp_path):
     config = custom(tmp_path, GOOD, fields={"text": "sentence", "label": "gold"})
-    _, _, caches = prepare(config, RunDir(str(tmp_path / "run")))
+    _, tokenizer, caches = prepare(config, RunDir(str(tmp_path / "run")))
     train, validation = caches["mine"]["train"], caches["mine"]["validation"]
     assert train.examples + validation.examples == 40 and validation.examples > 0
+    # each example is a row's sentence (its number aside: not in the trained vocabulary),
+    # labelled with that row's gold label, which the sentence ends with
+    for cache in (train, validation):
+        for chunk in range(cache.chunks):
+            batch = data.ChunkReader.read(cache, chunk)
+            for ids, label in zip(batch["input_ids"], batch["label"]):
+                words = tokenizer.decode(ids, skip_special_tokens=True).split()
+                assert words[0] == "row" and words[-2:] == ["says", ["no", "yes"][label]], words
+
+
+def test_train_validation_and_test_splits_share_no_row(ray_cluster, tmp_path):
+    from muppet_ray.sources import FileSource
+
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}", "label": "no"} for i in range(200)])
+    source = FileSource("t", str(tmp_path / "rows.jsonl"), None, 0.2, "jsonl", test_fraction=0.25)
+    rows = {split: [r["_row"] for r in source.read(split).take_all()]
+            for split in ("train", "validation", "test")}
+    assert sum(map(len, rows.values())) == len(set().union(*rows.values())) == 200
+    assert 20 <= len(rows["validation"]) <= 60 and 30 <= len(rows["test"]) <= 70
 
 
 @pytest.mark.parametrize(
