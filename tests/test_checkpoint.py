@@ -6,6 +6,7 @@ DeepSpeed shards in test_multinode.py."""
 import hashlib
 import json
 import threading
+import time
 
 import pyarrow.fs as pafs
 
@@ -59,17 +60,20 @@ def test_each_worker_fetches_and_checks_only_what_it_loads(tmp_path):
 
 def test_the_others_wait_for_worker_0s_word_on_a_checkpoint_to_reshard(tmp_path):
     path, fs = checkpoint(tmp_path), pafs.LocalFileSystem()
-    (path / "deepspeed/mp_rank_00_model_states.pt").write_text("weights, altered")
+    # (a file only worker 0 reads: what worker 1 says of it can only be worker 0's word)
+    (path / "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("moments, altered")
     # Worker 1 of the new world waits (polling, not in a collective) until worker 0 has looked:
     # the checkpoint is damaged, which both then say.
     answer = {}
     waiting = threading.Thread(target=lambda: answer.update(
         w1=fetch_universal(fs, str(path), str(tmp_path / "w1"), rank=1, poll_s=0.05)))
     waiting.start()
-    assert waiting.is_alive()
+    time.sleep(0.3)  # (several of its polls)
+    assert waiting.is_alive() and not answer
     answer["w0"] = fetch_universal(fs, str(path), str(tmp_path / "w0"), rank=0)
     waiting.join(timeout=30)
-    problem = "deepspeed/mp_rank_00_model_states.pt has 16 bytes, its manifest says 7"
+    problem = ("deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt has 16 bytes, its "
+               "manifest says 19")
     assert answer == {"w0": problem, "w1": problem}
     assert json.loads((path / UNIVERSAL_DONE).read_text()) == {"problem": problem}
     # Without worker 0's word, a worker gives up after its deadline, in one line.
