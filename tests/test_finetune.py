@@ -12,16 +12,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForMultipleChoice
 
 from muppet_ray import cli, data
+from muppet_ray.config import parse_config
 from muppet_ray.errors import ConfigError
 from muppet_ray.export import load_exported
 from muppet_ray.finetune import compare, evaluate
 from muppet_ray.heads import initial_heads
+from muppet_ray.model import build_backbone
 from muppet_ray.model_source import resolve_source
 from muppet_ray.prefinetune import prefinetune
 from muppet_ray.storage import RunDir
 from muppet_ray.task_types import Limits
 from muppet_ray.tasks import resolve_tasks
-from muppet_ray.tokenizer import texts_of, train_tokenizer
+from muppet_ray.tokenizer import load_tokenizer, texts_of, train_tokenizer
 from tests.conftest import make_config
 
 SOURCE_TASKS = "tasks.include=[sentiment, topic, needs, what_has]"
@@ -31,8 +33,9 @@ SOURCE_TASKS = "tasks.include=[sentiment, topic, needs, what_has]"
 def source_run(ray_cluster, tmp_path_factory):
     """A small pre-finetuned encoder (RoBERTa layout, so its heads map onto transformers')."""
     storage = tmp_path_factory.mktemp("source")
+    # (its seed not the fine-tuning runs' 0: the baseline's initial weights must use its own)
     return prefinetune(make_config(storage, "model.arch=roberta", SOURCE_TASKS,
-                                   "training.max_steps=16"))
+                                   "training.max_steps=16", "training.seed=3"))
 
 
 def finetune_base(storage, *overrides):
@@ -119,11 +122,18 @@ def test_finetune_compares_with_the_baseline(source_run, tmp_path):
     assert again == results
     assert {r: (Path(r) / "metrics.jsonl").stat().st_mtime for r in logs} == logs
 
-    # The baseline is the backbone the source started from: its seeded initial weights.
-    init = load_exported(source_run.export_dir)[0].backbone.state_dict()
+    # The baseline is the backbone the source started from: its seeded initial weights (built
+    # from the source's own config and seed, as its workers built them), not the trained ones.
+    trained = load_exported(source_run.export_dir)[0].backbone.state_dict()
     baseline = AutoModelForMultipleChoice.from_pretrained(root / "baseline-init").base_model
-    assert not all(torch.equal(v, baseline.state_dict()[k]) for k, v in init.items()
-                   if k in baseline.state_dict())
+    config = parse_config(resolve_source(source_run.export_dir, str(tmp_path)).manifest["config"])
+    assert config.training.seed == 3
+    torch.manual_seed(config.training.seed)
+    started = build_backbone(config.model, load_tokenizer(source_run.export_dir)).state_dict()
+    got = baseline.state_dict()
+    assert started.keys() <= got.keys()
+    assert all(torch.equal(got[k], v) for k, v in started.items())
+    assert not all(torch.equal(got[k], v) for k, v in trained.items() if k in got)
 
     # The pre-finetuned run started from the source's trained head: its step-0 score is what
     # `evaluate` gives for the source itself.
