@@ -16,7 +16,15 @@ from tests.conftest import ROOT
 
 FILL = """
 import sys
+import pyarrow.fs as pafs
 from muppet_ray.storage import local_copy
+
+download = pafs.copy_files
+def counted(*args, **kwargs):  # (each download noted in the file argv[2])
+    with open(sys.argv[2], "a") as f:
+        f.write("download\\n")
+    return download(*args, **kwargs)
+pafs.copy_files = counted
 print(local_copy(sys.argv[1]))
 """
 
@@ -28,11 +36,13 @@ def test_a_stored_model_comes_into_a_nodes_cache_whole_once_for_all_and_again_if
     model.write_bytes("weights/model.safetensors", os.urandom(3 << 20))
     cache = tmp_path / "cache"
     env = {**os.environ, "MUPPET_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
-    fillers = [subprocess.Popen([sys.executable, "-c", FILL, model.root], env=env,
-                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    downloads = tmp_path / "downloads"
+    fillers = [subprocess.Popen([sys.executable, "-c", FILL, model.root, str(downloads)],
+                                env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     paths = {filler.communicate(timeout=120)[0].strip() for filler in fillers}
     assert all(filler.returncode == 0 for filler in fillers)
     assert len(paths) == 1  # one copy, which all four processes load
+    assert downloads.read_text().splitlines() == ["download"]  # (made by one of them)
     copy = paths.pop()
     with model.open_input("weights/model.safetensors") as f:
         assert (Path(copy) / "weights" / "model.safetensors").read_bytes() == f.read()
