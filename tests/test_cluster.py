@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from muppet_ray import data
 from muppet_ray.export import load_exported
 from muppet_ray.metrics import LOG
 from muppet_ray.prefinetune import prefinetune
@@ -163,10 +164,12 @@ def check_zero2_run(result, config, storage, capfd) -> None:
     assert_loss_falls(result.run_dir)
     assert set(result.before) == set(result.after) == {t.name for t in result.tasks}
 
-    # The two workers held different tasks at the same micro-step (heterogeneous batches).
-    _, schedule = schedule_of(result, config)
-    pairs = schedule.task[:, 0].reshape(-1, 2)
-    assert (pairs[:, 0] != pairs[:, 1]).mean() > 0.5
+    # The two workers held different tasks at the same micro-step (heterogeneous batches), as
+    # the run dealt its micro-batches out (by size: Schedule.worker_positions).
+    train, schedule = schedule_of(result, config)
+    cost = data.position_costs(schedule, train)
+    held = [schedule.task[schedule.worker_positions(rank, 2, cost=cost), 0] for rank in (0, 1)]
+    assert (held[0] != held[1]).mean() > 0.5
 
     # The export loads with plain transformers and matches the final checkpoint.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
