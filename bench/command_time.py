@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import subprocess
@@ -26,26 +25,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import yaml
 from throughput import ROOT, muppet, phases, run_command, task_config
 
 sys.path.insert(0, str(ROOT))
+from muppet_ray.metrics import read_log  # noqa: E402
+from muppet_ray.storage import RunDir  # noqa: E402
 from tests.services import BUCKET, s3_server  # noqa: E402
 
 
 def commit(code: Path) -> str:
     return subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip() or str(code)
-
-
-def bucket_records(s3_env: dict, key: str) -> list[dict]:
-    """A run's metrics.jsonl records, read from the test bucket."""
-    s3 = pafs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"],
-                           access_key=s3_env["AWS_ACCESS_KEY_ID"],
-                           secret_key=s3_env["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
-    with s3.open_input_stream(f"{BUCKET}/{key}") as f:
-        return [json.loads(line) for line in f.read().decode().splitlines()]
 
 
 def main() -> None:
@@ -73,8 +64,11 @@ def main() -> None:
                                               f"run.storage_path=s3://{BUCKET}/r{repeat}-c{i}",
                                               "run.name=w2", *args.set] for a in ("--set", x)]],
                                          env, log, cwd=code)
-                    result["phases"] = phases(result, bucket_records(
-                        s3_env, f"r{repeat}-c{i}/w2/metrics.jsonl"))
+                    # (read back here as the command wrote it: this process points at the
+                    # server too)
+                    os.environ.update(s3_env)
+                    result["phases"] = phases(result, read_log(
+                        RunDir(f"s3://{BUCKET}/r{repeat}-c{i}/w2")))
                 else:
                     result = muppet(code, config_path, out / f"r{repeat}-c{i}", "w2", args.set,
                                     log)
