@@ -6,7 +6,8 @@ that other code made: the cache is keyed by settings, model, data and device, no
 
 For the model (default: the config's plain `model.pretrained`, a sweep's point 0), every eval
 task x seed group the protocol would score is looked up in `ROOT/.protocol-cache` under the key
-this code computes; then the first `--groups` seeds of each eval task are fine-tuned again here,
+this code computes (as `score_model` looks: one found under its old key is kept under the new
+one too); then the first `--groups` seeds of each eval task are fine-tuned again here,
 every fraction and learning rate, with as many threads as a protocol task
 (`scaling.cpus_per_worker`), and their scores, steps and training examples compared with the
 stored ones. Needs the groups' chunks in `ROOT/.chunk-cache` (it tokenizes what is missing, with
@@ -63,10 +64,10 @@ def main() -> None:
     for i, (name, seed, configs) in enumerate(groups):
         task = resolve_tasks(configs[fractions[0]])[0]
         caches = {f: prepared[i * len(fractions) + j][name] for j, f in enumerate(fractions)}
-        key = protocol._group_key(configs, source, task, caches)
-        legacy = protocol._group_key(configs, source, task, caches, by_location=True)
-        text = next((store.read_text(f"{k}.json") for k in (key, legacy)
-                     if store.exists(f"{k}.json")), None)
+        # (as score_model looks a group up: under its key, or its key of before 2026-12-05)
+        text = protocol.stored_scores(
+            store, protocol._group_key(configs, source, task, caches),
+            protocol._group_key(configs, source, task, caches, by_location=True))
         found += text is not None
         if text is not None and seeds.index(seed) < args.groups:
             stored[name, seed] = (task, configs, caches, json.loads(text))
