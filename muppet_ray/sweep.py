@@ -48,7 +48,7 @@ from muppet_ray.runtime import (
     verbose,
 )
 from muppet_ray.storage import RunDir, run_root
-from muppet_ray.sweep_report import commit, write_results
+from muppet_ray.sweep_report import commit, scores_of, write_results
 from muppet_ray.task_types import TASK_TYPES
 from muppet_ray.tasks import resolve_tasks
 
@@ -272,9 +272,40 @@ def _slug(label: str) -> str:
 
 def _point_trial(params: dict) -> None:
     """One Tune trial: pre-finetune at this point of the axis, then score the model on the eval
-    tasks by the fine-tuning protocol (protocol.py)."""
+    tasks by the fine-tuning protocol (protocol.py). A point that finished before with the same
+    params keeps its results, even where Tune's own state was lost (a new machine given only
+    the sweep's small result files: docs/running.md)."""
+    root, point = RunDir(params["root"]), params["point"]
+    slug = _slug(point["label"])
+    rows = kept_rows(root, slug, params)
+    if rows is None:
+        rows = _run_point(params, root, slug)
+        root.write_text(f"{slug}-results.json", json.dumps(rows, indent=2))
+        # (written after the results: a point with its params file is complete)
+        root.write_text(f"{slug}-params.json", json.dumps(params, indent=2, sort_keys=True))
+        print(f"[muppet-ray] sweep point {point['label']}: {len(rows)} fine-tuning runs done",
+              flush=True)
+    else:
+        print(f"[muppet-ray] sweep point {point['label']}: kept its {len(rows)} stored "
+              "fine-tuning runs (the same point finished before)", flush=True)
+    values = [s.test for s in protocol.chosen(scores_of(rows)) if math.isfinite(s.test)]
+    tune.report({"point": point["label"], "runs": len(rows),
+                 "mean_test": statistics.mean(values) if values else math.nan})
+
+
+def kept_rows(root: RunDir, slug: str, params: dict) -> list[dict] | None:
+    """The stored rows of a point that finished with exactly these trial params (its base
+    config, eval tasks, fractions, seeds and point), else None."""
+    if not root.exists(f"{slug}-params.json") or not root.exists(f"{slug}-results.json"):
+        return None
+    if json.loads(root.read_text(f"{slug}-params.json")) != json.loads(json.dumps(params)):
+        return None
+    return json.loads(root.read_text(f"{slug}-results.json"))
+
+
+def _run_point(params: dict, root: RunDir, slug: str) -> list[dict]:
+    """Pre-finetune the point's model (none for 0 tasks) and score it: the point's rows."""
     base, point = parse_config(params["base"]), params["point"]
-    root, slug = RunDir(params["root"]), _slug(point["label"])
     # The storage root is where the sweep's directory is (storage.run_root), made absolute by
     # the driver: Tune runs each trial in a working directory of its own, new in each Ray
     # session, where a relative run.storage_path would put the protocol's scores and the chunk
@@ -294,14 +325,8 @@ def _point_trial(params: dict) -> None:
     # (points of sweeps started before 2026-12 have no order, seed, replicate or ablation)
     extra = {k: point[k] for k in ("order", "prefinetune_seed", "replicate", "ablation")
              if k in point}
-    rows = [{"point": point["label"], "axis_value": point["axis_value"],
+    return [{"point": point["label"], "axis_value": point["axis_value"],
              "tasks": len(point["tasks"]), **extra, **asdict(s)} for s in scores]
-    root.write_text(f"{slug}-results.json", json.dumps(rows, indent=2))
-    print(f"[muppet-ray] sweep point {point['label']}: {len(rows)} fine-tuning runs done",
-          flush=True)
-    values = [s.test for s in protocol.chosen(scores) if math.isfinite(s.test)]
-    tune.report({"point": point["label"], "runs": len(rows),
-                 "mean_test": statistics.mean(values) if values else math.nan})
 
 
 def _run_tune(trainable, params: dict, root: RunDir, base: Config,

@@ -53,7 +53,8 @@ def write_results(root: RunDir, rows: list[dict], axis: str, report: str | None 
         _write_report(root, rows, axis, order, report, command, plots, commits)
 
 
-def _scores(rows: list[dict]) -> list[protocol.Score]:
+def scores_of(rows: list[dict]) -> list[protocol.Score]:
+    """The protocol's scores in a sweep's rows (a failed or unfinished point's row has none)."""
     fields = protocol.Score.__dataclass_fields__
     return [protocol.Score(**{**{k: r[k] for k in fields if k in r}, "model": r["point"]})
             for r in rows if "error" not in r]
@@ -62,7 +63,7 @@ def _scores(rows: list[dict]) -> list[protocol.Score]:
 def _test_means(rows: list[dict]) -> dict[tuple, float]:
     """(task, point, fraction) -> mean test score over seeds, at the chosen learning rate."""
     groups: dict[tuple, list[float]] = {}
-    for s in protocol.chosen(_scores(rows)):
+    for s in protocol.chosen(scores_of(rows)):
         groups.setdefault((s.task, s.model, s.fraction), []).append(s.test)
     return {k: statistics.mean(v) for k, v in groups.items()}
 
@@ -82,7 +83,7 @@ def summary(rows: list[dict], axis: str, plots: list[str], order: list[str] = ()
         lines.append(f"| {task} | {fraction:g} | " + " | ".join(cells) + " |")
     baseline = next((r["point"] for r in rows if "error" not in r
                      and (axis != "tasks" or r["tasks"] == 0)), None)
-    found = protocol.differences(_scores(rows), baseline) if baseline else []
+    found = protocol.differences(scores_of(rows), baseline) if baseline else []
     if found:
         tasks = list(dict.fromkeys(d.task for d in found if d.task != "mean"))
         lines += ["", f"Paired difference to {baseline!r} in points (same subsets and seeds): "
@@ -146,7 +147,7 @@ def _main(rows: list[dict]) -> list[dict]:
 def _seed_means(rows: list[dict]) -> dict[tuple[str, float], dict[int, float]]:
     """(point, fraction) -> {fine-tuning seed: test score x100 at the learning rate chosen on
     validation, mean over the eval tasks}; only seeds scored on every eval task."""
-    chosen = protocol.chosen(_scores(rows))
+    chosen = protocol.chosen(scores_of(rows))
     tasks = {s.task for s in chosen}
     cells: dict[tuple[str, float], dict[int, dict[str, float]]] = {}
     for s in chosen:

@@ -4,6 +4,7 @@ multi-node cluster: test_multinode.py.)"""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import pytest
 
 from muppet_ray import cli
 from muppet_ray.errors import ConfigError
-from muppet_ray.sweep import nested_task_sets, parse_search
+from muppet_ray.storage import RunDir
+from muppet_ray.sweep import kept_rows, nested_task_sets, parse_search
 from muppet_ray.sweep_report import moved_most
 
 POOL = ["sentiment", "topic", "entailment", "rating", "needs", "next_number", "what_has"]
@@ -144,4 +146,32 @@ def test_a_sweep_whose_points_fail_says_which_and_exits_non_zero(tmp_path):
     # the user asked (not in the trial's own directory, which a restored sweep would not find
     # again).
     assert [r["point"] for r in rows if "error" not in r] == ["0 tasks"]
-    assert len(list((tmp_path / "store" / ".protocol-cache").glob("*.json"))) == 1
+    cache = tmp_path / "store" / ".protocol-cache"
+    assert len(list(cache.glob("*.json"))) == 1
+    # Tune's state lost (a new machine given only the sweep's result files, and no score
+    # cache either): the same command keeps the finished point from its stored results, without
+    # scoring it again, and runs the failed one again.
+    shutil.rmtree(tmp_path / "store" / "sweep" / "tune")
+    shutil.rmtree(cache)
+    again = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert again.stderr.strip().splitlines()[-1] == line
+    assert not cache.exists() or not list(cache.glob("*.json"))
+    kept = json.loads((tmp_path / "store" / "sweep" / "results.json").read_text())
+    assert [r for r in kept if "error" not in r] == [r for r in rows if "error" not in r]
+
+
+def test_a_point_is_kept_only_with_the_params_it_finished_with(tmp_path):
+    root = RunDir(str(tmp_path))
+    params = {"base": "model: {}\n", "root": str(tmp_path), "eval_tasks": ["review"],
+              "fractions": [0.1, 1.0], "seeds": [0, 1], "baseline": None,
+              "point": {"label": "2 tasks", "tasks": ["a", "b"], "settings": {}}}
+    rows = [{"point": "2 tasks", "test": 0.5}]
+    root.write_text("2-tasks-results.json", json.dumps(rows))
+    assert kept_rows(root, "2-tasks", params) is None  # (results without params: unfinished)
+    root.write_text("2-tasks-params.json", json.dumps(params))
+    assert kept_rows(root, "2-tasks", params) == rows
+    for key, value in [("seeds", [0, 1, 2]), ("fractions", [0.1]), ("base", "model: {x: 1}\n"),
+                       ("point", {**params["point"], "tasks": ["b", "a"]})]:
+        assert kept_rows(root, "2-tasks", {**params, key: value}) is None, key
