@@ -274,7 +274,7 @@ def _point_trial(params: dict) -> None:
     """One Tune trial: pre-finetune at this point of the axis, then score the model on the eval
     tasks by the fine-tuning protocol (protocol.py). A point that finished before with the same
     params keeps its results, even where Tune's own state was lost (a new machine given only
-    the sweep's small result files: docs/running.md)."""
+    the sweep's small result files: docs/finetune-and-sweeps.md)."""
     root, point = RunDir(params["root"]), params["point"]
     slug = _slug(point["label"])
     rows = kept_rows(root, slug, params)
