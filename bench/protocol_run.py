@@ -94,6 +94,9 @@ def main() -> None:
     if args.inner:
         return one_run(args)
     codes = [Path(c).resolve() for c in args.code] or [ROOT]
+    missing = [str(c) for c in codes if not (c / "muppet_ray").is_dir()]
+    if missing:
+        sys.exit(f"--code {', '.join(missing)}: expected a checkout of muppet-ray")
     # (the config's data and model: ../shared beside this checkout, unless given)
     os.environ.setdefault("MUPPET_SHARED", str((ROOT.parent / "shared").resolve()))
     runs: dict[int, list[dict]] = {i: [] for i in range(len(codes))}
