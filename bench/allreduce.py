@@ -21,6 +21,7 @@ import socket
 import statistics
 import time
 
+import bench_cli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,10 +35,13 @@ def main() -> None:
     parser.add_argument("--sizes-mb", default="1,4,16,64,128")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    bench_cli.positive(repeats=args.repeats)
+    megabytes = bench_cli.numbers("--sizes-mb", args.sizes_mb)
+    bench_cli.positive(sizes_mb=min(megabytes))
+    sizes = [int(x * 2**20) for x in megabytes]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sizes = [int(float(x) * 2**20) for x in args.sizes_mb.split(",")]
     results = mp.get_context("spawn").Manager().dict()
     mp.spawn(worker, args=(port, sizes, args.repeats, results), nprocs=WORLD, join=True)
     report(sizes, dict(results))

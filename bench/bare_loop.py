@@ -18,6 +18,7 @@ import math
 import resource
 import time
 
+import bench_cli
 import torch
 import torch.nn.functional as F
 import yaml
@@ -25,6 +26,7 @@ import yaml
 from muppet_ray import batch as mb
 from muppet_ray.config import micro_batches_per_step, validate
 from muppet_ray.data import DATA_RECORD, CacheIndex, ChunkReader, read_run_caches
+from muppet_ray.errors import MuppetError
 from muppet_ray.mixture import build_schedule
 from muppet_ray.model import build_backbone
 from muppet_ray.storage import RunDir
@@ -34,7 +36,13 @@ WARMUP_STEPS = 3
 
 
 def load_micro_batches(run: RunDir, from_step: int, steps: int):
+    if not (run.exists("config.yaml") and run.exists("tasks.json")):
+        raise MuppetError(f"{run.root}: expected a muppet-ray run's directory (its config.yaml "
+                          "and tasks.json)")
     config = validate(yaml.safe_load(run.read_text("config.yaml")))
+    if from_step < 0 or from_step + steps > config.training.max_steps:
+        raise MuppetError(f"steps {from_step} to {from_step + steps}: the run {run.root} has "
+                          f"{config.training.max_steps} steps (training.max_steps)")
     specs = json.loads(run.read_text("tasks.json"))
     caches = [train_cache(run, s["name"]) for s in specs]
     per_step = micro_batches_per_step(config)
@@ -116,6 +124,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     args = parser.parse_args()
+    bench_cli.positive(steps=args.steps, threads=args.threads)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -164,4 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

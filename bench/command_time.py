@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import bench_cli
 import yaml
 from throughput import ROOT, muppet, phases, run_command, task_config
 
@@ -47,10 +48,12 @@ def main() -> None:
     parser.add_argument("--s3", action="store_true", help="runs stored in a local S3 server")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
+    codes = bench_cli.checkouts(args.code)
+    bench_cli.positive(repeats=args.repeats)
+    config = task_config(Path(args.shared).resolve(), 20, 16)  # (checked before writing)
     out = Path(tempfile.mkdtemp(prefix="muppet-command-time-"))
     config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(task_config(Path(args.shared).resolve(), 20, 16)))
-    codes = [Path(c).resolve() for c in args.code]
+    config_path.write_text(yaml.safe_dump(config))
     runs: dict[int, list[dict]] = {i: [] for i in range(len(codes))}
     with s3_server() if args.s3 else contextlib.nullcontext() as s3_env:
         for repeat in range(args.repeats):

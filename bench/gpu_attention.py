@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import bench_cli
 import torch
 from transformers import RobertaConfig, RobertaModel
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=240)
     args = parser.parse_args()
+    bench_cli.positive(batch=args.batch, length=args.length, steps=args.steps)
     began = time.monotonic()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; batch {args.batch} x "
           f"{args.length} tokens, RoBERTa-large backbone", flush=True)

@@ -15,6 +15,7 @@ import argparse
 import os
 import time
 
+import bench_cli
 import torch
 
 from muppet_ray import batch as mb
@@ -47,8 +48,9 @@ def evaluate(engine, batches, specs, device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     args = parser.parse_args()
+    bench_cli.positive(steps=args.steps)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):

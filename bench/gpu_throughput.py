@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_cli
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SIZES = {  # hidden, layers, heads, ffn
@@ -107,6 +109,12 @@ def main() -> None:
                         "ZeRO-3's buckets through deepspeed.config)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 6 steps")
     args = parser.parse_args()
+    bench_cli.positive(steps=args.steps, micro_batch=args.micro_batch, accum=args.accum)
+    for option, text, allowed in (("--workloads", args.workloads, ("long", "mix", "suite")),
+                                  ("--sizes", args.sizes, SIZES),
+                                  ("--zero", args.zero, ("auto", "0", "1", "2", "3")),
+                                  ("--attention", args.attention, ("packed", "padded"))):
+        bench_cli.listed(option, text, allowed)
     if args.dry_run:
         args.sizes, args.steps, args.zero, args.micro_batch, args.accum = "tiny", 6, "auto", 8, 2
     began = time.monotonic()

@@ -18,6 +18,7 @@ import logging
 import tempfile
 import time
 
+import bench_cli
 import numpy as np
 import ray
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=30)
     parser.add_argument("--micro-batches", type=int, default=3000)
     args = parser.parse_args()
+    bench_cli.positive(tasks=args.tasks, micro_batches=args.micro_batches)
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

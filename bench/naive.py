@@ -19,6 +19,7 @@ import random
 import time
 from pathlib import Path
 
+import bench_cli
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
@@ -109,15 +110,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    bench_cli.positive(steps=args.steps, micro_batch=args.micro_batch, accum=args.accum,
+                       max_length=args.max_length, eval_examples=args.eval_examples,
+                       threads=args.threads)
+    shared = Path(args.shared)
+    model_path = str(shared / "models/all-MiniLM-L6-v2")
+    tasks = load_tasks(shared)
+    if not tasks or not Path(model_path).is_dir():
+        bench_cli.fail(f"--shared {shared}: expected data/bigbench/*/task.json and "
+                       "models/all-MiniLM-L6-v2 below it")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    shared = Path(args.shared)
-    model_path = str(shared / "models/all-MiniLM-L6-v2")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tasks = load_tasks(shared)
-    if not tasks:
-        raise SystemExit(f"naive: --shared {shared}: no data/bigbench/*/task.json below it")
     model = Model(model_path, tasks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
     before = evaluate(model, tokenizer, tasks, args.eval_examples, args.max_length)

@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 
+import bench_cli
 import torch
 from transformers import BertConfig, BertModel
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    bench_cli.positive(threads=args.threads, repeats=args.repeats)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -93,10 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.inner:
         return one_run(args)
-    codes = [Path(c).resolve() for c in args.code] or [ROOT]
-    missing = [str(c) for c in codes if not (c / "muppet_ray").is_dir()]
-    if missing:
-        sys.exit(f"--code {', '.join(missing)}: expected a checkout of muppet-ray")
+    codes = bench_cli.checkouts(args.code) or [ROOT]
+    bench_cli.positive(fraction=args.fraction, lr=args.lr, repeats=args.repeats)
     # (the config's data and model: ../shared beside this checkout, unless given)
     os.environ.setdefault("MUPPET_SHARED", str((ROOT.parent / "shared").resolve()))
     runs: dict[int, list[dict]] = {i: [] for i in range(len(codes))}
@@ -110,6 +110,9 @@ def main() -> None:
                 command.append("--profile")
             done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(code)},
                                   cwd=code, capture_output=True, text=True)
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            if done.returncode == 2 and last.startswith("bench: "):  # (bad input: its line)
+                bench_cli.fail(f"{commit(code)}: {last.removeprefix('bench: ')}")
             if done.returncode:
                 sys.exit(f"{commit(code)}: the run failed:\n{done.stderr[-3000:]}")
             if "--profile" in command:
@@ -130,4 +133,4 @@ def main() -> None:
               f"{test} |")
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

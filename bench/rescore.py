@@ -21,6 +21,7 @@ import json
 import sys
 import time
 
+import bench_cli
 import torch
 import transformers
 
@@ -44,14 +45,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--groups", type=int, default=1, help="seeds per eval task to rerun")
     args = parser.parse_args()
+    fractions = bench_cli.numbers("--fractions", args.fractions)
+    seeds = bench_cli.numbers("--seeds", args.seeds, int)
+    bench_cli.positive(groups=args.groups)
     transformers.logging.set_verbosity_error()  # (a load report for each of the runs)
     transformers.logging.disable_progress_bar()
     base = protocol.eval_config(load_config(args.config).replace(
         {"run.storage_path": args.storage}))
     source = Source("plain backbone", args.model or base.model.pretrained)
     tokenizer = load_tokenizer(source.model)
-    fractions = [float(f) for f in args.fractions.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
     store = RunDir(f"{args.storage.rstrip('/')}/{protocol.SCORES_DIR}")
     groups = [(name, seed, {f: finetune_config(base, source, name, f, seed, "/tmp", "-")
                             for f in fractions})
@@ -96,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

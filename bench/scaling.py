@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 
+import bench_cli
+
 GPUS_PER_NODE = 8
 
 
@@ -56,6 +58,9 @@ def main() -> None:
     parser.add_argument("--nvlink-gb-s", type=float, default=360.0)
     parser.add_argument("--alpha-us", type=float, default=5.0)
     args = parser.parse_args()
+    bench_cli.positive(parameters=args.parameters, tokens_per_s=args.tokens_per_s,
+                       tokens_per_step=args.tokens_per_step, passes=args.passes,
+                       nvlink_gb_s=args.nvlink_gb_s)
     compute = args.tokens_per_step / args.tokens_per_s
     print(f"{args.parameters / 1e6:.0f}M parameters, {args.tokens_per_s:,.0f} tokens/s a GPU, "
           f"{args.tokens_per_step:,.0f} tokens a GPU a step: {compute * 1e3:.0f} ms of compute "

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_cli
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,9 @@ def main() -> None:
     parser.add_argument("--code", default=str(ROOT), help="checkout whose muppet-ray is run")
     args = parser.parse_args()
     if args.steps < 1000:
-        sys.exit("bench: --steps: at least 1000 (memory is compared from step 500 on)")
+        bench_cli.fail("--steps: at least 1000 (memory is compared from step 500 on)")
+    bench_cli.positive(checkpoint_every=args.checkpoint_every)
+    (code,) = bench_cli.checkouts([args.code])
     out = Path(args.out or tempfile.mkdtemp(prefix="muppet-soak-"))
     out.mkdir(parents=True, exist_ok=True)
     run = out / "soak"
@@ -44,7 +47,6 @@ def main() -> None:
             "--set", f"training.max_steps={args.steps}",
             "--set", f"training.checkpoint_every={args.checkpoint_every}",
             "--set", f"run.storage_path={out}", "--set", "run.name=soak"]
-    code = Path(args.code).resolve()
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
     driver: list[tuple[int, float]] = []  # (latest logged step, driver resident MB)
     started = time.perf_counter()

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_cli
 import pyarrow.fs as pafs
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
+    bench_cli.positive(repeats=args.repeats, steps=args.steps)
     figures: dict[str, dict[str, list[float]]] = {"local": {}, "s3": {}}
     with s3_server() as s3, tempfile.TemporaryDirectory(prefix="bench-storage-") as scratch:
         env = {**os.environ, **s3, "PYTHONUNBUFFERED": "1"}

@@ -42,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_cli
 import psutil
 import yaml
 
@@ -58,8 +59,8 @@ def task_config(shared: Path, steps: int, eval_examples: int) -> dict:
         tasks.append({"name": "_".join(relative.parts), "format": "bigbench",
                       "train": str(path)})
     if not tasks or not (shared / "models/all-MiniLM-L6-v2").is_dir():
-        sys.exit(f"bench: --shared {shared}: expected data/bigbench/*/task.json and "
-                 "models/all-MiniLM-L6-v2 below it")
+        bench_cli.fail(f"--shared {shared}: expected data/bigbench/*/task.json and "
+                       "models/all-MiniLM-L6-v2 below it")
     return {
         "model": {"pretrained": str(shared / "models/all-MiniLM-L6-v2"), "max_length": 128},
         "tasks": {"include": [t["name"] for t in tasks], "custom": tasks},
@@ -181,7 +182,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.steps, args.eval_examples = 1, 20, 16
-    shared, code = Path(args.shared).resolve(), Path(args.code).resolve()
+    bench_cli.positive(repeats=args.repeats, steps=args.steps, eval_examples=args.eval_examples)
+    shared, (code,) = Path(args.shared).resolve(), bench_cli.checkouts([args.code])
     config = task_config(shared, args.steps, args.eval_examples)  # (checked before writing)
     out = Path(args.out or tempfile.mkdtemp(prefix="muppet-bench-")).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import bench_cli
 import ray
 
 from muppet_ray import batch as mb
@@ -26,7 +27,7 @@ from muppet_ray.tokenizer import load_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", choices=["train", "validation", "test"])
     args = parser.parse_args()
     config = load_config(args.config)
     tasks = resolve_tasks(config)
@@ -55,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402
 from bare_loop import load_micro_batches  # noqa: E402
 
 from muppet_ray.config import expand_variables, validate  # noqa: E402
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--trim-every", type=int, default=0)
     parser.add_argument("--mmap-threshold", type=int, default=0)
     args = parser.parse_args()
+    bench_cli.positive(steps=args.steps, every=args.every)
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     if args.onednn_cache is not None:
@@ -99,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -26,6 +26,7 @@ import os
 import statistics
 import time
 
+import bench_cli
 import torch
 
 
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    bench_cli.positive(layers=args.layers, hidden=args.hidden, tokens=args.tokens,
+                       micro_batches=args.micro_batches, steps=args.steps, repeats=args.repeats)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"),
                         ("DS_ACCELERATOR", "cpu")):
