@@ -277,15 +277,23 @@ class OnlineMixture:
 
 def weights_plot(names: list[str], decided: list[list[float]], every: int, max_steps: int
                  ) -> bytes:
-    """The decided weights over the run's steps (PNG): a band per task, stacked."""
+    """The decided weights over the run's steps (PNG): a band per task, stacked, each in a
+    colour of its own (up to 60 tasks; matplotlib's default cycle repeats after 10) and named
+    in the legend, top to bottom as the bands are stacked."""
+    from matplotlib import colormaps
+
     from muppet_ray.plots import png, pyplot
 
     steps = [k * every for k in range(len(decided))] + [max_steps]
     shares = np.asarray(decided + decided[-1:]).T  # (the last interval drawn to its end)
-    figure, ax = pyplot().subplots(figsize=(8, 4.5))
-    ax.stackplot(steps, shares, labels=names, step="post")
+    palette = [c for m in ("tab20", "tab20b", "tab20c") for c in colormaps[m].colors]
+    columns = 1 + (len(names) - 1) // 30
+    figure, ax = pyplot().subplots(figsize=(8, max(4.5, 0.8 + 0.2 * len(names) / columns)))
+    ax.stackplot(steps, shares, labels=names, step="post",
+                 colors=[palette[i % len(palette)] for i in range(len(names))])
     ax.set(xlabel="step", ylabel="share of the examples drawn", xlim=(0, steps[-1]), ylim=(0, 1),
            title="Online mixture: task weights")
-    if len(names) <= 12:
-        ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], loc="center left", bbox_to_anchor=(1, 0.5),
+              fontsize=8 if len(names) <= 12 else 7, ncol=columns)
     return png(figure)

@@ -245,6 +245,25 @@ def test_an_online_schedule_grows_by_intervals_and_keeps_what_it_drew():
     assert plot[:4] == b"\x89PNG"
 
 
+def test_the_weights_plot_names_every_tasks_band_in_a_colour_of_its_own(monkeypatch):
+    # 28 tasks (issue 27's 27 and a denoising task): each band a colour no other has, and a
+    # legend entry naming it, top to bottom as the bands are stacked
+    from muppet_ray import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "png", lambda figure: drawn.append(figure) or b"")
+    names = [f"task_{i}" for i in range(28)]
+    decided = [list(np.full(28, 1 / 28)), list(np.linspace(1, 2, 28) / np.linspace(1, 2, 28).sum())]
+    weights_plot(names, decided, 20, 40)
+    ax = drawn[0].axes[0]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == names[::-1]
+    bands = ax.collections
+    assert len(bands) == 28 and len({tuple(b.get_facecolor()[0]) for b in bands}) == 28
+    assert [tuple(h.get_facecolor()) for h in legend.legend_handles] == [
+        tuple(b.get_facecolor()[0]) for b in bands[::-1]]
+
+
 def test_online_mixing_is_refused_with_sequential_batches():
     from muppet_ray.config import ConfigError, validate
 
