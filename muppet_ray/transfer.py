@@ -140,8 +140,8 @@ def heat_map(names: list[str], cosine: np.ndarray, after: int, step: int) -> byt
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"cosine similarity of task gradients on the encoder: each task's first "
+    ax.set_title(f"cosine similarity of task gradients on the encoder:\neach task's first "
                  f"micro-batch after step {after} (logged at step {step})",
-                 fontsize=9)
+                 fontsize=9)  # (two lines: one was cut off at the figure's edge below ~20 tasks)
     figure.colorbar(image, ax=ax, shrink=0.8)
     return png(figure)
