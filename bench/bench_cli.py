@@ -26,15 +26,13 @@ def run(main: Callable[[], None]) -> None:
         fail(str(e))
 
 
-def checkouts(paths: Iterable[str], option: str = "--code") -> list[Path]:
-    """The folders as checkouts of muppet-ray (whose package a run is to import)."""
-    paths = list(paths)
-    resolved = [Path(p).resolve() for p in paths]
-    for given, path in zip(paths, resolved, strict=True):
-        if not (path / "muppet_ray").is_dir():
-            fail(f"{option} {given}: expected a checkout of muppet-ray (a folder holding "
+def checkouts(paths: list[str]) -> list[Path]:
+    """`--code`'s folders as checkouts of muppet-ray (whose package a run is to import)."""
+    for given in paths:
+        if not (Path(given) / "muppet_ray").is_dir():
+            fail(f"--code {given}: expected a checkout of muppet-ray (a folder holding "
                  "muppet_ray/)")
-    return resolved
+    return [Path(given).resolve() for given in paths]
 
 
 def positive(**values: float) -> None:
@@ -44,14 +42,12 @@ def positive(**values: float) -> None:
             fail(f"--{name.replace('_', '-')} {value}: expected a number above 0")
 
 
-def listed(option: str, text: str, allowed: Iterable[str]) -> list[str]:
-    """A comma-separated option's items, each one of `allowed`."""
+def listed(option: str, text: str, allowed: Iterable[str]) -> None:
+    """Each of a comma-separated option's items one of `allowed`."""
     allowed = list(allowed)
-    items = [item.strip() for item in text.split(",")]
-    for item in items:
+    for item in text.split(","):
         if item not in allowed:
             fail(f"{option} {text}: {item!r} is not one of {', '.join(allowed)}")
-    return items
 
 
 def numbers(option: str, text: str, kind: type = float) -> list:
