@@ -262,6 +262,7 @@ def test_the_weights_plot_names_every_tasks_band_in_a_colour_of_its_own(monkeypa
     assert len(bands) == 28 and len({tuple(b.get_facecolor()[0]) for b in bands}) == 28
     assert [tuple(h.get_facecolor()) for h in legend.legend_handles] == [
         tuple(b.get_facecolor()[0]) for b in bands[::-1]]
+    plots.pyplot().close(drawn[0])  # (png, replaced here, would have closed it)
 
 
 def test_online_mixing_is_refused_with_sequential_batches():
