@@ -95,7 +95,8 @@ def summary(rows: list[dict], axis: str, plots: list[str], order: list[str] = ()
             cells = [_cell(cell.get((model, t, fraction))) for t in ["mean", *tasks]]
             lines.append(f"| {model} | {fraction:g} | " + " | ".join(cells) + " |")
     if axis == "tasks":
-        lines += comparison_lines(comparisons(rows))
+        lines += comparison_lines(comparisons(rows)) + replicate_lines(rows)
+    lines += chosen_rate_lines(rows)
     if axis == "tasks" and order and _test_means(_main(rows)):
         lines += ["", *moved_most(_main(rows), order)]
     failed = [r for r in rows if "error" in r]
@@ -111,6 +112,27 @@ def _cell(d: protocol.Difference | None) -> str:
         return "-"
     text = f"{d.mean:+.1f} ± {d.half_width:.1f}"
     return f"**{text}**" if d.significant else text
+
+
+def chosen_rate_lines(rows: list[dict]) -> list[str]:
+    """Per model, eval task and fraction, the fine-tuning learning rate chosen on validation,
+    and how often the grid's edges won (an edge's win says the best rate may lie outside)."""
+    scores = scores_of(rows)
+    grid = sorted({s.learning_rate for s in scores})
+    if len(grid) < 2:
+        return []
+    rate = {(s.model, s.task, s.fraction): s.learning_rate for s in protocol.chosen(scores)}
+    cells = sorted({(t, f) for _, t, f in rate})
+    listed = ", ".join(f"{r:g}" for r in grid)
+    lines = ["", f"The learning rate chosen on validation (grid {listed}), and the cells where "
+             "the grid's bottom or top won:", "",
+             "| model | " + " | ".join(f"{t} {f:g}" for t, f in cells) + " | bottom | top |",
+             "|---|" + "---|" * (len(cells) + 2)]
+    for model in dict.fromkeys(m for m, _, _ in rate):
+        chosen = [rate.get((model, t, f)) for t, f in cells]
+        lines.append(f"| {model} | " + " | ".join(f"{r:g}" if r else "-" for r in chosen)
+                     + f" | {chosen.count(grid[0])} | {chosen.count(grid[-1])} |")
+    return lines
 
 
 def moved_most(rows: list[dict], order: list[str]) -> list[str]:
@@ -267,6 +289,36 @@ def comparisons(rows: list[dict]) -> list[Comparison]:
     made = [Comparison(name, fraction, *paired_test(values), len(values))
             for name, fraction, values in found]
     return [replace(c, p_holm=p) for c, p in zip(made, holm([c.p for c in made]))]
+
+
+def replicates(rows: list[dict]) -> list[tuple[str, float, list[float]]]:
+    """Per replicate (another task order, another pre-finetuning seed) and fraction, its
+    per-seed paired difference to its count's own point (mean over the eval tasks, in points):
+    what an order or a seed alone moves, the yardstick for the ablations. Descriptive only."""
+    means = _seed_means(rows)
+    full = {r["tasks"]: r["point"] for r in _main(rows)}
+    found = []
+    for point, count in {r["point"]: r["tasks"] for r in rows if r.get("replicate")}.items():
+        for fraction in sorted({f for _, f in means}):
+            values = _paired(means.get((point, fraction), {}),
+                             means.get((full.get(count), fraction), {}))
+            found.append((f"{point} vs {full.get(count, '-')}", fraction, list(values.values())))
+    return found
+
+
+def replicate_lines(rows: list[dict]) -> list[str]:
+    found = replicates(rows)
+    if not found:
+        return []
+    lines = ["", "Between replicates (descriptive, not in the family): each replicate's paired "
+             "difference to its count's own point, mean over the eval tasks in points ± its 95% "
+             "interval over seeds.", "", "| replicate | fraction | difference | seeds |",
+             "|---|---|---|---|"]
+    for name, fraction, values in found:
+        mean, half, _ = paired_test(values)
+        text = "no results" if math.isnan(mean) else f"{mean:+.1f} ± {half:.1f}"
+        lines.append(f"| {name} | {fraction:g} | {text} | {len(values)} |")
+    return lines
 
 
 def comparison_lines(found: list[Comparison]) -> list[str]:

@@ -21,7 +21,14 @@ from muppet_ray.sweep import (
     report_from,
     task_points,
 )
-from muppet_ray.sweep_report import comparisons, curve, holm, paired_test
+from muppet_ray.sweep_report import (
+    chosen_rate_lines,
+    comparisons,
+    curve,
+    holm,
+    paired_test,
+    replicates,
+)
 
 POOL = [f"t{i}" for i in range(10)]
 ABLATIONS = [("batching.strategy", "homogeneous"), ("training.loss_scaling", False)]
@@ -173,6 +180,27 @@ def statistics_mean(by_seed: dict) -> float:
     return sum(by_seed.values()) / len(by_seed)
 
 
+def test_the_replicates_spread_and_the_chosen_learning_rates_are_reported():
+    rows = [r for point in GAINS for r in rows_of(point)]
+    # what an order or a seed alone moves: each replicate against its count's own point
+    found = {(name, fraction): values for name, fraction, values in replicates(rows)}
+    assert sorted(found) == [(f"{n} vs {c}", f) for n, c in [
+        ("27 tasks, seed 1", "27 tasks"), ("4 tasks, order 1", "4 tasks")] for f in (0.1, 1.0)]
+    assert found["4 tasks, order 1 vs 4 tasks", 0.1] == pytest.approx([-2.0] * 5)  # -4 - -2
+    assert found["27 tasks, seed 1 vs 27 tasks", 1.0] == pytest.approx([2.0] * 5)  # 6 - 4
+    # validation picks 3e-4 for one cell of one model: that cell, and its count as the top's
+    for r in rows:
+        if (r["point"], r["task"], r["fraction"], r["learning_rate"]) == (
+                "16 tasks", "b", 1.0, 3e-4):
+            r["validation"] = 0.9
+    lines = chosen_rate_lines(rows)
+    assert "(grid 0.0001, 0.0003)" in lines[1]
+    assert "| model | a 0.1 | a 1 | b 0.1 | b 1 | bottom | top |" in lines
+    assert "| 16 tasks | 0.0001 | 0.0001 | 0.0001 | 0.0003 | 3 | 1 |" in lines
+    assert "| 0 tasks | 0.0001 | 0.0001 | 0.0001 | 0.0001 | 4 | 0 |" in lines
+    assert chosen_rate_lines([r for r in rows if r["learning_rate"] == 1e-4]) == []  # no choice
+
+
 def test_the_report_is_rewritten_from_the_stored_results_alone(tmp_path):
     root = RunDir(str(tmp_path / "curve"))
     described = [{"point": p, "axis_value": c, "tasks": c, "replicate": r, "ablation": a}
@@ -191,6 +219,8 @@ def test_the_report_is_rewritten_from_the_stored_results_alone(tmp_path):
     assert "| 27 tasks vs 0 | 0.1 | **+5.0 ± " in text
     assert "| 16 tasks vs 0 | 0.1 | no results | 0 | nan | 1 |" in text
     assert "- 16 tasks: no results" in text
+    assert "| 4 tasks, order 1 vs 4 tasks | 0.1 | -2.0 ± 0.0 | 5 |" in text
+    assert "| 27 tasks | 0.0001 | 0.0001 | 0.0001 | 0.0001 | 4 | 0 |" in text
     for plot in ("curve-tasks_curve.png", "curve-tasks_difference.png"):
         assert f"![{plot}]({plot})" in text
         assert (tmp_path / "docs" / plot).stat().st_size > 1000
