@@ -296,9 +296,9 @@ def replicates(rows: list[dict]) -> list[tuple[str, float, list[float]]]:
     per-seed paired difference to its count's own point (mean over the eval tasks, in points):
     what an order or a seed alone moves, the yardstick for the ablations. Descriptive only."""
     means = _seed_means(rows)
-    full = {r["tasks"]: r["point"] for r in _main(rows)}
+    full = {r.get("tasks"): r["point"] for r in _main(rows)}
     found = []
-    for point, count in {r["point"]: r["tasks"] for r in rows if r.get("replicate")}.items():
+    for point, count in {r["point"]: r.get("tasks") for r in rows if r.get("replicate")}.items():
         for fraction in sorted({f for _, f in means}):
             values = _paired(means.get((point, fraction), {}),
                              means.get((full.get(count), fraction), {}))
