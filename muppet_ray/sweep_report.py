@@ -281,29 +281,32 @@ def comparisons(rows: list[dict]) -> list[Comparison]:
                       for s in sorted(seeds)]
             found.append((f"slope over {', '.join(map(str, past))} tasks (per 10 tasks)",
                           fraction, slopes))
-        ablations = {r["point"]: r["tasks"] for r in rows if r.get("ablation")}
-        for point, count in ablations.items():
-            full = next((r["point"] for r in _main(rows) if r.get("tasks") == count), "-")
-            values = _paired(means.get((point, fraction), {}), means.get((full, fraction), {}))
-            found.append((f"{point} vs {full}", fraction, list(values.values())))
+        found += _against_own_point(rows, means, "ablation", fraction)
     made = [Comparison(name, fraction, *paired_test(values), len(values))
             for name, fraction, values in found]
     return [replace(c, p_holm=p) for c, p in zip(made, holm([c.p for c in made]))]
 
 
-def replicates(rows: list[dict]) -> list[tuple[str, float, list[float]]]:
-    """Per replicate (another task order, another pre-finetuning seed) and fraction, its
-    per-seed paired difference to its count's own point (mean over the eval tasks, in points):
-    what an order or a seed alone moves, the yardstick for the ablations. Descriptive only."""
-    means = _seed_means(rows)
-    full = {r.get("tasks"): r["point"] for r in _main(rows)}
+def _against_own_point(rows: list[dict], means: dict, kind: str,
+                       fraction: float) -> list[tuple[str, float, list[float]]]:
+    """Each point that is a `kind` ("ablation" or "replicate") of its count, against that
+    count's own point: its per-seed paired differences at `fraction` (see _seed_means)."""
+    own = {r.get("tasks"): r["point"] for r in _main(rows)}
     found = []
-    for point, count in {r["point"]: r.get("tasks") for r in rows if r.get("replicate")}.items():
-        for fraction in sorted({f for _, f in means}):
-            values = _paired(means.get((point, fraction), {}),
-                             means.get((full.get(count), fraction), {}))
-            found.append((f"{point} vs {full.get(count, '-')}", fraction, list(values.values())))
+    for point, count in {r["point"]: r.get("tasks") for r in rows if r.get(kind)}.items():
+        full = own.get(count, "-")
+        values = _paired(means.get((point, fraction), {}), means.get((full, fraction), {}))
+        found.append((f"{point} vs {full}", fraction, list(values.values())))
     return found
+
+
+def replicates(rows: list[dict]) -> list[tuple[str, float, list[float]]]:
+    """Per fraction, each replicate (another task order, another pre-finetuning seed) against
+    its count's own point, mean over the eval tasks in points: what an order or a seed alone
+    moves, the yardstick for the ablations. Descriptive only."""
+    means = _seed_means(rows)
+    return [found for fraction in sorted({f for _, f in means})
+            for found in _against_own_point(rows, means, "replicate", fraction)]
 
 
 def replicate_lines(rows: list[dict]) -> list[str]:
