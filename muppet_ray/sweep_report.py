@@ -136,16 +136,14 @@ def chosen_rate_lines(rows: list[dict]) -> list[str]:
 
 
 def moved_most(rows: list[dict], order: list[str]) -> list[str]:
-    """Per eval task, the step of the nested task sets that moved its test score most (at the
-    largest fraction), and the pool tasks that step added (by name where there are few enough
-    for the step to say which one did it)."""
+    """Per eval task and fraction, the step of the nested task sets that moved its test score
+    most, and the pool tasks that step added (by name where there are few enough for the step
+    to say which one did it)."""
     means = _test_means(rows)
     counts = {r["point"]: r["tasks"] for r in rows if "error" not in r}
-    fraction = max(f for _, _, f in means)
-    lines = ["Which pool tasks' inclusion moved each eval task most (consecutive points, "
-             f"fraction {fraction:g}):", "", "| eval task | tasks added | change (points) |",
-             "|---|---|---|"]
-    for task in sorted({t for t, _, _ in means}):
+    lines = ["Which pool tasks' inclusion moved each eval task most (consecutive points):", "",
+             "| eval task | fraction | tasks added | change (points) |", "|---|---|---|---|"]
+    for task, fraction in sorted({(t, f) for t, _, f in means}):
         curve = sorted((counts[p], v) for (t, p, f), v in means.items()
                        if t == task and f == fraction)
         steps = [(b[1] - a[1], a[0], b[0]) for a, b in zip(curve, curve[1:])]
@@ -154,7 +152,7 @@ def moved_most(rows: list[dict], order: list[str]) -> list[str]:
             added = (", ".join(order[low:high]) if high - low <= MOST_LISTED else
                      f"tasks {low + 1} to {high} of task_order.json, all at once (counts in "
                      "between would tell them apart)")
-            lines.append(f"| {task} | {added} | {100 * change:+.1f} |")
+            lines.append(f"| {task} | {fraction:g} | {added} | {100 * change:+.1f} |")
     return lines
 
 

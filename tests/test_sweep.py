@@ -48,21 +48,24 @@ def test_search_spaces():
 
 
 def test_moved_most_names_the_tasks_a_step_added_only_when_it_can():
-    def row(tasks, task, test):
+    def row(tasks, task, test, fraction=1.0):
         return {"point": f"{tasks} tasks", "model": f"{tasks} tasks", "tasks": tasks, "task": task,
-                "metric": "accuracy", "fraction": 1.0, "seed": 0, "learning_rate": 1e-4,
+                "metric": "accuracy", "fraction": fraction, "seed": 0, "learning_rate": 1e-4,
                 "validation": 0.5, "test": test, "train_examples": 10, "steps": 3, "head": "new"}
     rows = [row(0, "review", 0.50), row(2, "review", 0.60), row(7, "review", 0.58),
-            row(0, "needs", 0.50), row(2, "needs", 0.51), row(7, "needs", 0.40)]
+            row(0, "needs", 0.50), row(2, "needs", 0.51), row(7, "needs", 0.40),
+            row(0, "review", 0.50, 0.1), row(2, "review", 0.49, 0.1), row(7, "review", 0.30, 0.1)]
     lines = moved_most(rows, POOL)
-    assert "| review | sentiment, topic | +10.0 |" in lines  # 0 -> 2: the largest step
+    assert "| review | 1 | sentiment, topic | +10.0 |" in lines  # 0 -> 2: the largest step
     # 2 -> 7 adds 5 tasks: still named
-    assert "| needs | entailment, rating, needs, next_number, what_has | -11.0 |" in lines
+    assert "| needs | 1 | entailment, rating, needs, next_number, what_has | -11.0 |" in lines
+    # each fraction has its own largest step
+    assert "| review | 0.1 | entailment, rating, needs, next_number, what_has | -19.0 |" in lines
     # one step that adds the whole pool of 27 names no task: any of them could have done it
     pool = [f"t{i}" for i in range(27)]
     lines = moved_most([row(0, "review", 0.5), row(27, "review", 0.45)], pool)
-    assert lines[-1] == ("| review | tasks 1 to 27 of task_order.json, all at once (counts in "
-                         "between would tell them apart) | -5.0 |"), lines
+    assert lines[-1] == ("| review | 1 | tasks 1 to 27 of task_order.json, all at once (counts "
+                         "in between would tell them apart) | -5.0 |"), lines
 
 
 @pytest.mark.parametrize(("args", "expected"), [
