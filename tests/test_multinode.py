@@ -131,7 +131,7 @@ def test_a_task_count_sweep_in_the_bucket_survives_its_driver(s3, cluster, tmp_p
     assert root.read_text("results.csv").count("\n") == 3
     summary = root.read_text("summary.md")
     assert "Paired difference to '0 tasks'" in summary
-    assert f"| review | {', '.join(order[:4])} |" in summary  # what moved it most
+    assert f"| review | 1 | {', '.join(order[:4])} |" in summary  # moved it most, at 100%
     assert root.fs.get_file_info(f"{root.path}/plots/tasks_curve.png").size > 1000
     text = report.read_text()
     assert "muppet-ray sweep tasks --counts 0,4" in text and "at commit `" in text
