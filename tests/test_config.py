@@ -43,6 +43,10 @@ def test_yaml_and_overrides(tmp_path):
                                 "'uniform', 'explicit' or 'online'"),
         ("mixture.online_floor=2", "mixture.online_floor: Input should be less than or equal "
                                    "to 1"),
+        ("mixture.online_every=0", "mixture.online_every: Input should be greater than or "
+                                   "equal to 1"),
+        ("mixture.online_rate=-1", "mixture.online_rate: Input should be greater than or equal "
+                                   "to 0"),
         ("batching.strategy=mixed", "batching.tasks_per_micro_batch (3) must divide "
                                     "batching.micro_batch_size (16)"),
         ("model.num_heads=3", "model.hidden_size (128) must be a multiple of model.num_heads"),

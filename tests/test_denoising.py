@@ -1,6 +1,7 @@
 """The denoising task type (task_types/denoising.py): examples built as specified, for encoders
 (masked tokens) and encoder-decoders (cut-out spans), and both backbones learning from them."""
 
+import copy
 import math
 
 import numpy as np
@@ -161,15 +162,29 @@ def test_denoising_trains_on_both_backbone_kinds(tokenizer, arch, style):
 
 
 def test_bad_denoising_settings_and_rows_get_one_line_errors(tokenizer):
-    with pytest.raises(ConfigError, match=r"tasks.custom.0.noise_density: Input should be less "
-                                          r"than 1"):
-        validate({"tasks": {"custom": [{"name": "n", "type": "denoising", "train": "x.txt",
-                                        "format": "text", "noise_density": 1.5}]}})
-    with pytest.raises(DataError, match="task 'noise', .*row .*: missing field 'text'"):
+    errors = []
+    for setting, expected in (("noise_density", 1.5), "less than 1"), (("mean_span", 0.5),
+                                                                      "greater than or equal to 1"):
+        with pytest.raises(ConfigError, match=rf"tasks.custom.0.{setting[0]}: Input should be "
+                                              rf"{expected}") as info:
+            validate({"tasks": {"custom": [{"name": "n", "type": "denoising", "train": "x.txt",
+                                            "format": "text", setting[0]: setting[1]}]}})
+        errors.append(info.value)
+    with pytest.raises(DataError, match="task 'noise', .*row .*: missing field 'text'") as info:
         DENOISING.featurize(denoising("mlm"), [{"_id": 0, "body": "no text field"}], tokenizer,
                             LIMITS)
-    with pytest.raises(DataError, match="task 'noise', .*row .*: text has no tokens to denoise"):
+    errors.append(info.value)
+    with pytest.raises(DataError, match="task 'noise', .*row .*: text has no tokens to "
+                                        "denoise") as info:
         DENOISING.featurize(denoising("mlm"), [{"_id": 0, "text": ""}], tokenizer, LIMITS)
+    errors.append(info.value)
+    maskless = copy.deepcopy(tokenizer)
+    maskless.mask_token = None
+    with pytest.raises(DataError, match="task 'noise', .*: denoising needs a tokenizer with a "
+                                        "mask token; .* has none") as info:
+        DENOISING.featurize(denoising("mlm"), texts(2), maskless, LIMITS)
+    errors.append(info.value)
+    assert all("\n" not in str(e) for e in errors)
 
 
 def test_a_plain_text_file_is_a_row_per_line():
