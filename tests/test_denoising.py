@@ -163,12 +163,12 @@ def test_denoising_trains_on_both_backbone_kinds(tokenizer, arch, style):
 
 def test_bad_denoising_settings_and_rows_get_one_line_errors(tokenizer):
     errors = []
-    for setting, expected in (("noise_density", 1.5), "less than 1"), (("mean_span", 0.5),
-                                                                      "greater than or equal to 1"):
-        with pytest.raises(ConfigError, match=rf"tasks.custom.0.{setting[0]}: Input should be "
+    for key, value, expected in (("noise_density", 1.5, "less than 1"),
+                                 ("mean_span", 0.5, "greater than or equal to 1")):
+        with pytest.raises(ConfigError, match=rf"tasks.custom.0.{key}: Input should be "
                                               rf"{expected}") as info:
             validate({"tasks": {"custom": [{"name": "n", "type": "denoising", "train": "x.txt",
-                                            "format": "text", setting[0]: setting[1]}]}})
+                                            "format": "text", key: value}]}})
         errors.append(info.value)
     with pytest.raises(DataError, match="task 'noise', .*row .*: missing field 'text'") as info:
         DENOISING.featurize(denoising("mlm"), [{"_id": 0, "body": "no text field"}], tokenizer,
