@@ -55,6 +55,9 @@ def build_engine(config: Config, tokenizer, layouts: list[HeadLayout], workers: 
         if missing:
             raise RuntimeError(f"initial heads {sorted(missing)} are not heads of the model")
         model.heads.load_state_dict(initial_heads, strict=False)
+    # from_pretrained hands the backbone back in eval mode. A fresh run's step-0 evaluation ends
+    # in train(), but a resumed run starts without one: it trained the backbone without dropout.
+    model.train()
     if config.training.compile:
         model.backbone.compile(dynamic=True)  # (every micro-batch has its own shape)
     zero_stage = config.deepspeed.zero_stage
