@@ -1,7 +1,8 @@
 """Resuming, per worker (checkpoint.py): each worker fetches only the files it loads, each checked
 against the manifests as it arrives; a checkpoint to reshard is made universal by worker 0 alone
 while the others wait for its word. On a local file system; against a bucket and with real
-DeepSpeed shards in test_multinode.py."""
+DeepSpeed shards in test_multinode.py. And a resumed run trains as the uninterrupted one did: its
+engine is built in training mode (real DeepSpeed, one process)."""
 
 import hashlib
 import json
@@ -122,3 +123,46 @@ def test_a_resume_passes_over_a_damaged_checkpoint_to_the_newest_intact_one(tmp_
            "its manifest's SHA-256): not resuming from it" in caplog.text
     assert "resuming from checkpoint_000016, the newest intact checkpoint" in caplog.text
     assert "checkpoint_000020" not in caplog.text
+
+
+def build_from_pretrained(rank: int, pretrained: str, storage: str, port: int) -> None:
+    import os
+
+    import torch
+
+    from muppet_ray.engine import build_engine
+    from muppet_ray.workers import Workers
+    from tests.conftest import make_config
+    from tests.test_task_types import suite_tokenizer, task
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    config = make_config(storage, f"model.pretrained={pretrained}", "deepspeed.zero_stage=2")
+    engine, _ = build_engine(config, suite_tokenizer(), [task("sentiment").layout()],
+                             Workers(0, 1, 1, torch.device("cpu")))
+    off = [name or "the model" for name, module in engine.module.named_modules()
+           if not module.training]
+    assert not off, f"built in eval mode: {off[:3]}"
+
+
+def test_the_engine_is_built_to_train_even_from_a_pretrained_backbone(tmp_path):
+    # from_pretrained returns its model in eval mode. A fresh run's step-0 evaluation ended in
+    # train(); a resumed run starts without one, and trained the backbone without dropout: not
+    # what the uninterrupted run computed (seen on a real online-mixture run: its decisions
+    # after the resume differed). Real DeepSpeed, in a process of its own (gloo).
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import BertConfig, BertModel
+
+    from tests.test_task_types import suite_tokenizer
+
+    BertModel(BertConfig(vocab_size=len(suite_tokenizer()), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32)
+              ).save_pretrained(tmp_path / "pretrained")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(build_from_pretrained, args=(str(tmp_path / "pretrained"), str(tmp_path), port),
+             nprocs=1)
