@@ -55,6 +55,7 @@ CASES = [  # (script, arguments, the line it prints; {tmp}: an empty folder)
     ("gpu_attention", ["--batch", "0"], "--batch 0: expected a number above 0"),
     ("gpu_check", ["--steps", "0"], "--steps 0: expected a number above 0"),
     ("storage", ["--repeats", "0"], "--repeats 0: expected a number above 0"),
+    ("resize_exactness", ["--steps", "0"], "--steps 0: expected a number above 0"),
 ]
 
 
