@@ -122,6 +122,12 @@ class TaskSpec(Section):
             self.__dict__["format"] = "hub"
         elif self.format == "hub":
             raise ValueError(f"task {self.name!r}: format hub needs `hub` (a dataset id)")
+        # (on another task they would do nothing; a saved config writes out their defaults)
+        noise = sorted(key for key in ("noise_density", "mean_span")
+                       if getattr(self, key) != type(self).model_fields[key].default)
+        if noise and self.type != "denoising":
+            raise ValueError(f"task {self.name!r}: {', '.join(noise)}: only for type "
+                             f"denoising (this task: {self.type or 'bigbench, typed by its file'})")
         if self.type is None:
             if self.format != "bigbench":
                 raise ValueError(f"task {self.name!r}: `type` is required for format "

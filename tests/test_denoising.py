@@ -3,6 +3,7 @@
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -169,6 +170,15 @@ def test_bad_denoising_settings_and_rows_get_one_line_errors(tokenizer):
                                               rf"{expected}") as info:
             validate({"tasks": {"custom": [{"name": "n", "type": "denoising", "train": "x.txt",
                                             "format": "text", key: value}]}})
+        errors.append(info.value)
+    # (on another task they would do nothing)
+    for spec, expected in (({"type": "classification", "labels": ["a", "b"], "mean_span": 2},
+                            "mean_span: only for type denoising (this task: classification)"),
+                           ({"format": "bigbench", "noise_density": 0.3, "mean_span": 2.5},
+                            "mean_span, noise_density: only for type denoising (this task: "
+                            "bigbench, typed by its file)")):
+        with pytest.raises(ConfigError, match=rf"task 'n': {re.escape(expected)}$") as info:
+            validate({"tasks": {"custom": [{"name": "n", "train": "x", **spec}]}})
         errors.append(info.value)
     with pytest.raises(DataError, match="task 'noise', .*row .*: missing field 'text'") as info:
         DENOISING.featurize(denoising("mlm"), [{"_id": 0, "body": "no text field"}], tokenizer,
