@@ -2,7 +2,7 @@
 bit for bit? (What an online mixture's decisions after an elastic resize would need to replay
 the uninterrupted run's micro-batches: docs/design.md "Online mixing".)
 
-    python bench/resize_exactness.py [--steps 6]
+    python bench/resize_exactness.py [--steps 20]
 
 The same steps of 2 micro-batches, through `build_engine` (DeepSpeed on the CPU, gloo): 2
 workers with one micro-batch each, then 1 worker with both; a small RoBERTa with dropout 0.1,
@@ -93,7 +93,7 @@ def compare(steps: int, stage: int, clip: float, seeding: str) -> tuple[int, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     bench_cli.positive(steps=args.steps)
     print("| ZeRO | clipping | dropout seeded per | weight tensors differing | first step "

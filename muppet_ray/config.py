@@ -122,6 +122,8 @@ class TaskSpec(Section):
             self.__dict__["format"] = "hub"
         elif self.format == "hub":
             raise ValueError(f"task {self.name!r}: format hub needs `hub` (a dataset id)")
+        if self.type is None and self.format != "bigbench":
+            raise ValueError(f"task {self.name!r}: `type` is required for format {self.format}")
         # (on another task they would do nothing; a saved config writes out their defaults)
         noise = sorted(key for key in ("noise_density", "mean_span")
                        if getattr(self, key) != type(self).model_fields[key].default)
@@ -129,9 +131,6 @@ class TaskSpec(Section):
             raise ValueError(f"task {self.name!r}: {', '.join(noise)}: only for type "
                              f"denoising (this task: {self.type or 'bigbench, typed by its file'})")
         if self.type is None:
-            if self.format != "bigbench":
-                raise ValueError(f"task {self.name!r}: `type` is required for format "
-                                 f"{self.format}")
             return self
         if self.type == "classification" and self.format == "bigbench" and not self.labels:
             return self

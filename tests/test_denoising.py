@@ -17,7 +17,7 @@ from muppet_ray.model import MuppetModel, build_backbone
 from muppet_ray.sources import PARSERS
 from muppet_ray.task_types import IGNORE, TASK_TYPES, Limits
 from muppet_ray.task_types.denoising import noise_spans
-from muppet_ray.tasks import HeadLayout, Task
+from muppet_ray.tasks import HeadLayout, Task, custom_task
 from tests.test_task_types import suite_tokenizer
 
 LIMITS = Limits(max_length=64, max_target_length=48)
@@ -180,6 +180,14 @@ def test_bad_denoising_settings_and_rows_get_one_line_errors(tokenizer):
         with pytest.raises(ConfigError, match=rf"task 'n': {re.escape(expected)}$") as info:
             validate({"tasks": {"custom": [{"name": "n", "train": "x", **spec}]}})
         errors.append(info.value)
+    spans = {"name": "n", "type": "denoising", "format": "text", "train": "x", "mean_span": 2}
+    bart, bert = (validate({"model": {"arch": arch}, "tasks": {"custom": [spans]}})
+                  for arch in ("bart", "bert"))
+    assert custom_task(bart.tasks.custom[0], bart).noise == ("spans", 0.15, 2)
+    with pytest.raises(ConfigError, match="task 'n': mean_span is for an encoder-decoder's "
+                                          "spans; on an encoder, .*one by one") as info:
+        custom_task(bert.tasks.custom[0], bert)
+    errors.append(info.value)
     with pytest.raises(DataError, match="task 'noise', .*row .*: missing field 'text'") as info:
         DENOISING.featurize(denoising("mlm"), [{"_id": 0, "body": "no text field"}], tokenizer,
                             LIMITS)

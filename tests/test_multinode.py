@@ -217,6 +217,7 @@ def test_pre_finetuning_on_two_nodes_loses_a_worker_then_a_node_then_exports_fro
     # (the micro-batches that the logged weights give: what the run trained on)
     decided = [[r["weights"][n] for n in names] for r in records if r["kind"] == "mixture"]
     assert len(decided) == 8 and decided[-1] != decided[0]  # (steps 0, 4, ..., 28)
+    assert run_dir.exists("mixture_weights.png")
     assert run_dir.fs.get_file_info(f"{run_dir.path}/mixture_weights.png").size > 1000
     schedule = build_schedule(
         [c.chunks for c in train_caches], [c.examples for c in train_caches], config.mixture,
