@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (tests' helpers)
+from tests.services import free_port  # noqa: E402
 
 VARIANTS = [  # (ZeRO stage, gradient clipping, dropout seeded per)
     (2, 1.0, "step and worker"), (2, 1.0, "micro-batch"), (2, 0.0, "micro-batch"),
@@ -78,10 +78,8 @@ def worker(rank: int, world: int, port: int, out: str, steps: int, stage: int, c
 def compare(steps: int, stage: int, clip: float, seeding: str) -> tuple[int, int, str]:
     out = tempfile.mkdtemp(prefix="muppet-resize-")
     for world in (2, 1):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(worker, args=(world, port, out, steps, stage, clip, seeding), nprocs=world)
+        mp.spawn(worker, args=(world, free_port(), out, steps, stage, clip, seeding),
+                 nprocs=world)
     two, one = (torch.load(f"{out}/weights-{w}.pt") for w in (2, 1))
     differing = sum(not torch.equal(two[k], one[k]) for k in two)
     losses_two = {**torch.load(f"{out}/losses-2-0.pt"), **torch.load(f"{out}/losses-2-1.pt")}

@@ -116,6 +116,12 @@ class TaskSpec(Section):
     """Bytes that are not UTF-8: strict, an error naming file and line; replace, read as U+FFFD
     (for files known to hold a few mis-encoded bytes)."""
 
+    def noise_settings(self) -> list[str]:
+        """The denoising settings given other values than their defaults (a saved config
+        writes out the defaults on every task)."""
+        return sorted(key for key in ("noise_density", "mean_span")
+                      if getattr(self, key) != type(self).model_fields[key].default)
+
     @model_validator(mode="after")
     def _labels_match_type(self) -> TaskSpec:
         if self.hub is not None:
@@ -124,9 +130,8 @@ class TaskSpec(Section):
             raise ValueError(f"task {self.name!r}: format hub needs `hub` (a dataset id)")
         if self.type is None and self.format != "bigbench":
             raise ValueError(f"task {self.name!r}: `type` is required for format {self.format}")
-        # (on another task they would do nothing; a saved config writes out their defaults)
-        noise = sorted(key for key in ("noise_density", "mean_span")
-                       if getattr(self, key) != type(self).model_fields[key].default)
+        # (on another task they would do nothing)
+        noise = self.noise_settings()
         if noise and self.type != "denoising":
             raise ValueError(f"task {self.name!r}: {', '.join(noise)}: only for type "
                              f"denoising (this task: {self.type or 'bigbench, typed by its file'})")

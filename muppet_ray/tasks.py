@@ -112,7 +112,7 @@ def custom_task(spec: TaskSpec, config: Config) -> Task:
         from muppet_ray.model import is_encoder_decoder
 
         style = "spans" if is_encoder_decoder(config.model) else "mlm"
-        if style == "mlm" and spec.mean_span != type(spec).model_fields["mean_span"].default:
+        if style == "mlm" and "mean_span" in spec.noise_settings():
             raise ConfigError(f"task {spec.name!r}: mean_span is for an encoder-decoder's spans; "
                               "on an encoder, masked tokens are chosen one by one (remove it)")
         noise = (style, spec.noise_density, spec.mean_span)

@@ -151,18 +151,14 @@ def test_the_engine_is_built_to_train_even_from_a_pretrained_backbone(tmp_path):
     # train(); a resumed run starts without one, and trained the backbone without dropout: not
     # what the uninterrupted run computed (seen on a real online-mixture run: its decisions
     # after the resume differed). Real DeepSpeed, in a process of its own (gloo).
-    import socket
-
     import torch.multiprocessing as mp
     from transformers import BertConfig, BertModel
 
+    from tests.services import free_port
     from tests.test_task_types import suite_tokenizer
 
     BertModel(BertConfig(vocab_size=len(suite_tokenizer()), hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32)
               ).save_pretrained(tmp_path / "pretrained")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(build_from_pretrained, args=(str(tmp_path / "pretrained"), str(tmp_path), port),
-             nprocs=1)
+    mp.spawn(build_from_pretrained, args=(str(tmp_path / "pretrained"), str(tmp_path),
+                                          free_port()), nprocs=1)
