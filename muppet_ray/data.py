@@ -10,7 +10,7 @@
    a restart, sweep points, fine-tuning runs — tokenizes a task once.
 2. `stream` (each training worker): the worker's own positions of the mixture schedule
    (mixture.py) become a Ray Data pipeline that fetches those chunks, in order, in parallel
-   across the cluster, and streams them to the worker.
+   on the worker's own node, and streams them to the worker.
 
 Why not `Dataset.mix` over per-task pipelines: it interleaves whole blocks, so it is only as
 fine as one-micro-batch blocks, and then its per-block overhead grows with the number of tasks
