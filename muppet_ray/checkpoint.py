@@ -310,6 +310,19 @@ class Fetched:
 
 
 LOCAL_COPY = "muppet-ckpt-"  # + the writer's pid: a checkpoint's local copy, until uploaded
+UPLOAD_NOTICE_S = 300.0  # how often a save kept waiting for the last upload says so
+
+
+def wait_for_upload(uploaded: threading.Event, waiting: str, last: str,
+                    notice_s: float = UPLOAD_NOTICE_S) -> None:
+    """Wait until the upload of checkpoint `last` has ended, saying every `notice_s` seconds that
+    `waiting` still waits for it: Ray warns while an upload is slow, but an upload that never
+    began (Ray did not call the upload function) would otherwise hold the run without a word."""
+    waited = 0.0
+    while not uploaded.wait(notice_s):
+        waited += notice_s
+        log.warning(f"[muppet-ray] {waiting} still waits for the upload of {last} to end "
+                    f"({waited:,.0f} s so far; one local copy waits for its upload at a time)")
 
 
 def local_copies() -> dict[str, int]:
@@ -347,7 +360,8 @@ class Checkpointer:
         self.run_dir, self.workers = run_dir, workers
         self.sharded = sharded  # ZeRO 1-3: a checkpoint of another world size needs resharding
         self.per_step = per_step  # micro-batches per step (for the resharding warning)
-        self._uploaded: threading.Event | None = None  # set once the last save's upload ended
+        # the last save's name, and an event set once its upload has ended
+        self._uploading: tuple[str, threading.Event] | None = None
         for copy in copies_of_dead_workers():  # (each start of a worker on the node looks)
             shutil.rmtree(copy, ignore_errors=True)
 
@@ -410,10 +424,10 @@ class Checkpointer:
             ray.get_runtime_context().get_node_id(),
             dir_name(step, set(self.run_dir.list(""))) if self.workers.rank == 0 else None))
         nodes, name = [node for node, _ in every], every[0][1]
-        if self._uploaded is not None:
+        if self._uploading is not None:
             # One local copy waits for its upload at a time: storage slower than the checkpoints
             # would otherwise fill the node's disk with them.
-            self._uploaded.wait()
+            wait_for_upload(self._uploading[1], name, self._uploading[0])
         directory = tempfile.mkdtemp(prefix=f"{LOCAL_COPY}{os.getpid()}-")
         try:
             save(engine, directory, {**kept, "step": step}, self.workers.rank,
@@ -453,4 +467,4 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        self._uploaded = uploaded
+        self._uploading = (name, uploaded)

@@ -83,6 +83,30 @@ def test_the_others_wait_for_worker_0s_word_on_a_checkpoint_to_reshard(tmp_path)
                            timeout_s=0.3) == "worker 0 did not make it universal within 0.3 s"
 
 
+def test_a_save_kept_waiting_for_the_last_upload_says_so_until_it_ends(caplog):
+    # (one local copy waits for its upload at a time: an upload that never began would
+    # otherwise hold the run without a word)
+    class EndsInThirdWait:  # (threading.Event's wait, without the waiting)
+        waits = []
+
+        def wait(self, timeout: float) -> bool:
+            self.waits.append(timeout)
+            return len(self.waits) == 3
+
+    upload = EndsInThirdWait()
+    checkpoints.wait_for_upload(upload, "checkpoint_000020", "checkpoint_000010")
+    assert upload.waits == [checkpoints.UPLOAD_NOTICE_S] * 3
+    said = [r.getMessage() for r in caplog.records if "still waits" in r.getMessage()]
+    assert said == [f"[muppet-ray] checkpoint_000020 still waits for the upload of "
+                    f"checkpoint_000010 to end ({s} s so far; one local copy waits for its "
+                    "upload at a time)" for s in ("300", "600")]
+    caplog.clear()
+    ended = threading.Event()
+    ended.set()
+    checkpoints.wait_for_upload(ended, "checkpoint_000030", "checkpoint_000020")
+    assert not [r for r in caplog.records if "still waits" in r.getMessage()]
+
+
 def test_a_checkpoints_recorded_stage_and_workers_are_read_only_when_well_formed():
     assert checkpoints.zero_stage_in({"zero_stage": 3}) == 3
     assert [checkpoints.zero_stage_in(s) for s in ({}, {"zero_stage": "3"},
