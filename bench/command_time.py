@@ -55,10 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     codes = bench_cli.checkouts(args.code)
     bench_cli.positive(repeats=args.repeats)
-    if args.nodes and not args.s3:
-        bench_cli.fail(f"--nodes {args.nodes}: needs --s3 (the nodes share nothing but a bucket)")
     if args.nodes < 0:
         bench_cli.fail(f"--nodes {args.nodes}: expected a number of worker nodes, 1 or more")
+    if args.nodes and not args.s3:
+        bench_cli.fail(f"--nodes {args.nodes}: needs --s3 (the nodes share nothing but a bucket)")
     placed = ["scaling.resources_per_worker={trainer: 1}"] if args.nodes else []
     config = task_config(Path(args.shared).resolve(), 20, 16)  # (checked before writing)
     out = Path(tempfile.mkdtemp(prefix="muppet-command-time-"))

@@ -313,14 +313,13 @@ LOCAL_COPY = "muppet-ckpt-"  # + the writer's pid: a checkpoint's local copy, un
 UPLOAD_NOTICE_S = 300.0  # how often a save kept waiting for the last upload says so
 
 
-def wait_for_upload(uploaded: threading.Event, waiting: str, last: str,
-                    notice_s: float = UPLOAD_NOTICE_S) -> None:
-    """Wait until the upload of checkpoint `last` has ended, saying every `notice_s` seconds that
+def wait_for_upload(uploaded: threading.Event, waiting: str, last: str) -> None:
+    """Wait until the upload of checkpoint `last` has ended, saying every UPLOAD_NOTICE_S that
     `waiting` still waits for it: Ray warns while an upload is slow, but an upload that never
     began (Ray did not call the upload function) would otherwise hold the run without a word."""
     waited = 0.0
-    while not uploaded.wait(notice_s):
-        waited += notice_s
+    while not uploaded.wait(UPLOAD_NOTICE_S):
+        waited += UPLOAD_NOTICE_S
         log.warning(f"[muppet-ray] {waiting} still waits for the upload of {last} to end "
                     f"({waited:,.0f} s so far; one local copy waits for its upload at a time)")
 

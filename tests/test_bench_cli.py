@@ -35,7 +35,7 @@ CASES = [  # (script, arguments, the line it prints; {tmp}: an empty folder)
      f"--shared {{tmp}}: expected data/bigbench/*/task.json and {MODEL_FILES}"),
     ("command_time", ["--code", str(ROOT), "--nodes", "2"],
      "--nodes 2: needs --s3 (the nodes share nothing but a bucket)"),
-    ("command_time", ["--code", str(ROOT), "--s3", "--nodes", "-1"],
+    ("command_time", ["--code", str(ROOT), "--nodes", "-1"],
      "--nodes -1: expected a number of worker nodes, 1 or more"),
     ("soak", ["--code", "{tmp}"],
      "--code {tmp}: expected a checkout of muppet-ray (a folder holding muppet_ray/)"),

@@ -87,7 +87,8 @@ def test_a_save_kept_waiting_for_the_last_upload_says_so_until_it_ends(caplog):
     # (one local copy waits for its upload at a time: an upload that never began would
     # otherwise hold the run without a word)
     class EndsInThirdWait:  # (threading.Event's wait, without the waiting)
-        waits = []
+        def __init__(self):
+            self.waits = []
 
         def wait(self, timeout: float) -> bool:
             self.waits.append(timeout)
